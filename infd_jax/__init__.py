@@ -1,0 +1,1 @@
+"""infd_jax: Image Neural Field Diffusion Models in JAX/Flax."""
