@@ -1,0 +1,95 @@
+"""Shared defaults for every infd_jax config, in one place.
+
+Numbers follow the official FFHQ setting (REFERENCE.md sections 2, 4, 6).
+Experiment files (`ffhq.py`, `ffhq_mix6k.py`, `custom.py`, `demo.py`,
+`tiny.py`) start from `base()` and override only what differs.
+
+The `stage` field picks the job: `ae` (train the autoencoder), `dm` (train the
+latent diffusion model), `sample` (generate images at any resolution), `eval`
+(pFID and reconstruction metrics), or `all` (ae -> dm -> sample, used by the
+demo).
+"""
+
+import ml_collections
+
+STAGES = ("ae", "dm", "sample", "eval", "all")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `key=value,key2=value2` (the part after `:` in `--config=f.py:arg`).
+
+  Values are typed after the defaults; unknown keys fail with their name.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise KeyError(f"Unknown config arg {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    parsed[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return parsed
+
+
+def base() -> ml_collections.ConfigDict:
+  """The official full-size FFHQ setting; experiment configs override parts of it."""
+  c = ml_collections.ConfigDict()
+  c.stage = "ae"
+  c.seed = 0
+
+  # Data (infd_jax/data/pipeline.py documents every key).
+  c.data = ml_collections.ConfigDict(dict(
+      name="ffhq", data_dir="", variant="", split="train", eval_split="val",
+      inp_res=256, patch=256, gt_res_min=256, gt_res_max=1024, p_whole=0.0, p_max=0.0,
+      resize=0, num_workers=4, prefetch_buffer=2, source="", train_list="", val_list=""))
+
+  # Stage 1 (REFERENCE.md 2.1, 3): VQ-f4 autoencoder + CLIF renderer.
+  c.ae = ml_collections.ConfigDict(dict(
+      ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
+      vq_beta=0.25, renderer_hidden=256))
+  c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+  c.loss = ml_collections.ConfigDict(dict(
+      l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,
+      gan_start_step=0, lpips_train_dropout=True))
+
+  # Stage 2 (REFERENCE.md 2.2, 6): ADM UNet on the pre-quantization latent.
+  c.dm = ml_collections.ConfigDict(dict(
+      model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+      attention_resolutions=(8, 4, 2), num_head_channels=32))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_train_steps=1000, beta_start=0.0015, beta_end=0.0195,
+      sample_steps=200, eta=1.0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,
+      dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999))
+
+  c.train = ml_collections.ConfigDict(dict(
+      ae_batch_size=8, ae_steps=1_000_000,
+      dm_batch_size=48, dm_steps=600_000,
+      compute_dtype="float32",     # "bfloat16" for speed on GPU/TPU; params stay float32
+      log_every=100, ckpt_every=10_000, keep_checkpoints=3,
+      vis_every=100_000, eval_every=50_000, eval_batches=0,  # 0 = whole split
+      on_nonfinite="stop",         # "stop" (keep last good checkpoint) or "skip" the step
+      latent_cache=True,           # encode the DM dataset once instead of every step
+      profile=False))
+
+  # Generation (REFERENCE.md 7): official tiling 256 + 8 context.
+  c.sample = ml_collections.ConfigDict(dict(
+      num_samples=8, batch_size=8, sizes=(256, 1024), tile=256, pad=8,
+      tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir=""))
+
+  # Evaluation (REFERENCE.md 8) and scale consistency.
+  c.eval = ml_collections.ConfigDict(dict(
+      real_dir="", fake_dir="", resolution=1024, inception_weights="",
+      batch_size=32, max_images=0, recon_resolutions=(256, 512, 1024),
+      scale_consistency_base=256, scale_factors=(2, 4)))
+
+  # Checkpoints: stage 2 reads stage 1 read-only from `ae_checkpoint`
+  # (a workdir or a converted official checkpoint); empty = this workdir.
+  c.ckpt = ml_collections.ConfigDict(dict(ae_checkpoint="", dm_checkpoint=""))
+
+  # Mesh: -1 = all remaining devices. Rules map logical parameter axes to mesh
+  # axes; with fsdp > 1 parameters and optimizer state shard over `fsdp`.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.mesh.rules = (("conv_out", "fsdp"), ("mlp_out", "fsdp"), ("codes", "fsdp"))
+  return c

@@ -1,0 +1,19 @@
+"""`demo.py` shrunk further for CPU tests: tiny widths, 32 px, a few steps."""
+
+from configs import common, demo
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, stage="ae")
+  c = demo.get_config()
+  c.stage = arg.stage
+  c.data.update(patch=32, inp_res=32, gt_res_min=32, gt_res_max=64)
+  c.ae.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_codes=32, renderer_hidden=16)
+  c.dm.update(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,),
+              num_head_channels=8)
+  c.diffusion.sample_steps = 4
+  c.train.update(ae_batch_size=8, ae_steps=3, dm_batch_size=8, dm_steps=3,
+                 log_every=1, ckpt_every=2, vis_every=0, eval_every=0)
+  c.sample.update(num_samples=2, batch_size=2, sizes=(32, 48), tile=16, pad=4)
+  c.mesh.update(data=1, fsdp=1)
+  return c

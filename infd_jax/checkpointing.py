@@ -1,0 +1,138 @@
+"""One orbax CheckpointManager per run: train state, grain iterator state and config.
+
+Saves are asynchronous and atomic (orbax writes a temporary directory and renames
+it when complete), so a process killed mid-save leaves the previous step intact;
+the next start resumes from the newest complete step. Restores go into an
+abstract state whose leaves carry shardings, so arrays arrive already sharded on
+whatever mesh the new run uses (a different device count included).
+"""
+
+import json
+import logging
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be read; never silently restart from scratch."""
+
+
+class Checkpointer:
+  """Saves and restores {state, data_iter, config} under `directory`."""
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data_iter", "config"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+        options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree, data_iter: Any | None, config: dict) -> None:
+    """Starts an async save of `step` (returns before the write finishes)."""
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state: PyTree, data_iter: Any | None = None,
+              step: int | None = None) -> tuple[int, PyTree]:
+    """Restores `state` (and the iterator in place) from `step` or the newest step.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
+      data_iter: a grain iterator whose position is restored in place, or None.
+      step: which step; None = newest.
+
+    Returns:
+      (step, state).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # re-raised with the path: a corrupt checkpoint must be visible
+      raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
+    return step, restored["state"]
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(directory: str | pathlib.Path, abstract_state: PyTree,
+                   step: int | None = None) -> PyTree:
+  """Reads one checkpoint's `state` item read-only (e.g. the stage-1 AE for stage 2)."""
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    return ckpt.restore(abstract_state, step=step)[1]
+  finally:
+    ckpt.close()
+
+
+class StopRequest:
+  """Turns SIGTERM (and SIGINT) into a flag the loop checks between steps.
+
+  Jobs are preempted with SIGTERM; the loop then saves, waits for the write and
+  exits 0, so a scheduler restart resumes where it stopped.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+    self._event.set()
+
+  def requested(self) -> bool:
+    """True on every process once any process got a stop signal."""
+    local = self._event.is_set()
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(multihost_utils.process_allgather(local).any())
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def config_to_json(config) -> dict:
+  """The config as plain JSON (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())

@@ -1,0 +1,60 @@
+"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval` or `all` (the demo).
+
+`run(config, workdir)` is the testable body of `python -m infd_jax.main`.
+"""
+
+import logging
+import pathlib
+
+import jax
+import ml_collections
+
+from infd_jax import sharding
+from infd_jax.evaluation import writers
+from infd_jax.training import builders
+
+UserError = builders.UserError
+STAGES = ("ae", "dm", "sample", "eval", "all")
+
+
+def _prepare_data(config: ml_collections.ConfigDict) -> None:
+  """Prepares the embedded demo dataset on first use; other datasets must exist."""
+  from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  try:
+    config.data.data_dir = str(prepare.ensure_prepared(config.data))
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from e
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+  """Runs `config.stage` in `workdir` (created if needed)."""
+  if config.stage not in STAGES:
+    raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+  logging.info("config:\n%s", config)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                        if not isinstance(v, dict)} | {"config": config.to_json_best_effort()})
+  try:
+    if config.stage in ("ae", "dm", "all"):
+      _prepare_data(config)
+    if config.stage in ("ae", "all"):
+      from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
+      loop.train(config, workdir, ae_task.make_task(config, mesh), mesh, writer)
+    if config.stage in ("dm", "all"):
+      from infd_jax.training import dm_task, loop  # pylint: disable=g-import-not-at-top
+      loop.train(config, workdir, dm_task.make_task(config, workdir, mesh), mesh, writer)
+    if config.stage in ("sample", "all"):
+      from infd_jax import generate  # pylint: disable=g-import-not-at-top
+      out = generate.run(config, workdir, mesh)
+      print(f"infd_jax: samples in {out}")
+    if config.stage == "eval":
+      from infd_jax.evaluation import job  # pylint: disable=g-import-not-at-top
+      job.run(config, workdir, mesh, writer)
+  finally:
+    writer.close()
+  print(f"infd_jax: {config.stage} done; checkpoints, TensorBoard events and outputs in {workdir}")

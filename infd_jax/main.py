@@ -1,0 +1,78 @@
+"""Entry point: `python -m infd_jax.main --config=configs/ffhq.py --workdir=W`.
+
+Kept thin on purpose: flags -> (multi-host init) -> `jobs.run(config, workdir)`.
+Config overrides use ml_collections syntax, e.g. `--config.train.ae_batch_size=16`
+or `--config.stage=dm`; a misspelt key stops at flag parsing with its name.
+"""
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/ffhq.py (optionally :arg).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("INFD_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for multi-process runs (env INFD_COORDINATOR_ADDRESS). "
+    "Not needed on Cloud TPU or under SLURM, where JAX finds it itself.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("INFD_NUM_PROCESSES", "0")) or None,
+    "Number of processes (env INFD_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["INFD_PROCESS_ID"]) if "INFD_PROCESS_ID" in os.environ else None,
+    "This process's index (env INFD_PROCESS_ID).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing with one-line errors: a missing flag or a misspelt config key."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).replace("\n", " ")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # from config overrides
+    detail = re.sub(r"(\\n|\n)+", " ", str(e.args[0] if e.args else e)).replace("\\'", "'")
+    message = f"bad config override: {detail}"
+  print(f"infd_jax: error: {message} (see --helpfull)", file=sys.stderr)
+  sys.exit(2)
+
+
+def _init_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _CONFIG.value
+    _ = config.stage  # a missing or broken config file raises its loader's error here
+  except Exception as e:  # pylint: disable=broad-except  (a broken or missing config file)
+    reason = re.sub(r"\s+", " ", str(e))
+    print(f"infd_jax: error: cannot load --config={flags.FLAGS['config'].config_filename}: {reason}",
+          file=sys.stderr)
+    sys.exit(2)
+  _init_distributed()
+  from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
+  try:
+    jobs.run(config, _WORKDIR.value)
+  except jobs.UserError as e:
+    logging.error("%s", e)
+    print(f"infd_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,117 @@
+"""Stage 1 as a `loop.Task`: models, init, step, data and visualisation."""
+
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from infd_jax import checkpointing, sharding
+from infd_jax.data import pipeline
+from infd_jax.evaluation import writers
+from infd_jax.models.lpips import load_lpips_params
+from infd_jax.rendering import tiling
+from infd_jax.training import builders, loop, optim
+from infd_jax.training.ae_step import AELoss, ae_train_step
+from infd_jax.training.state import AEState
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints_ae"
+
+
+def init_fn(config: ml_collections.ConfigDict):
+  """key -> boxed AEState (parameters carry logical axis names)."""
+  ae, disc = builders.autoencoder(config), builders.discriminator(config)
+  tx = optim.ae_optimizer(config.optim)
+  r, p = config.data.inp_res, config.data.patch
+
+  def init(key: jax.Array) -> AEState:
+    k_ae, k_disc, k_rng = jax.random.split(key, 3)
+    gen = ae.init(k_ae, jnp.zeros((1, r, r, 3)), jnp.zeros((1, p, p, 2)),
+                  jnp.full((1, p, p, 2), 2.0 / p))["params"]
+    d = disc.init(k_disc, jnp.zeros((1, p, p, 3)), train=False)
+    return AEState(step=jnp.zeros((), jnp.int32), gen_params=gen, disc_params=d["params"],
+                   disc_stats=d["batch_stats"], gen_opt=tx.init(gen), disc_opt=tx.init(d["params"]),
+                   rng=k_rng)
+  return init
+
+
+def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Task:
+  """The stage-1 task: global batch `train.ae_batch_size` of multiscale patches."""
+  tc = config.train
+  ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
+  tx = optim.ae_optimizer(config.optim)
+  step = functools.partial(
+      ae_train_step, ae=ae, disc=disc, lpips=lp, gen_tx=tx, disc_tx=tx,
+      loss=AELoss(**config.loss), skip_nonfinite=tc.on_nonfinite == "skip")
+  lpips_params = jax.device_put(load_lpips_params(), sharding.replicated(mesh))
+
+  def make_dataset(process_index: int, process_count: int):
+    return pipeline.make_ae_dataset(config.data, global_batch_size=tc.ae_batch_size,
+                                    seed=config.seed, process_index=process_index,
+                                    process_count=process_count)
+
+  return loop.Task(name="ae", total_steps=tc.ae_steps, global_batch_size=tc.ae_batch_size,
+                   init=init_fn(config), step=step, consts=(lpips_params,),
+                   make_dataset=make_dataset, visualize=make_visualizer(config, mesh))
+
+
+def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Reconstruction grid (pred, gt pairs) and the centre of a 4x zoom rendering.
+
+  The samples are fixed: the first batch of the pipeline under seed+1, so the
+  training iterator is not consumed and resumed runs see the same samples.
+  """
+  ae = builders.autoencoder(config)
+  r = config.data.patch
+  zoom = 4 * r  # official: a 256 window of a 1024 rendering
+  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"))
+  samples: dict[str, np.ndarray] = {}
+
+  @jax.jit
+  def reconstruct(params, batch):
+    out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
+    phi = ae.apply({"params": params}, out.z_q, method="decode")
+    return out.pred.astype(jnp.float32), phi
+
+  def visualize(state: AEState, step: int, writer: metric_writers.MetricWriter) -> None:
+    if not samples:
+      n = min(config.train.ae_batch_size, 8)
+      ds = pipeline.make_ae_dataset(config.data, global_batch_size=n, seed=config.seed + 1,
+                                    process_index=0, process_count=1)
+      samples.update(next(iter(ds)))
+    batch = sharding.shard_batch(samples, mesh) if jax.process_count() == 1 else samples
+    pred, phi = reconstruct(state.gen_params, batch)
+    window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
+    centre = renderer.render_grid({"params": state.gen_params}, phi,
+                                  *tiling.window_grid((zoom, zoom), window, phi.shape[0]))
+    pairs = np.stack([np.asarray(pred), samples["gt"]], axis=1).reshape(-1, r, r, 3)
+    writer.write_images(step, {
+        "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
+        f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})
+  return visualize
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                mesh: jax.sharding.Mesh) -> PyTree:
+  """Stage-1 generator parameters, read-only, from `ckpt.ae_checkpoint` or `workdir`.
+
+  Accepts a training workdir (its `checkpoints_ae`), a `checkpoints_ae` folder
+  itself, or the output of `python -m infd_jax.convert`.
+  """
+  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(config.ckpt.ae_checkpoint or workdir)
+  for candidate in (source / CHECKPOINT_DIR, source):
+    if candidate.name == CHECKPOINT_DIR and candidate.is_dir() and any(candidate.iterdir()):
+      abstract, _, _ = loop.initial_state(init_fn(config), mesh,
+                                          tuple(tuple(r) for r in config.mesh.rules), config.seed)
+      return checkpointing.restore_params(candidate, abstract).gen_params
+  if mapping.is_converted_checkpoint(source):
+    return jax.device_put(mapping.load_converted(source)["ae"], sharding.replicated(mesh))
+  raise builders.UserError(
+      f"no stage-1 checkpoint in {source}: train it first (--config.stage=ae) or point "
+      "--config.ckpt.ae_checkpoint at a stage-1 workdir or a converted official checkpoint")

@@ -1,0 +1,50 @@
+"""Builds modules and derived shapes from a config (one place for every job)."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from infd_jax.diffusion import schedules
+from infd_jax.models.autoencoder import INFDAutoencoder
+from infd_jax.models.discriminator import PatchDiscriminator
+from infd_jax.models.lpips import LPIPS
+from infd_jax.models.unet import UNet
+
+
+class UserError(Exception):
+  """A problem the user can fix (paths, settings); reported in one line, no traceback."""
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  name = config.train.compute_dtype
+  if name not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"config.train.compute_dtype={name!r}: use float32 or bfloat16")
+  return jnp.dtype(name)
+
+
+def autoencoder(config: ml_collections.ConfigDict) -> INFDAutoencoder:
+  return INFDAutoencoder(**config.ae, dtype=compute_dtype(config))
+
+
+def discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator:
+  return PatchDiscriminator(**config.disc, dtype=compute_dtype(config))
+
+
+def lpips(config: ml_collections.ConfigDict) -> LPIPS:
+  return LPIPS(dtype=compute_dtype(config))
+
+
+def unet(config: ml_collections.ConfigDict) -> UNet:
+  return UNet(**config.dm, in_channels=config.ae.z_channels, out_channels=config.ae.z_channels,
+              dtype=compute_dtype(config))
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(h, w, c) of z for an `inp_res` input: the encoder downsamples len(ch_mult)-1 times."""
+  factor = 2 ** (len(config.ae.ch_mult) - 1)
+  side = config.data.inp_res // factor
+  return side, side, config.ae.z_channels
+
+
+def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+  d = config.diffusion
+  return schedules.linear_schedule(d.beta_start, d.beta_end, d.num_train_steps)

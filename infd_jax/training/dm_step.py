@@ -1,0 +1,56 @@
+"""Stage-2 training step (REFERENCE.md 6.2, 6.4): epsilon-MSE, AdamW, EMA 0.9999."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from infd_jax.diffusion import gaussian
+from infd_jax.diffusion.schedules import Schedule
+from infd_jax.training.state import DMState
+
+PyTree = Any
+
+
+def encode_latents(ae: nn.Module, ae_params: PyTree, images: jax.Array) -> jax.Array:
+  """The frozen encoder's pre-quantization latent z [B, h, w, 3] (float32, unscaled)."""
+  z = ae.apply({"params": ae_params}, images, method="encode")
+  return jax.lax.stop_gradient(z.astype(jnp.float32))
+
+
+def dm_train_step(state: DMState, batch: dict[str, jax.Array], ae_params: PyTree | None, *,
+                  unet: nn.Module, ae: nn.Module, tx: optax.GradientTransformation,
+                  sched: Schedule, ema_decay: float,
+                  skip_nonfinite: bool = False) -> tuple[DMState, dict[str, jax.Array]]:
+  """One DDPM step on a global batch.
+
+  Args:
+    state: the current `DMState`.
+    batch: either `z` [B,h,w,3] (cached latents) or `inp` [B,R,R,3] images,
+      which the frozen encoder turns into z inside the step.
+    ae_params: the frozen stage-1 parameters (unused when the batch carries `z`).
+    unet, ae: modules; tx: AdamW; sched: the diffusion tables; ema_decay: 0.9999.
+    skip_nonfinite: if True, a step with a non-finite loss leaves the state unchanged.
+
+  Returns:
+    (new state, scalar metrics).
+  """
+  z0 = batch["z"] if "z" in batch else encode_latents(ae, ae_params, batch["inp"])
+  k_t, k_eps = jax.random.split(jax.random.fold_in(state.rng, state.step))
+
+  def loss_fn(params):
+    apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
+    return jnp.mean(gaussian.eps_loss(apply_fn, params, z0, k_t, k_eps, sched))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt = tx.update(grads, state.opt, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt=opt)
+  if skip_nonfinite:
+    keep = jnp.isfinite(loss)
+    new_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_state,
+                             state.replace(step=state.step + 1))
+  return new_state, {"z_dm_loss": loss, "grad_norm": optax.global_norm(grads)}

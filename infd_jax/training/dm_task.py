@@ -1,0 +1,157 @@
+"""Stage 2 as a `loop.Task`: the UNet on the frozen encoder's latents.
+
+With `train.latent_cache` (default) each process encodes its share of the
+dataset once, stores it in `workdir/latents/`, and trains from that array; the
+encoder then never runs inside the train step. Without it, the step encodes the
+images itself.
+"""
+
+import functools
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from infd_jax import checkpointing, sharding
+from infd_jax.data import latents as latents_lib
+from infd_jax.data import pipeline
+from infd_jax.diffusion import samplers
+from infd_jax.evaluation import writers
+from infd_jax.rendering import tiling
+from infd_jax.training import ae_task, builders, loop, optim
+from infd_jax.training.dm_step import dm_train_step, encode_latents
+from infd_jax.training.state import DMState
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints_dm"
+
+
+def init_fn(config: ml_collections.ConfigDict):
+  """key -> boxed DMState; the EMA starts as a copy of the initial parameters."""
+  unet, tx = builders.unet(config), optim.dm_optimizer(config.optim)
+  h, w, c = builders.latent_shape(config)
+
+  def init(key: jax.Array) -> DMState:
+    k_init, k_rng = jax.random.split(key)
+    params = unet.init(k_init, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32))["params"]
+    return DMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                   opt=tx.init(params), rng=k_rng)
+  return init
+
+
+def cache_latents(config: ml_collections.ConfigDict, workdir: pathlib.Path, ae_params: PyTree,
+                  mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Encodes this process's share of the stage-2 dataset once (or loads the cache)."""
+  cache_dir = workdir / "latents"
+  path = cache_dir / f"latents_{jax.process_index():05d}-of-{jax.process_count():05d}.npy"
+  key = json.dumps({"ae": config.ae.to_dict(), "data": config.data.to_dict(),
+                    "ckpt": config.ckpt.ae_checkpoint}, sort_keys=True, default=str)
+  meta = path.with_suffix(".json")
+  if path.exists() and meta.exists() and meta.read_text() == key:
+    return np.load(path)
+  ae = builders.autoencoder(config)
+  encode = jax.jit(functools.partial(encode_latents, ae))
+  n_dev = mesh.size // jax.process_count()
+  batch_size = max(n_dev, config.train.dm_batch_size // jax.process_count() // n_dev * n_dev)
+  chunks = []
+  for batch in pipeline.iterate_once(config.data, stage="dm", batch_size=batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    n = len(batch["inp"])
+    padded = np.concatenate([batch["inp"], np.repeat(batch["inp"][-1:], batch_size - n, 0)])
+    z = encode(ae_params, sharding.shard_batch({"inp": padded}, mesh)["inp"])
+    shards = sorted(z.addressable_shards, key=lambda s: s.index[0].start or 0)
+    local = np.concatenate([np.asarray(s.data) for s in shards])
+    chunks.append(local[:n])
+  latents = np.concatenate(chunks)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  np.save(path, latents)
+  meta.write_text(key)
+  logging.info("cached %d latents %s in %s", len(latents), latents.shape[1:], path)
+  return latents
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+              mesh: jax.sharding.Mesh) -> loop.Task:
+  """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
+  tc = config.train
+  ae_params = ae_task.load_params(config, workdir, mesh)
+  unet, ae = builders.unet(config), builders.autoencoder(config)
+  step = functools.partial(
+      dm_train_step, unet=unet, ae=ae, tx=optim.dm_optimizer(config.optim),
+      sched=builders.diffusion_schedule(config), ema_decay=config.optim.dm_ema,
+      skip_nonfinite=tc.on_nonfinite == "skip")
+  local_batch = tc.dm_batch_size // jax.process_count()
+  if tc.latent_cache:
+    cached = cache_latents(config, workdir, ae_params, mesh)
+    make_dataset = lambda index, count: latents_lib.latent_dataset(
+        cached, local_batch_size=local_batch, seed=config.seed)
+    consts = (None,)
+  else:
+    make_dataset = lambda index, count: pipeline.make_dm_dataset(
+        config.data, global_batch_size=tc.dm_batch_size, seed=config.seed,
+        process_index=index, process_count=count)
+    consts = (ae_params,)
+  return loop.Task(name="dm", total_steps=tc.dm_steps, global_batch_size=tc.dm_batch_size,
+                   init=init_fn(config), step=step, consts=consts, make_dataset=make_dataset,
+                   visualize=make_visualizer(config, ae_params))
+
+
+def make_sampler(config: ml_collections.ConfigDict, num: int):
+  """Jitted (ema or raw UNet params, ae params, key) -> phi [num, H, W, C]: DDIM, quantize, decode."""
+  unet, ae = builders.unet(config), builders.autoencoder(config)
+  sched = builders.diffusion_schedule(config)
+  shape = (num, *builders.latent_shape(config))
+  apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
+
+  @jax.jit
+  def sample(dm_params, ae_params, key):
+    z = samplers.ddim_sample(apply_fn, dm_params, key, shape, sched,
+                             num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta)
+    if config.sample.quantize:
+      z = ae.apply({"params": ae_params}, z, method="quantize").z_q
+    return ae.apply({"params": ae_params}, z, method="decode")
+  return sample
+
+
+def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree):
+  """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
+  ae = builders.autoencoder(config)
+  sample = make_sampler(config, num=8)
+  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
+                                  config.sample.pad, config.sample.tiles_per_call)
+  res = config.data.inp_res
+
+  def visualize(state: DMState, step: int, writer: metric_writers.MetricWriter) -> None:
+    phi = sample(state.ema_params, ae_params, jax.random.PRNGKey(config.seed))
+    images = renderer.render_image({"params": ae_params}, phi, (res, res))
+    writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4)[None]})
+  return visualize
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                mesh: jax.sharding.Mesh) -> PyTree:
+  """UNet parameters (EMA if `sample.use_ema`) from a workdir or a converted checkpoint."""
+  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(config.ckpt.dm_checkpoint or workdir)
+  candidate = source / CHECKPOINT_DIR
+  if candidate.is_dir() and any(candidate.iterdir()):
+    abstract, _, _ = loop.initial_state(init_fn(config), mesh,
+                                        tuple(tuple(r) for r in config.mesh.rules), config.seed)
+    state = checkpointing.restore_params(candidate, abstract)
+    return state.ema_params if config.sample.use_ema else state.params
+  if mapping.is_converted_checkpoint(source):
+    params = mapping.load_converted(source)
+    key = "dm_ema" if config.sample.use_ema else "dm"
+    if key not in params:
+      raise builders.UserError(f"{source} holds no diffusion model (an AE-only checkpoint)")
+    return jax.device_put(params[key], sharding.replicated(mesh))
+  raise builders.UserError(
+      f"no stage-2 checkpoint in {source}: train it first (--config.stage=dm) or point "
+      "--config.ckpt.dm_checkpoint at a stage-2 workdir or a converted official checkpoint")

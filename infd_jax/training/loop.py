@@ -1,0 +1,159 @@
+"""The training loop shared by both stages: init or resume, step, log, save, stop.
+
+A `Task` (see `ae_task.py`, `dm_task.py`) supplies the stage-specific pieces;
+this loop owns the mesh-wide mechanics: shape-first sharded initialisation,
+resume from the newest checkpoint (state, data iterator, RNG), one jitted step
+with a donated state, metrics fetched only at log steps, non-finite guards,
+periodic visualisation/evaluation, and a clean save-and-exit on SIGTERM.
+"""
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from infd_jax import checkpointing, sharding
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Task:
+  """What one training stage plugs into the loop.
+
+  Attributes:
+    name: "ae" or "dm"; checkpoints go to `workdir/checkpoints_<name>`.
+    total_steps: number of steps to train to.
+    global_batch_size: examples per step over all processes.
+    init: key -> state with `nn.LogicallyPartitioned` leaves (traced by eval_shape).
+    step: (state, batch, *consts) -> (state, scalar metrics); pure, jitted here.
+    consts: extra step arguments already on the mesh (frozen weights).
+    make_dataset: (process_index, process_count) -> a grain IterDataset of host batches.
+    visualize: (state, step, writer) -> None, every `vis_every` steps.
+    evaluate: (state, step, writer) -> None, every `eval_every` steps.
+  """
+  name: str
+  total_steps: int
+  global_batch_size: int
+  init: Callable[[jax.Array], PyTree]
+  step: Callable[..., tuple[PyTree, dict[str, jax.Array]]]
+  make_dataset: Callable[[int, int], Any]
+  consts: tuple = ()
+  visualize: Callable[[PyTree, int, metric_writers.MetricWriter], None] | None = None
+  evaluate: Callable[[PyTree, int, metric_writers.MetricWriter], None] | None = None
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+def initial_state(init_fn: Callable[[jax.Array], PyTree], mesh: jax.sharding.Mesh, rules,
+                  seed: int):
+  """Shape-first initialisation, so no device ever holds an unsharded copy.
+
+  Returns:
+    (abstract unboxed state whose leaves carry shardings, the shardings,
+     a thunk that initialises the state directly into those shardings).
+  """
+  key = jax.random.PRNGKey(seed)
+  boxed = jax.eval_shape(init_fn, key)
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  init = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)
+  return abstract, shardings, lambda: init(key)
+
+
+def _mean_metrics(sums: dict[str, jax.Array], count: int) -> dict[str, float]:
+  host = jax.device_get(sums)
+  return {k: float(np.asarray(v)) / count for k, v in host.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: Task,
+          mesh: jax.sharding.Mesh, writer: metric_writers.MetricWriter) -> PyTree:
+  """Trains `task` to `task.total_steps`, resuming from `workdir` if possible.
+
+  Returns:
+    The final state (sharded global arrays).
+  """
+  tc = config.train
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / f"checkpoints_{task.name}",
+                                    keep=tc.keep_checkpoints)
+  abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
+  data_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
+
+  if ckpt.latest_step() is not None:
+    start, state = ckpt.restore(abstract, data_iter)
+    logging.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
+  else:
+    start, state = 0, init()
+    logging.info("[%s] initialised a new state", task.name)
+  if start >= task.total_steps:
+    ckpt.close()
+    return state
+
+  step_fn = jax.jit(task.step, out_shardings=(shardings, sharding.replicated(mesh)),
+                    donate_argnums=0)
+  report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
+                                           every_steps=tc.log_every)
+  stop = checkpointing.StopRequest()
+  config_json = checkpointing.config_to_json(config)
+  sums, count, last_saved = None, 0, start
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    ckpt.save(step, state, data_iter, config_json)
+    last_saved = step
+
+  def check_and_log(step: int) -> None:
+    nonlocal sums, count
+    if not count:
+      return
+    means = _mean_metrics(sums, count)
+    if not all(np.isfinite(v) for v in means.values()):
+      ckpt.wait_until_finished()
+      raise NonFiniteLossError(
+          f"[{task.name}] non-finite metrics before step {step}: {means}. The last good "
+          f"checkpoint is step {last_saved} in {ckpt.directory}; lower the learning rate "
+          "or set --config.train.on_nonfinite=skip.")
+    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    sums, count = None, 0
+
+  try:
+    for step in range(start + 1, task.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.shard_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch, *task.consts)
+      sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
+      count += 1
+      report(step)
+      if step % tc.log_every == 0 or step == task.total_steps:
+        check_and_log(step)
+      if tc.vis_every and task.visualize and (step % tc.vis_every == 0 or step == task.total_steps):
+        with report.timed("visualize"):
+          task.visualize(state, step, writer)
+      if tc.eval_every and task.evaluate and step % tc.eval_every == 0:
+        with report.timed("eval"):
+          task.evaluate(state, step, writer)
+      stopping = stop.requested() if (jax.process_count() == 1 or step % tc.log_every == 0) else False
+      if step % tc.ckpt_every == 0 or step == task.total_steps or stopping:
+        check_and_log(step)
+        save(step)
+      if stopping or ckpt.reached_preemption(step):
+        if last_saved != step:
+          save(step)
+        logging.warning("[%s] stopped at step %d after saving; rerun to resume.", task.name, step)
+        ckpt.close()
+        raise SystemExit(0)
+  finally:
+    stop.restore_handlers()
+    writer.flush()
+  ckpt.close()
+  return state
