@@ -47,8 +47,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _init_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
+    # Explicit settings win over cluster auto-detection, which under SLURM would
+    # otherwise pin each process to one GPU (SLURM_LOCALID).
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               local_device_ids=list(range(jax.local_device_count()))
+                               if os.environ.get("JAX_PLATFORMS", "") != "cpu" else None)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 
