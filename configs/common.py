@@ -36,11 +36,14 @@ def base() -> ml_collections.ConfigDict:
   c.stage = "ae"
   c.seed = 0
 
-  # Data (infd_jax/data/pipeline.py documents every key).
+  # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset).
+  # An empty data_dir means `<workdir>/data`.
   c.data = ml_collections.ConfigDict(dict(
-      name="ffhq", data_dir="", variant="", split="train", eval_split="val",
+      name="ffhq", data_dir="", variant="native", split="train", eval_split="val",
+      dm_variant="lanczos256", dm_split="train", source="",
       inp_res=256, patch=256, gt_res_min=256, gt_res_max=1024, p_whole=0.0, p_max=0.0,
-      resize=0, num_workers=4, prefetch_buffer=2, source="", train_list="", val_list=""))
+      p_lr=0.5, resize=0, dm_resize=0, fast_crop=True, read_threads=4, num_workers=4,
+      prefetch_buffer=2))
 
   # Stage 1 (REFERENCE.md 2.1, 3): VQ-f4 autoencoder + CLIF renderer.
   c.ae = ml_collections.ConfigDict(dict(

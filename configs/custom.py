@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, stage="ae")
   c = common.base()
   c.stage = arg.stage
-  c.data.name = "image_folder"
-  c.data.resize = 1024
+  c.data.update(name="image_folder", variant="default", dm_variant="default", resize=1024,
+                dm_resize=256)
   c.train.ae_steps = 1_200_000
   return c

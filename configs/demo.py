@@ -13,9 +13,11 @@ def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, stage="all")
   c = common.base()
   c.stage = arg.stage
-  c.data.update(name="demo", split="", eval_split="", patch=64, inp_res=64,
-                gt_res_min=64, gt_res_max=256, num_workers=0)
-  c.ae.update(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_codes=256, renderer_hidden=32)
+  c.data.update(name="demo", variant="", split="train", eval_split="", dm_variant="",
+                dm_split="train", dm_resize=0, patch=64, inp_res=64, gt_res_min=64,
+                gt_res_max=256, num_workers=0)
+  c.ae.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, num_codes=256, renderer_hidden=32)
+  # (GroupNorm has 32 groups everywhere, so widths stay multiples of 32.)
   c.disc.update(ndf=8)
   c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
               num_head_channels=16)

@@ -9,7 +9,8 @@ def get_config(arg: str | None = None):
   c = common.base()
   c.stage = arg.stage
   c.data.variant = "mix6k"
-  c.data.split = ""
+  c.data.split = "train+val"
   c.data.eval_split = ""
+  c.data.dm_split = "train+val"  # the mix6k DM trains on all 70k images at 256
   c.train.eval_every = 0
   return c

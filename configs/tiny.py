@@ -8,7 +8,7 @@ def get_config(arg: str | None = None):
   c = demo.get_config()
   c.stage = arg.stage
   c.data.update(patch=32, inp_res=32, gt_res_min=32, gt_res_max=64)
-  c.ae.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_codes=32, renderer_hidden=16)
+  c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32)
   c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
               num_head_channels=8)
   c.diffusion.sample_steps = 4

@@ -51,8 +51,7 @@ def _init_distributed() -> None:
     # otherwise pin each process to one GPU (SLURM_LOCALID).
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                               local_device_ids=list(range(jax.local_device_count()))
-                               if os.environ.get("JAX_PLATFORMS", "") != "cpu" else None)
+                               cluster_detection_method="deactivate")
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 

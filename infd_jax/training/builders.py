@@ -48,3 +48,14 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   d = config.diffusion
   return schedules.linear_schedule(d.beta_start, d.beta_end, d.num_train_steps)
+
+
+def pipeline_config(data: ml_collections.ConfigDict, stage: str) -> dict:
+  """`config.data` -> the keys of `infd_jax.data.pipeline` for one stage ("" / 0 -> None)."""
+  from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = data.to_dict()
+  if stage == "dm":
+    d.update(variant=d["dm_variant"], split=d["dm_split"], resize=d["dm_resize"])
+  keys = pipeline.default_data_config().keys()
+  return {k: (None if d[k] in ("", 0) and k in ("variant", "source", "resize") else d[k])
+          for k in keys if k in d}
