@@ -17,11 +17,19 @@ UserError = builders.UserError
 STAGES = ("ae", "dm", "sample", "eval", "all")
 
 
-def _prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Prepares the embedded demo dataset on first use; other datasets must exist."""
+def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Prepares the data a training stage reads if missing (always possible for the demo).
+
+  Other datasets are prepared here only when `data.source` names the input folder.
+  """
   from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  if not config.data.data_dir:
+    config.data.data_dir = str(workdir / "data")
+  stages = ("ae", "dm") if config.stage == "all" else (config.stage,)
   try:
-    config.data.data_dir = str(prepare.ensure_prepared(config.data))
+    for stage in stages:
+      d = builders.pipeline_config(config.data, stage)
+      prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"], source=d["source"])
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from e
 
@@ -41,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
                         if not isinstance(v, dict)} | {"config": config.to_json_best_effort()})
   try:
     if config.stage in ("ae", "dm", "all"):
-      _prepare_data(config)
+      _prepare_data(config, workdir)
     if config.stage in ("ae", "all"):
       from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
       loop.train(config, workdir, ae_task.make_task(config, mesh), mesh, writer)

@@ -51,7 +51,8 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loo
   lpips_params = jax.device_put(load_lpips_params(), sharding.replicated(mesh))
 
   def make_dataset(process_index: int, process_count: int):
-    return pipeline.make_ae_dataset(config.data, global_batch_size=tc.ae_batch_size,
+    return pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae"),
+                                    global_batch_size=tc.ae_batch_size,
                                     seed=config.seed, process_index=process_index,
                                     process_count=process_count)
 
@@ -81,8 +82,8 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   def visualize(state: AEState, step: int, writer: metric_writers.MetricWriter) -> None:
     if not samples:
       n = min(config.train.ae_batch_size, 8)
-      ds = pipeline.make_ae_dataset(config.data, global_batch_size=n, seed=config.seed + 1,
-                                    process_index=0, process_count=1)
+      ds = pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae") | {"num_workers": 0},
+                                    global_batch_size=n, seed=config.seed + 1)
       samples.update(next(iter(ds)))
     batch = sharding.shard_batch(samples, mesh) if jax.process_count() == 1 else samples
     pred, phi = reconstruct(state.gen_params, batch)

@@ -57,18 +57,22 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: pathlib.Path, ae_p
     return np.load(path)
   ae = builders.autoencoder(config)
   encode = jax.jit(functools.partial(encode_latents, ae))
+  # One ordered pass over this process's records (local batch 1, so no tail is dropped),
+  # encoded in fixed-size batches that divide over the local devices.
+  once = pipeline.make_dm_dataset(
+      builders.pipeline_config(config.data, "dm") | dict(shuffle=False, num_epochs=1),
+      global_batch_size=jax.process_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   n_dev = mesh.size // jax.process_count()
   batch_size = max(n_dev, config.train.dm_batch_size // jax.process_count() // n_dev * n_dev)
+  images = [example["inp"][0] for example in once]
   chunks = []
-  for batch in pipeline.iterate_once(config.data, stage="dm", batch_size=batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    n = len(batch["inp"])
-    padded = np.concatenate([batch["inp"], np.repeat(batch["inp"][-1:], batch_size - n, 0)])
+  for start in range(0, len(images), batch_size):
+    part = np.stack(images[start:start + batch_size])
+    padded = np.concatenate([part, np.repeat(part[-1:], batch_size - len(part), 0)])
     z = encode(ae_params, sharding.shard_batch({"inp": padded}, mesh)["inp"])
     shards = sorted(z.addressable_shards, key=lambda s: s.index[0].start or 0)
-    local = np.concatenate([np.asarray(s.data) for s in shards])
-    chunks.append(local[:n])
+    chunks.append(np.concatenate([np.asarray(s.data) for s in shards])[:len(part)])
   latents = np.concatenate(chunks)
   cache_dir.mkdir(parents=True, exist_ok=True)
   np.save(path, latents)
@@ -95,7 +99,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     consts = (None,)
   else:
     make_dataset = lambda index, count: pipeline.make_dm_dataset(
-        config.data, global_batch_size=tc.dm_batch_size, seed=config.seed,
+        builders.pipeline_config(config.data, "dm"), global_batch_size=tc.dm_batch_size,
+        seed=config.seed,
         process_index=index, process_count=count)
     consts = (ae_params,)
   return loop.Task(name="dm", total_steps=tc.dm_steps, global_batch_size=tc.dm_batch_size,

@@ -1,0 +1,180 @@
+"""grain input pipelines for both stages (numpy/PIL only, no jax).
+
+Chain: record source -> records[process_index::process_count] -> seeded
+shuffle -> repeat(num_epochs; None = forever, each epoch reshuffled) ->
+random_map(transform, numpy Generator from grain) -> batch(local_batch,
+drop_remainder=True) -> to_iter_dataset -> mp_prefetch(num_workers; 0 = in
+process).
+
+Batch contract (float32 numpy, NHWC, B = global_batch_size // process_count):
+- stage 1 (`make_ae_dataset`):
+  - inp   [B, inp_res, inp_res, 3] in [-1, 1]: LANCZOS of the whole square;
+  - gt    [B, P, P, 3] in [-1, 1]: window of the image resized to r x r;
+  - coord [B, P, P, 2]: (row, col) pixel centres of the window inside the
+    r x r image, 2 * (ii + a + 0.5) / r - 1, in [-1, 1];
+  - cell  [B, P, P, 2]: 2 / r.
+- stage 2 (`make_dm_dataset`): inp only.
+
+Datasets (`cfg.name`, `cfg.variant`, `cfg.split`), see `sources`:
+- demo: the scikit-image photos, prepared on first use;
+- image_folder: variant = the prepared config name (default "default");
+  stage 1 of the official custom recipe uses resize=1024, stage 2 resize=256;
+- ffhq: variant "native" (train/val at 1024), "lanczos256" (the stage-2 set,
+  REFERENCE 5.3; split "train" for FFHQ, "train+val" for 6K-Mix), or "mix6k"
+  (stage 1 only: LR pool = lanczos256 train+val, HR pool = mix6k hr, drawn
+  with probability p_lr / 1 - p_lr per example as the official `random_lr_hr`;
+  grain's `mix` would interleave the pools in fixed proportions instead).
+  Equivalent stage-2 alternative: variant "native" with resize=256 gives the
+  same images as lanczos256 but resizes at every read.
+
+Per-process shards are record slices, so shard sizes can differ by one when
+the record count is not divisible; with num_epochs=None every process still
+yields batches forever.
+
+Checkpointing: `it = iter(ds)`; `it.get_state()` / `it.set_state(state)`, or
+through orbax with `grain.checkpoint.CheckpointHandler` and
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
+"""
+
+import os
+from typing import Any, Mapping
+
+from absl import flags
+import grain
+import numpy as np
+
+from infd_jax.data import prepare as prepare_lib
+from infd_jax.data import sources
+from infd_jax.data import transforms
+
+
+def default_data_config() -> dict[str, Any]:
+  """Keys read from `config.data`, with defaults (REFERENCE 2.5, 5.4)."""
+  return dict(
+      name="demo",            # demo | image_folder | ffhq
+      data_dir=os.path.join("~", "infd_data"),
+      variant=None,           # ffhq: native|lanczos256|mix6k; image_folder: config
+      split="train",          # TFDS split string, e.g. "train", "val", "train+val"
+      source=None,            # input folder, to prepare on first use if missing
+      inp_res=256,            # side of `inp`
+      patch=256,              # P, side of gt/coord/cell (final_crop_gt)
+      gt_res_min=256,         # resize_gt_lb
+      gt_res_max=1024,        # resize_gt_ub
+      p_whole=0.0,
+      p_max=0.0,              # 0.5 (custom) / 0.9 (mix6k) during hrft
+      p_lr=0.5,               # mix6k: P(LR pool); 0 for its hrft (HR pool only)
+      resize=None,            # square resize after loading (image_folder)
+      fast_crop=True,         # window resampling instead of resize-then-crop
+      shuffle=True,
+      num_epochs=None,        # None = repeat forever
+      read_threads=4,         # grain ReadOptions.num_threads per process/worker
+      num_workers=0,          # grain mp_prefetch worker processes; 0 = in process
+      prefetch_buffer=2,      # batches buffered per worker
+  )
+
+
+def _cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  out = default_data_config()
+  unknown = set(cfg) - set(out)
+  if unknown:
+    raise ValueError(f"unknown data config keys: {sorted(unknown)}")
+  out.update(cfg)
+  return out
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"process_count {process_count}")
+  return global_batch_size // process_count
+
+
+def _records(c: dict[str, Any], config: str, split: str):
+  return sources.open_split(c["data_dir"], c["name"], config, split)
+
+
+def batched(ds: grain.MapDataset, transform, cfg: Mapping[str, Any], *,
+            global_batch_size: int, seed: int, process_index: int = 0,
+            process_count: int = 1) -> grain.IterDataset:
+  """Shards, shuffles, repeats, maps, batches and prefetches a record dataset.
+
+  Args:
+    ds: random-access records (or indices for the 6K-Mix sampler).
+    transform: callable (element, np.random.Generator) -> dict of numpy arrays.
+    cfg: data config (keys of `default_data_config`).
+    global_batch_size: batch over all processes.
+    seed: pipeline seed, the same on every process.
+    process_index: this process.
+    process_count: number of processes.
+  """
+  c = _cfg(cfg)
+  batch = local_batch_size(global_batch_size, process_count)
+  # grain seeds random_map by (seed, index within the shard), so the seed must
+  # differ per process or all shards would draw the same crops.
+  shard_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+  ds = ds[process_index::process_count].seed(shard_seed)
+  if c["shuffle"]:
+    ds = ds.shuffle()
+  ds = ds.repeat(c["num_epochs"]).random_map(transform)
+  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"],
+                                            prefetch_buffer_size=2 * batch))
+  if c["num_workers"] > 0:
+    # grain's workers read absl flags; outside an absl app (scripts, pytest,
+    # notebooks) they are unparsed and would raise.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=c["num_workers"], per_worker_buffer_size=c["prefetch_buffer"]))
+  return ds
+
+
+def _ensure(c: dict[str, Any]) -> None:
+  prepare_lib.ensure_prepared(c["name"], c["data_dir"], variant=c["variant"],
+                              source=c["source"])
+
+
+def make_ae_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Stage-1 batches {inp, gt, coord, cell} (see the module docstring).
+
+  Args:
+    cfg: `config.data` (keys of `default_data_config`).
+    global_batch_size: batch over all processes (8 in the official configs).
+    seed: pipeline seed (shuffle and per-example randomness).
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+  """
+  c = _cfg(cfg)
+  _ensure(c)
+  transform = transforms.AeTransform(
+      inp_res=c["inp_res"], resize=c["resize"], patch=c["patch"],
+      gt_res_min=c["gt_res_min"], gt_res_max=c["gt_res_max"],
+      p_whole=c["p_whole"], p_max=c["p_max"], fast=c["fast_crop"])
+  if c["name"] == "ffhq" and c["variant"] == "mix6k":
+    lr = _records(c, "lanczos256", "train+val")
+    hr = _records(c, "mix6k", "hr")
+    # Epoch length n_lr + n_hr as the official sampler; the index is ignored.
+    ds = grain.MapDataset.range(len(lr) + len(hr))
+    transform = transforms.PoolMix(transform, lr, hr, c["p_lr"])
+  else:
+    ds = grain.MapDataset.source(_records(c, _config_of(c), c["split"]))
+  return batched(ds, transform, c, global_batch_size=global_batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count)
+
+
+def make_dm_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Stage-2 batches {inp: [B, inp_res, inp_res, 3]}; arguments as make_ae_dataset."""
+  c = _cfg(cfg)
+  if c["variant"] == "mix6k":
+    raise ValueError("stage 2 of 6K-Mix reads variant='lanczos256', split='train+val'")
+  _ensure(c)
+  transform = transforms.DmTransform(inp_res=c["inp_res"], resize=c["resize"])
+  ds = grain.MapDataset.source(_records(c, _config_of(c), c["split"]))
+  return batched(ds, transform, c, global_batch_size=global_batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count)
+
+
+def _config_of(c: dict[str, Any]) -> str:
+  return prepare_lib.configs_needed(c["name"], c["variant"])[0]

@@ -1,0 +1,138 @@
+r"""Prepares image datasets as TFDS ArrayRecord files (no TensorFlow needed).
+
+  python -m infd_jax.data.prepare --dataset=demo --data_dir=DIR
+  python -m infd_jax.data.prepare --dataset=image_folder --source=DIR \
+      --data_dir=DIR [--config=NAME]
+  python -m infd_jax.data.prepare --dataset=ffhq --source=.../images1024x1024 \
+      --train_list=ffhqtrain.txt --val_list=ffhqvalidation.txt --data_dir=DIR \
+      [--config=native,lanczos256,mix6k]
+
+Ends by printing a report: images written per split, skipped files with the
+reason, changed files with what was done, and listed names that were missing.
+"""
+
+import argparse
+import logging
+import shutil
+from typing import Sequence
+
+import tensorflow_datasets as tfds
+
+from infd_jax.data import image_io
+from infd_jax.data import sources
+
+
+def configs_needed(name: str, variant: str | None) -> list[str]:
+  """Builder configs that a (dataset, variant) pair reads.
+
+  Args:
+    name: "demo", "image_folder" or "ffhq".
+    variant: image_folder: the config name; ffhq: "native" (default),
+      "lanczos256" or "mix6k" (which also needs lanczos256, its LR pool).
+  """
+  if name == "demo":
+    return ["default"]
+  if name == "image_folder":
+    return [variant or "default"]
+  if name == "ffhq":
+    variant = variant or "native"
+    if variant not in sources.FFHQ_CONFIGS:
+      raise ValueError(f"ffhq variant {variant!r} not in {sources.FFHQ_CONFIGS}")
+    return ["mix6k", "lanczos256"] if variant == "mix6k" else [variant]
+  raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(sources.BUILDERS)}")
+
+
+def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
+            source: str | None = None, train_list: str | None = None,
+            val_list: str | None = None, split_seed: int = 0,
+            limits: image_io.ImageLimits = image_io.ImageLimits(),
+            mix: sources.MixSpec = sources.MixSpec(),
+            overwrite: bool = False) -> sources.PrepareReport:
+  """Writes the given builder configs of one dataset; returns the merged report.
+
+  Args:
+    name: "demo", "image_folder" or "ffhq".
+    data_dir: output root.
+    configs: builder configs to write (default: the dataset's default config).
+    source: input image folder (not used by demo).
+    train_list: ffhq only, path of the official ffhqtrain.txt.
+    val_list: ffhq only, path of the official ffhqvalidation.txt.
+    split_seed: ffhq only, seed of the fallback split when lists are missing.
+    limits: size limits (see `image_io`).
+    mix: ffhq mix6k only, the HR pool recipe.
+    overwrite: rewrite configs that are already prepared.
+  """
+  configs = list(configs or configs_needed(name, None))
+  report = sources.PrepareReport()
+  # Our own per-split tqdm bars replace TFDS's (which cannot know the total).
+  tfds.disable_progress_bar()
+  for config in configs:
+    if sources.is_prepared(data_dir, name, config):
+      if not overwrite:
+        logging.info("%s/%s already prepared in %s", name, config, data_dir)
+        continue
+      shutil.rmtree(sources.dataset_dir(data_dir, name, config))
+    kwargs = dict(source=source, limits=limits, data_dir=data_dir)
+    if name == "ffhq":
+      kwargs.update(train_list=train_list, val_list=val_list,
+                    split_seed=split_seed, mix=mix, config=config)
+    elif name == "image_folder":
+      kwargs.update(config=tfds.core.BuilderConfig(name=config))
+    builder = sources.BUILDERS[name](**kwargs)
+    builder.download_and_prepare()
+    report.merge(builder.report, f"{name}/{config}")
+  return report
+
+
+def ensure_prepared(name: str, data_dir: str, *, variant: str | None = None,
+                    source: str | None = None, **kwargs) -> None:
+  """Prepares what (name, variant) needs if missing; for the training job.
+
+  The demo set needs no source. Other datasets are prepared only when `source`
+  is given; otherwise a missing dataset raises FileNotFoundError.
+  """
+  missing = [c for c in configs_needed(name, variant)
+             if not sources.is_prepared(data_dir, name, c)]
+  if not missing:
+    return
+  if name != "demo" and source is None:
+    raise FileNotFoundError(
+        f"{name} configs {missing} are not prepared in {data_dir} and no source "
+        f"folder was given; run python -m infd_jax.data.prepare --dataset={name}")
+  report = prepare(name, data_dir, configs=missing, source=source, **kwargs)
+  logging.info("prepared %s %s:\n%s", name, missing, report.summary())
+
+
+def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="demo", choices=sorted(sources.BUILDERS))
+  p.add_argument("--data_dir", required=True, help="Output root directory.")
+  p.add_argument("--source", help="Input image folder.")
+  p.add_argument("--config", help="image_folder: one config name (default "
+                 "'default'); ffhq: comma list of native,lanczos256,mix6k.")
+  p.add_argument("--train_list", help="ffhq: official ffhqtrain.txt.")
+  p.add_argument("--val_list", help="ffhq: official ffhqvalidation.txt.")
+  p.add_argument("--split_seed", type=int, default=0, help="ffhq: fallback split seed.")
+  p.add_argument("--min_side", type=int, default=256, help="Skip smaller squares.")
+  p.add_argument("--max_side", type=int, default=4096, help="Downscale larger squares.")
+  p.add_argument("--max_pixels", type=int, default=1 << 28, help="Skip bigger files.")
+  p.add_argument("--overwrite", action="store_true", help="Rewrite prepared configs.")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> sources.PrepareReport:
+  args = _parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  limits = image_io.ImageLimits(args.min_side, args.max_side, args.max_pixels)
+  report = prepare(args.dataset, args.data_dir,
+                   configs=args.config.split(",") if args.config else None,
+                   source=args.source, train_list=args.train_list,
+                   val_list=args.val_list, split_seed=args.split_seed,
+                   limits=limits, overwrite=args.overwrite)
+  print(report.summary())
+  return report
+
+
+if __name__ == "__main__":
+  main()

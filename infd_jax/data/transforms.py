@@ -1,0 +1,165 @@
+"""Per-example transforms (REFERENCE 5.4, `wrapper_cae`), numpy + PIL only.
+
+All resizing is PIL LANCZOS on uint8 RGB images. Outputs are float32, HWC, in
+[-1, 1] (2 * uint8 / 255 - 1). Randomness comes only from the numpy Generator
+that grain passes to `random_map`.
+
+Fast patch path: the ground-truth patch is the P x P window at (ii, jj) of the
+S x S image LANCZOS-resized to r x r. PIL resamples only that window when given
+`box` = the window's footprint in source pixels, (jj, ii, jj + P, ii + P) * S / r.
+Output pixel centres, filter support and border clamping are those of the full
+resize (PIL clamps taps to the image, not to the box), so the patch matches
+resize-then-crop (`resize_then_crop`, kept as the reference) within 1/255 at
+a fraction of the cost.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from infd_jax.data import image_io
+
+LANCZOS = Image.Resampling.LANCZOS
+
+
+def to_float(img: Image.Image) -> np.ndarray:
+  """uint8 RGB PIL image -> float32 [H, W, 3] in [-1, 1]."""
+  return np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
+
+
+def sample_resolution(rng: np.random.Generator, size: int, *, patch: int,
+                      gt_res_min: int, gt_res_max: int, p_whole: float,
+                      p_max: float) -> int:
+  """Ground-truth resolution r for an image of side `size` (REFERENCE 5.4).
+
+  p_whole -> r = patch; else p_max -> r = min(size, gt_res_max); else r is a
+  uniform integer in [gt_res_min, min(size, gt_res_max)], both ends inclusive.
+  """
+  hi = min(size, gt_res_max)
+  if hi < gt_res_min:
+    raise ValueError(f"image side {size} is below gt_res_min={gt_res_min}")
+  if rng.random() < p_whole:
+    return patch
+  if rng.random() < p_max:
+    return hi
+  return int(rng.integers(gt_res_min, hi, endpoint=True))
+
+
+def patch_coord(r: int, ii: int, jj: int, patch: int) -> np.ndarray:
+  """Global pixel-centre coords of a crop: [P, P, 2] (row, col) in [-1, 1].
+
+  coord[a, b] = (2 * (ii + a + 0.5) / r - 1, 2 * (jj + b + 0.5) / r - 1).
+  """
+  a = (2.0 * (ii + np.arange(patch) + 0.5) / r - 1.0).astype(np.float32)
+  b = (2.0 * (jj + np.arange(patch) + 0.5) / r - 1.0).astype(np.float32)
+  rows, cols = np.meshgrid(a, b, indexing="ij")
+  return np.stack([rows, cols], axis=-1)
+
+
+def patch_cell(r: int, patch: int) -> np.ndarray:
+  """Cell size of every crop pixel: [P, P, 2] filled with 2 / r."""
+  return np.full((patch, patch, 2), 2.0 / r, dtype=np.float32)
+
+
+def resize_then_crop(img: Image.Image, r: int, ii: int, jj: int,
+                     patch: int) -> Image.Image:
+  """Reference path: resize the whole image to r x r, then crop."""
+  full = img.resize((r, r), LANCZOS)
+  return full.crop((jj, ii, jj + patch, ii + patch))
+
+
+def fast_patch(img: Image.Image, r: int, ii: int, jj: int, patch: int) -> Image.Image:
+  """Same patch as `resize_then_crop`, resampling only the needed window."""
+  s = img.size[0]
+  if r == s:
+    return img.crop((jj, ii, jj + patch, ii + patch))
+  scale = s / r
+  box = (jj * scale, ii * scale, (jj + patch) * scale, (ii + patch) * scale)
+  return img.resize((patch, patch), LANCZOS, box=box)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+  """Decodes a record and applies the optional square resize.
+
+  Attributes:
+    inp_res: side of the encoder input `inp`.
+    resize: if set, LANCZOS-resize the stored square to resize x resize first
+      (the official image_folder `resize`: 1024 for stage 1, 256 for stage 2).
+  """
+  inp_res: int = 256
+  resize: int | None = None
+
+  def load(self, record: dict[str, Any]) -> Image.Image:
+    img = image_io.decode_rgb(record["image"])
+    if img.size[0] != img.size[1]:
+      raise ValueError(f"record {record.get('name')!r} is not square: {img.size}")
+    if self.resize is not None:
+      img = img.resize((self.resize, self.resize), LANCZOS)
+    return img
+
+  def inp(self, img: Image.Image) -> np.ndarray:
+    # Always resample, even at inp_res already (PIL then returns a copy).
+    return to_float(img.resize((self.inp_res, self.inp_res), LANCZOS))
+
+
+@dataclasses.dataclass(frozen=True)
+class DmTransform(ImageTransform):
+  """Stage 2: {"inp": [inp_res, inp_res, 3]}."""
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+    del rng
+    return {"inp": self.inp(self.load(record))}
+
+
+@dataclasses.dataclass(frozen=True)
+class AeTransform(ImageTransform):
+  """Stage 1: inp, gt patch, its coord and cell (REFERENCE 5.4).
+
+  Returns {"inp": [inp_res, inp_res, 3], "gt": [P, P, 3], "coord": [P, P, 2],
+  "cell": [P, P, 2]}, all float32.
+  """
+  patch: int = 256
+  gt_res_min: int = 256
+  gt_res_max: int = 1024
+  p_whole: float = 0.0
+  p_max: float = 0.0
+  fast: bool = True
+
+  def __post_init__(self):
+    if self.gt_res_min < self.patch:
+      raise ValueError(f"gt_res_min={self.gt_res_min} < patch={self.patch}")
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+    img = self.load(record)
+    r = sample_resolution(rng, img.size[0], patch=self.patch,
+                          gt_res_min=self.gt_res_min, gt_res_max=self.gt_res_max,
+                          p_whole=self.p_whole, p_max=self.p_max)
+    ii, jj = (int(v) for v in rng.integers(0, r - self.patch, size=2, endpoint=True))
+    crop = fast_patch if self.fast else resize_then_crop
+    return {
+        "inp": self.inp(img),
+        "gt": to_float(crop(img, r, ii, jj, self.patch)),
+        "coord": patch_coord(r, ii, jj, self.patch),
+        "cell": patch_cell(r, self.patch),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolMix:
+  """6K-Mix sampler (REFERENCE 5.1 `random_lr_hr`): ignores the element index.
+
+  With probability p_lr draws a uniform LR-pool record, otherwise a uniform
+  HR-pool record, then applies `transform` with the same generator.
+  """
+  transform: Any
+  lr: Any
+  hr: Any
+  p_lr: float = 0.5
+
+  def __call__(self, index: int, rng: np.random.Generator) -> dict:
+    del index
+    pool = self.lr if rng.random() < self.p_lr else self.hr
+    return self.transform(pool[int(rng.integers(len(pool)))], rng)
