@@ -15,5 +15,4 @@ def get_config(arg: str | None = None):
   c.train.update(ae_batch_size=8, ae_steps=3, dm_batch_size=8, dm_steps=3,
                  log_every=1, ckpt_every=2, vis_every=0, eval_every=0)
   c.sample.update(num_samples=2, batch_size=2, sizes=(32, 48), tile=16, pad=4)
-  c.mesh.update(data=1, fsdp=1)
   return c

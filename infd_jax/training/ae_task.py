@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from infd_jax import checkpointing, sharding
 from infd_jax.data import pipeline
@@ -79,7 +78,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     phi = ae.apply({"params": params}, out.z_q, method="decode")
     return out.pred.astype(jnp.float32), phi
 
-  def visualize(state: AEState, step: int, writer: metric_writers.MetricWriter) -> None:
+  def visualize(state: AEState, step: int, writer: writers.MetricWriter) -> None:
     if not samples:
       n = min(config.train.ae_batch_size, 8)
       ds = pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae") | {"num_workers": 0},

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from infd_jax import checkpointing, sharding
 from infd_jax.data import latents as latents_lib
@@ -133,7 +132,7 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree):
                                   config.sample.pad, config.sample.tiles_per_call)
   res = config.data.inp_res
 
-  def visualize(state: DMState, step: int, writer: metric_writers.MetricWriter) -> None:
+  def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:
     phi = sample(state.ema_params, ae_params, jax.random.PRNGKey(config.seed))
     images = renderer.render_image({"params": ae_params}, phi, (res, res))
     writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4)[None]})

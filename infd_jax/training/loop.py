@@ -16,7 +16,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+
+# `writers` must come before clu.metric_writers / clu.periodic_actions: without
+# TensorFlow those clu modules import only after it registers its writer.
+from infd_jax.evaluation import writers
+from clu import periodic_actions  # pylint: disable=g-bad-import-order
 
 from infd_jax import checkpointing, sharding
 
@@ -45,8 +49,8 @@ class Task:
   step: Callable[..., tuple[PyTree, dict[str, jax.Array]]]
   make_dataset: Callable[[int, int], Any]
   consts: tuple = ()
-  visualize: Callable[[PyTree, int, metric_writers.MetricWriter], None] | None = None
-  evaluate: Callable[[PyTree, int, metric_writers.MetricWriter], None] | None = None
+  visualize: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
+  evaluate: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,7 +80,7 @@ def _mean_metrics(sums: dict[str, jax.Array], count: int) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: Task,
-          mesh: jax.sharding.Mesh, writer: metric_writers.MetricWriter) -> PyTree:
+          mesh: jax.sharding.Mesh, writer: writers.MetricWriter) -> PyTree:
   """Trains `task` to `task.total_steps`, resuming from `workdir` if possible.
 
   Returns:

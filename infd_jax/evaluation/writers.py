@@ -1,0 +1,149 @@
+"""TensorBoard logging through CLU's `MetricWriter` interface, without TensorFlow.
+
+`clu.metric_writers/__init__.py` imports its TensorFlow summary writer, so without
+TensorFlow the whole package (and `clu.periodic_actions`) fails to import. Before
+importing it, this module registers a stand-in for that one submodule whose
+`SummaryWriter` is the tensorboardX writer below; with TensorFlow installed, clu is
+left alone. Import this module before `clu.metric_writers` / `clu.periodic_actions`.
+"""
+
+import importlib.util
+import math
+import sys
+import types
+from typing import Any, Mapping
+
+from absl import logging
+import numpy as np
+import tensorboardX
+from tensorboardX import summary as tbx_summary
+
+
+def _register_tf_free_summary_writer() -> None:
+  name = "clu.metric_writers.summary_writer"
+  if name in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+    return
+  shim = types.ModuleType(name)
+  shim.__doc__ = "TensorFlow-free stand-in registered by infd_jax.evaluation.writers."
+  # Looked up at call time, so clu's create_default_writer(logdir) also works.
+  shim.SummaryWriter = lambda logdir: TensorboardXWriter(logdir)
+  sys.modules[name] = shim
+
+
+_register_tf_free_summary_writer()
+
+from clu.metric_writers import interface  # noqa: E402  (needs the stand-in above)
+from clu.metric_writers import logging_writer  # noqa: E402
+from clu.metric_writers import multi_writer  # noqa: E402
+
+MetricWriter = interface.MetricWriter
+
+Array = interface.Array
+Scalar = interface.Scalar
+
+
+def _tile(images: np.ndarray, ncols: int, padding: int) -> np.ndarray:
+  """[N, H, W, C] uint8 -> one grid image, row-major, `padding` black pixels apart."""
+  n, h, w, c = images.shape
+  ncols = max(1, min(ncols, n))
+  rows = math.ceil(n / ncols)
+  cells = np.zeros((rows * ncols, h + padding, w + padding, c), np.uint8)
+  cells[:n, padding:, padding:] = images
+  grid = cells.reshape(rows, ncols, h + padding, w + padding, c).transpose(0, 2, 1, 3, 4)
+  grid = grid.reshape(rows * (h + padding), ncols * (w + padding), c)
+  return np.pad(grid, ((0, padding), (0, padding), (0, 0)))
+
+
+def make_image_grid(images: Array, ncols: int, padding: int = 2) -> np.ndarray:
+  """Tiles images in [-1, 1] into one uint8 picture for `write_images`.
+
+  Args:
+    images: [N, H, W, C] float in [-1, 1] (values outside are clipped).
+    ncols: images per row.
+    padding: black border between and around images, in pixels.
+
+  Returns:
+    [rows*(H+padding)+padding, ncols*(W+padding)+padding, C] uint8.
+  """
+  x = np.asarray(images, np.float32)
+  u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  return _tile(u8, ncols, padding)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+  """CLU's image convention: uint8 as is, floats in [0, 1]."""
+  if image.dtype == np.uint8:
+    return image
+  return np.clip(np.round(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+  if isinstance(v, np.generic):
+    v = v.item()
+  return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+
+class TensorboardXWriter(interface.MetricWriter):
+  """Writes TensorBoard event files with tensorboardX (it queues and writes on its own thread)."""
+
+  def __init__(self, logdir: str, flush_secs: int = 30):
+    super().__init__()
+    self._writer = tensorboardX.SummaryWriter(logdir=str(logdir), flush_secs=flush_secs)
+
+  def write_summaries(self, step: int, values: Mapping[str, Array],
+                      metadata: Mapping[str, Any] | None = None):
+    logging.log_first_n(logging.WARNING, "TensorboardXWriter ignores raw summaries.", 1)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+
+  def write_images(self, step: int, images: Mapping[str, Array]):
+    """Images [H, W, C] or [N, H, W, C] (uint8, or float in [0, 1]); N>1 is tiled into a grid."""
+    for key, value in images.items():
+      img = _to_uint8(np.asarray(value))
+      if img.ndim == 4:
+        img = _tile(img, math.ceil(math.sqrt(img.shape[0])), padding=2)
+      self._writer.add_image(key, img, global_step=step, dataformats="HWC")
+
+  def write_videos(self, step: int, videos: Mapping[str, Array]):
+    logging.log_first_n(logging.WARNING, "TensorboardXWriter does not write videos.", 1)
+
+  def write_audios(self, step: int, audios: Mapping[str, Array], *, sample_rate: int):
+    logging.log_first_n(logging.WARNING, "TensorboardXWriter does not write audio.", 1)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Array],
+                       num_buckets: Mapping[str, int] | None = None):
+    for key, value in arrays.items():
+      bins = None if num_buckets is None else num_buckets.get(key)
+      self._writer.add_histogram(key, np.asarray(value, np.float64), global_step=step,
+                                 max_bins=bins)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    # Written into this run's own event file: SummaryWriter.add_hparams would
+    # open a new sub-run directory named after the wall clock.
+    hp = {k: _hparam_value(v) for k, v in hparams.items()}
+    file_writer = self._writer._get_file_writer()  # pylint: disable=protected-access
+    for proto in tbx_summary.hparams(hp, {}):
+      file_writer.add_summary(proto)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+def create_writer(workdir: str, *, just_logging: bool) -> interface.MetricWriter:
+  """Plain-log writer plus TensorBoard events in `workdir` (only the log when just_logging).
+
+  Pass just_logging=jax.process_index() > 0 so only the first host writes events.
+  """
+  writers: list[interface.MetricWriter] = [logging_writer.LoggingWriter()]
+  if not just_logging:
+    writers.append(TensorboardXWriter(workdir))
+  return multi_writer.MultiWriter(writers)
