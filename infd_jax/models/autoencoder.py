@@ -1,0 +1,165 @@
+"""INFD stage-1 autoencoder: VQGAN encoder, vector quantizer, headless decoder, CLIF renderer.
+
+Naming rule (PyTorch state-dict key -> Flax param path, REFERENCE 10.2):
+  * The `nn.Sequential` wrappers disappear: `encoder.0.<k>` -> `encoder/<k>`,
+    `encoder.1` -> `encoder/quant_conv`, `decoder.0` -> `decoder/post_quant_conv`,
+    `decoder.1.<k>` -> `decoder/<k>`, `renderer.net.<k>` -> `renderer/<k>`.
+  * Inside, the dotted container path up to a block joins with "_" into one
+    module name and the block's own layers stay children:
+    `down.1.block.0.conv1` -> `down_1_block_0/conv1`,
+    `down.0.downsample.conv` -> `down_0_downsample/conv`,
+    `mid.block_1.norm1` -> `mid_block_1/norm1`, `mid.attn_1.q` -> `mid_attn_1/q`,
+    `up.2.upsample.conv` -> `up_2_upsample/conv`, `model.1.conv2` -> `model_1/conv2`.
+  * `.weight` -> `kernel` (conv, layout per REFERENCE 10.3) or `scale` (GroupNorm);
+    `.bias` -> `bias`; `quantizer.embedding.weight` -> `quantizer/embedding`.
+Activations are NHWC.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from infd_jax.models import layers
+from infd_jax.models.blocks import AttnBlock, Downsample, GN_EPS, ResnetBlock, Upsample, swish
+from infd_jax.models.quantizer import VectorQuantizer, VQOutput
+from infd_jax.rendering.renderer import CLIFRenderer
+
+Dtype = Any
+
+
+class Encoder(nn.Module):
+  """VQGAN encoder plus the extra 1x1 conv: [B, H, W, 3] -> z [B, H/f, W/f, z_channels].
+
+  z is float32 whatever the compute dtype.
+
+  f = 2 ** (len(ch_mult) - 1); 4 for the official (1, 2, 4).
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.conv(self.ch, 3, in_features=x.shape[-1], dtype=self.dtype, name="conv_in")(x)
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = ResnetBlock(self.ch * mult, dtype=self.dtype, name=f"down_{level}_block_{i}")(h)
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(dtype=self.dtype, name=f"down_{level}_downsample")(h)
+    h = _middle(h, self.dtype)
+    h = swish(layers.group_norm(GN_EPS, dtype=self.dtype, name="norm_out")(h))
+    # The two output convs are tiny; float32 keeps z (the VQ argmin input and the
+    # diffusion model's data) at full precision under bfloat16 compute.
+    h = layers.conv(self.z_channels, 3, in_features=h.shape[-1], dtype=jnp.float32,
+                    name="conv_out")(h.astype(jnp.float32))
+    return layers.conv(self.z_channels, 1, in_features=self.z_channels, dtype=jnp.float32,
+                       name="quant_conv")(h)
+
+
+class Decoder(nn.Module):
+  """1x1 post-quant conv plus the VQGAN decoder without its output head.
+
+  [B, h, w, z_channels] -> phi [B, h*f, w*f, ch * ch_mult[0]], the raw output of
+  the last ResnetBlock (no norm, no activation).
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    h = layers.conv(self.z_channels, 1, in_features=z.shape[-1], dtype=self.dtype,
+                    name="post_quant_conv")(z)
+    h = layers.conv(self.ch * self.ch_mult[-1], 3, in_features=self.z_channels,
+                    dtype=self.dtype, name="conv_in")(h)
+    h = _middle(h, self.dtype)
+    # `up` is indexed by level; the lowest resolution (last level) runs first.
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = ResnetBlock(self.ch * self.ch_mult[level], dtype=self.dtype,
+                        name=f"up_{level}_block_{i}")(h)
+      if level != 0:
+        h = Upsample(dtype=self.dtype, name=f"up_{level}_upsample")(h)
+    return h
+
+
+def _middle(h: jax.Array, dtype: Dtype) -> jax.Array:
+  """The `mid` stage shared by encoder and decoder: ResnetBlock, AttnBlock, ResnetBlock."""
+  c = h.shape[-1]
+  h = ResnetBlock(c, dtype=dtype, name="mid_block_1")(h)
+  h = AttnBlock(dtype=dtype, name="mid_attn_1")(h)
+  return ResnetBlock(c, dtype=dtype, name="mid_block_2")(h)
+
+
+@flax.struct.dataclass
+class AEOutput:
+  """pred: [B, h, w, 3] RGB at the query grid; z / z_q: [B, H/f, W/f, D]; quant_loss: scalar."""
+  pred: jax.Array
+  z: jax.Array
+  z_q: jax.Array
+  quant_loss: jax.Array
+  indices: jax.Array
+
+
+class INFDAutoencoder(nn.Module):
+  """Encoder -> quantizer -> decoder -> CLIF renderer (REFERENCE 3).
+
+  Submodules `encoder`, `quantizer`, `decoder`, `renderer` match the top-level
+  state-dict prefixes (which also name the official optimizer groups).
+  Params stay float32; `dtype` is the compute dtype of the convolutions.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 3
+  num_codes: int = 8192
+  vq_beta: float = 0.25
+  renderer_hidden: int = 256
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                z_channels=self.z_channels, dtype=self.dtype)
+    self.encoder = Encoder(**arch)
+    self.quantizer = VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta)
+    self.decoder = Decoder(**arch)
+    self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
+                                 hidden=self.renderer_hidden, dtype=self.dtype)
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""
+    return self.encoder(x)
+
+  def quantize(self, z: jax.Array) -> VQOutput:
+    """Nearest codes with straight-through gradient and the legacy VQ loss."""
+    return self.quantizer(z)
+
+  def decode(self, z_q: jax.Array) -> jax.Array:
+    """Quantized z [B, h, w, D] -> feature map phi [B, h*f, w*f, ch*ch_mult[0]]."""
+    return self.decoder(z_q)
+
+  def render(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+    """RGB [B, gh, gw, 3] at the query grid coord/cell [B, gh, gw, 2] (one renderer call)."""
+    return self.renderer(phi, coord, cell)
+
+  def render_features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+    """The renderer up to (not including) conv_out: -> [B, gh, gw, renderer_hidden]."""
+    return self.renderer.features(phi, coord, cell)
+
+  def render_head(self, h: jax.Array) -> jax.Array:
+    """The renderer's last conv: render_features output -> RGB [B, gh, gw, 3] float32."""
+    return self.renderer.head(h)
+
+  def __call__(self, inp: jax.Array, coord: jax.Array, cell: jax.Array) -> AEOutput:
+    """Full stage-1 forward: inp [B, H, W, 3] and a query grid [B, gh, gw, 2]."""
+    z = self.encode(inp)
+    vq = self.quantize(z)
+    pred = self.render(self.decode(vq.z_q), coord, cell)
+    return AEOutput(pred=pred, z=z, z_q=vq.z_q, quant_loss=vq.loss, indices=vq.indices)

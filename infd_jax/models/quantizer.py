@@ -1,0 +1,82 @@
+"""Vector quantizer of the INFD autoencoder (taming `VectorQuantizer`, legacy loss).
+
+Naming rule: `quantizer.embedding.weight` (N, D) is the param `embedding` of
+this module, stored as is (no transpose).
+
+All quantizer math runs in float32 whatever the caller's compute dtype (so the
+module has no `dtype` field), because the argmin over 8192 nearly equal
+distances is sensitive to rounding.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class VQOutput:
+  """z_q: [B, h, w, D] straight-through output; loss: scalar; indices: [B, h, w] int32."""
+  z_q: jax.Array
+  loss: jax.Array
+  indices: jax.Array
+
+
+def nearest_code(z: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the nearest code per vector, by the expanded squared distance.
+
+  Args:
+    z: [..., D] float32 vectors.
+    codebook: [N, D] float32 codes.
+
+  Returns:
+    [...] int32 indices; ties go to the lowest index (as torch.argmin).
+  """
+  # |z|^2 + |e|^2 - 2 z.e, the same expansion as the official code; near-ties can
+  # resolve differently from an exact |z - e|, so the form matters.
+  dist = (jnp.sum(z ** 2, axis=-1, keepdims=True) + jnp.sum(codebook ** 2, axis=-1)
+          - 2.0 * jnp.einsum("...d,nd->...n", z, codebook,
+                             precision=jax.lax.Precision.HIGHEST))
+  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def vq_loss(z: jax.Array, z_q: jax.Array, beta: float) -> jax.Array:
+  """Legacy taming loss: mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2)."""
+  sg = jax.lax.stop_gradient
+  return jnp.mean((sg(z_q) - z) ** 2) + beta * jnp.mean((z_q - sg(z)) ** 2)
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-code quantizer with a straight-through estimator.
+
+  Attributes:
+    num_codes: codebook size N (8192).
+    code_dim: code dimension D (3, the latent channels).
+    beta: weight of the codebook term in the legacy loss (0.25).
+  """
+  num_codes: int = 8192
+  code_dim: int = 3
+  beta: float = 0.25
+
+  def setup(self):
+    bound = 1.0 / self.num_codes
+
+    def init(key, shape, dtype=jnp.float32):
+      return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(init, ("codes", "code_dim")),
+        (self.num_codes, self.code_dim), jnp.float32)
+
+  def __call__(self, z: jax.Array) -> VQOutput:
+    """Quantizes z [B, h, w, D]; gradients reach z unchanged through z_q."""
+    z = z.astype(jnp.float32)
+    indices = nearest_code(z, self.embedding)
+    z_q = self.lookup(indices)
+    loss = vq_loss(z, z_q, self.beta)
+    z_st = z + jax.lax.stop_gradient(z_q - z)
+    return VQOutput(z_q=z_st, loss=loss, indices=indices)
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """Codes for integer indices: [...] -> [..., D] float32."""
+    return jnp.take(self.embedding, indices, axis=0)

@@ -1,0 +1,126 @@
+"""Coordinate and cell grids and the nearest-feature lookup of the CLIF renderer.
+
+Conventions (REFERENCE 3.5.1): coordinates are in [-1, 1], the last axis is
+(row, col), grids hold pixel centres `-1 + (2i + 1)/h` and the cell is the pixel
+size `(2/h, 2/w)`.
+
+Grids are built on the host in numpy float32 with the official operation order,
+`minv + (maxv - minv) * ((0.5 + i) / s)`. numpy's division is IEEE-exact, while
+XLA's vectorised CPU division is not (it differed from IEEE in ~60% of the
+elements of a 1000-point axis), and the nearest-feature tie rule depends on the
+last bit of a coordinate. A window of a virtual image therefore has coordinates
+bit-identical to the same crop of the full grid. The lookup itself is pure jnp.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Range = tuple[float, float]
+
+
+def _axis_ranges(ndim: int, ranges: Range | Sequence[Range]) -> list[Range]:
+  if isinstance(ranges[0], (tuple, list)):
+    return [tuple(r) for r in ranges]
+  return [tuple(ranges)] * ndim
+
+
+def axis_centers(size: int, start: int = 0, length: int | None = None,
+                 value_range: Range = (-1.0, 1.0)) -> np.ndarray:
+  """Centres [length] float32 of pixels start, start+1, ... of a `size`-pixel axis."""
+  length = size - start if length is None else length
+  frac = (np.float32(0.5) + np.arange(start, start + length, dtype=np.float32)) / np.float32(size)
+  lo, hi = value_range
+  return np.float32(lo) + np.float32(hi - lo) * frac
+
+
+def make_coord_grid(shape: Sequence[int], ranges: Range | Sequence[Range] = (-1.0, 1.0)
+                    ) -> np.ndarray:
+  """Pixel-centre grid over `ranges` (one (min, max) for all axes, or one per axis).
+
+  Returns:
+    [*shape, len(shape)] float32, 'ij' indexing.
+  """
+  axes = [axis_centers(s, value_range=r) for s, r in zip(shape, _axis_ranges(len(shape), ranges))]
+  return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def make_coord_cell_grid(shape: Sequence[int], ranges: Range | Sequence[Range] = (-1.0, 1.0),
+                         batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Coordinate and cell grids, each [*shape, k] (or [batch, *shape, k]) float32."""
+  coord = make_coord_grid(shape, ranges)
+  sizes = [(hi - lo) / s for s, (lo, hi) in zip(shape, _axis_ranges(len(shape), ranges))]
+  cell = np.broadcast_to(np.asarray(sizes, np.float32), coord.shape)
+  if batch is not None:
+    coord = np.broadcast_to(coord, (batch, *coord.shape))
+    cell = np.broadcast_to(cell, (batch, *cell.shape))
+  return coord, cell
+
+
+def window_coord_cell(full_hw: tuple[int, int], origin: tuple[int, int],
+                      window_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Grids [h, w, 2] of the window [r0:r0+h, c0:c0+w] of a virtual full_hw image.
+
+  Equal bit for bit to `make_coord_cell_grid(full_hw)[r0:r0+h, c0:c0+w]`.
+  """
+  rows = axis_centers(full_hw[0], origin[0], window_hw[0])
+  cols = axis_centers(full_hw[1], origin[1], window_hw[1])
+  coord = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+  cell = np.broadcast_to(np.asarray([2 / full_hw[0], 2 / full_hw[1]], np.float32), coord.shape)
+  return coord, cell
+
+
+def grid_from_axes(rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """Separable grid on device: rows [..., h], cols [..., w] -> coord [..., h, w, 2]."""
+  shape = (*rows.shape, cols.shape[-1])
+  return jnp.stack([jnp.broadcast_to(rows[..., :, None], shape),
+                    jnp.broadcast_to(cols[..., None, :], shape)], axis=-1)
+
+
+def nearest_index(c: jax.Array, size: int) -> jax.Array:
+  """Index of the feature cell nearest to coordinate c on an axis of `size` cells.
+
+  Uses PyTorch's CUDA grid_sample(nearest, align_corners=False) formula
+  `((c + 1) * size - 1) / 2` with round-half-to-even, so exact cell boundaries
+  pick the even index (on 4 cells: -0.5 -> 0, 0.0 -> 2, 0.5 -> 2).
+  """
+  u = ((c.astype(jnp.float32) + 1.0) * size - 1.0) / 2.0
+  return jnp.round(u).astype(jnp.int32)
+
+
+def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Nearest-feature lookup with relative coordinate and cell (REFERENCE 3.5.2).
+
+  Args:
+    feat: [B, Hf, Wf, C] feature map.
+    coord: [B, h, w, 2] query coordinates (row, col).
+    cell: [B, h, w, 2] query pixel sizes (row, col).
+
+  Returns:
+    q_feat [B, h, w, C] (zeros for queries outside the map, as grid_sample's
+    zero padding), rel_coord [B, h, w, 2] = (coord - q_coord) * (Hf, Wf) and
+    rel_cell [B, h, w, 2] = cell * (Hf, Wf), both float32.
+  """
+  b, hf, wf, c = feat.shape
+  coord = coord.astype(jnp.float32)
+  kr, kc = nearest_index(coord[..., 0], hf), nearest_index(coord[..., 1], wf)
+  valid = (kr >= 0) & (kr < hf) & (kc >= 0) & (kc < wf)
+  flat = jnp.where(valid, kr * wf + kc, 0).reshape(b, -1)
+  q_feat = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(feat.reshape(b, hf * wf, c), flat)
+  q_feat = jnp.where(valid[..., None], q_feat.reshape(*coord.shape[:-1], c), 0)
+  sizes = jnp.asarray([hf, wf], jnp.float32)
+  k = jnp.stack([kr, kc], axis=-1).astype(jnp.float32)
+  # Official q_coord is a nearest sample of the centre grid: zero when out of range.
+  q_coord = jnp.where(valid[..., None], -1.0 + 2.0 * ((0.5 + k) / sizes), 0.0)
+  rel_coord = (coord - q_coord) * sizes
+  rel_cell = cell.astype(jnp.float32) * sizes
+  return q_feat, rel_coord, rel_cell
+
+
+def renderer_input(feat: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+  """[q_feat | rel_coord (row, col) | rel_cell (row, col)] -> [B, h, w, C + 4] float32."""
+  q_feat, rel_coord, rel_cell = lookup_nearest(feat, coord, cell)
+  return jnp.concatenate([q_feat.astype(jnp.float32), rel_coord, rel_cell], axis=-1)

@@ -1,0 +1,65 @@
+"""CLIF renderer: nearest-feature lookup followed by a small CNN on the query grid.
+
+Official modules: `renderer_concat_wrapper` + `simple_renderer_net` (REFERENCE 3.5).
+
+Naming rule: `renderer.net.<k>` -> `renderer/<k>` with `model.<i>` joined as
+`model_<i>`: `model.0` -> `model_0` (conv3x3 132 -> hidden), `model.1` /
+`model.2` -> `model_1` / `model_2` (ResnetBlocks with norm1, conv1, norm2,
+conv2), then `norm_out` and `conv_out` (the last layer for the adaptive GAN weight).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from infd_jax.models import layers
+from infd_jax.models.blocks import GN_EPS, ResnetBlock, swish
+from infd_jax.rendering import coords
+
+Dtype = Any
+
+
+class CLIFRenderer(nn.Module):
+  """phi [B, Hf, Wf, C] + query grid (coord, cell) [B, h, w, 2] -> RGB [B, h, w, 3] float32.
+
+  The CNN runs on the query grid with zero padding at its borders, and its
+  GroupNorms take statistics over the whole grid passed in, so a pixel's value
+  depends on the grid (tile) it is rendered in. The output is unbounded (no
+  tanh, no clamp), in the [-1, 1] image convention. `features` and `head` split
+  the net before its last conv (the adaptive GAN weight differentiates there).
+
+  Attributes:
+    feat_channels: channels C of phi (the decoder's ch * ch_mult[0] = 128).
+    hidden: width of the net (256).
+    num_blocks: ResnetBlocks after the input conv (2).
+  """
+  feat_channels: int = 128
+  hidden: int = 256
+  out_channels: int = 3
+  num_blocks: int = 2
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.model_0 = layers.conv(self.hidden, 3, in_features=self.feat_channels + 4,
+                               dtype=self.dtype)
+    self.blocks = [ResnetBlock(self.hidden, dtype=self.dtype, name=f"model_{i}")
+                   for i in range(1, self.num_blocks + 1)]
+    self.norm_out = layers.group_norm(GN_EPS, dtype=self.dtype)
+    self.conv_out = layers.conv(self.out_channels, 3, in_features=self.hidden, dtype=self.dtype)
+
+  def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+    """Everything before conv_out: -> [B, h, w, hidden] in the compute dtype."""
+    h = self.model_0(coords.renderer_input(phi, coord, cell))
+    for block in self.blocks:
+      h = block(h)
+    return swish(self.norm_out(h))
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """The last conv: [B, h, w, hidden] -> RGB [B, h, w, 3] float32."""
+    # Losses and uint8 export want full precision.
+    return self.conv_out(h).astype(jnp.float32)
+
+  def __call__(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+    return self.head(self.features(phi, coord, cell))

@@ -1,0 +1,44 @@
+"""Two local processes x 2 CPU devices (jax.distributed on 127.0.0.1) == one process x 4 devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _result(stdout: str) -> dict:
+  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_two_processes_match_one_process(tmp_path):
+  steps = "4"
+  single = subprocess.run([sys.executable, "-m", "tests.multiprocess_worker", str(tmp_path / "one"),
+                           steps], env=_env(4), cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, check=True)
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker",
+                             str(tmp_path / "two"), steps, address, "2", str(i)],
+                            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one = _result(single.stdout)
+  two = [_result(out) for out, _ in outs]
+  assert one["devices"] == 4 and all(r["devices"] == 4 for r in two)
+  np.testing.assert_allclose(two[0]["w"], one["w"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(two[0]["w"], two[1]["w"])
+  # One shared checkpoint, with each process's data-iterator position in it.
+  assert (tmp_path / "two" / "checkpoints_toy" / "4" / "data_iter" / "process_1-of-2.json").is_file()
