@@ -41,6 +41,7 @@ and cross-checked against the official args; other architectures are refused.
 import dataclasses
 import json
 import os
+import pathlib
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -409,3 +410,9 @@ def convert_checkpoint(src: str | os.PathLike, directory: str | os.PathLike,
               param_counts={p: param_count(t) for p, t in trees.items()}, **arch)
   save_converted(directory, trees, meta)
   return meta
+
+
+def is_converted_checkpoint(directory: str | os.PathLike) -> bool:
+  """True if `directory` holds the output of `python -m infd_jax.convert`."""
+  path = pathlib.Path(directory)
+  return (path / "meta.json").is_file() and (path / "params").is_dir()

@@ -118,7 +118,7 @@ def batched(ds: grain.MapDataset, transform, cfg: Mapping[str, Any], *,
   ds = ds.repeat(c["num_epochs"]).random_map(transform)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"],
-                                            prefetch_buffer_size=2 * batch))
+                                            prefetch_buffer_size=max(2 * batch, c["read_threads"])))
   if c["num_workers"] > 0:
     # grain's workers read absl flags; outside an absl app (scripts, pytest,
     # notebooks) they are unparsed and would raise.
