@@ -23,7 +23,8 @@ def get_config(arg: str | None = None):
               num_head_channels=16)
   c.optim.update(ae_lr=2e-4, dm_lr=3e-4, dm_ema=0.99)
   c.diffusion.sample_steps = 20
-  c.train.update(ae_batch_size=4, ae_steps=120, dm_batch_size=8, dm_steps=120,
-                 log_every=20, ckpt_every=60, vis_every=120, eval_every=0)
-  c.sample.update(num_samples=2, batch_size=2, sizes=(256, 512, 1024), tile=256, pad=8)
+  c.train.update(ae_batch_size=4, ae_steps=400, dm_batch_size=8, dm_steps=1500,
+                 log_every=50, ckpt_every=200, vis_every=400, eval_every=0)
+  # Tiles as large as the training patches, as the official 256 tiles match its 256 patches.
+  c.sample.update(num_samples=4, batch_size=4, sizes=(256, 512, 1024), tile=64, pad=8)
   return c

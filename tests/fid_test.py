@@ -12,7 +12,7 @@ import numpy as np
 from infd_jax.evaluation import fid
 from infd_jax.evaluation import inception
 from infd_jax.evaluation import pfid
-import torch_zip_writer
+from tests import torch_zip_writer
 
 
 def _tempdir(test: absltest.TestCase) -> str:
