@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
 
 from infd_jax.training import loop
 from infd_jax.training.state import DMState
@@ -63,4 +64,6 @@ def make_task(total_steps: int, *, global_batch_size: int = 8, mesh=None, poison
     scale = jax.device_put(scale, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return loop.Task(name="toy", total_steps=total_steps, global_batch_size=global_batch_size,
                    init=_init, step=functools.partial(_step, poison_at=poison_at),
-                   make_dataset=make_dataset, consts=(scale,))
+                   make_dataset=make_dataset, consts=(scale,),
+                   metrics=clu_metrics.Collection.create(
+                       loss=clu_metrics.Average.from_output("loss")))

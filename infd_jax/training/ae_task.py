@@ -11,6 +11,7 @@ import numpy as np
 
 from infd_jax import checkpointing, sharding
 from infd_jax.data import pipeline
+from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import tiling
@@ -57,7 +58,47 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loo
 
   return loop.Task(name="ae", total_steps=tc.ae_steps, global_batch_size=tc.ae_batch_size,
                    init=init_fn(config), step=step, consts=(lpips_params,),
-                   make_dataset=make_dataset, visualize=make_visualizer(config, mesh))
+                   make_dataset=make_dataset, metrics=metrics_lib.AETrainMetrics,
+                   visualize=make_visualizer(config, mesh),
+                   evaluate=make_evaluator(config, mesh, lpips_params))
+
+
+def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   lpips_params: PyTree):
+  """Generator losses in eval mode (no LPIPS dropout, BatchNorm running statistics,
+  GAN weight 0.75 without the adaptive factor) and PSNR over the validation split,
+  or its first `train.eval_batches` batches. None when there is no validation split."""
+  if not config.data.eval_split:
+    return None
+  ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
+  weights = AELoss(**config.loss)
+  data = builders.pipeline_config(config.data, "ae") | dict(
+      split=config.data.eval_split, shuffle=False, num_epochs=1)
+
+  @jax.jit
+  def eval_step(state: AEState, batch, lpips_params):
+    out = ae.apply({"params": state.gen_params}, batch["inp"], batch["coord"], batch["cell"])
+    pred, gt = out.pred.astype(jnp.float32), batch["gt"]
+    l1 = jnp.mean(jnp.abs(pred - gt))
+    perc = jnp.mean(lp.apply(lpips_params, pred, gt, train=False))
+    logits = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, pred,
+                        train=False)
+    gan_g = -jnp.mean(logits)
+    usage = metrics_lib.codebook_usage(out.indices, config.ae.num_codes)
+    return metrics_lib.AEEvalMetrics.single_from_model_output(
+        loss=weights.quant * out.quant_loss + weights.l1 * l1 + weights.perc * perc
+        + weights.gan_g * gan_g, quant_loss=out.quant_loss, l1_loss=l1, perc_loss=perc,
+        gan_g_loss=gan_g, psnr=metrics_lib.psnr(pred, gt),
+        codebook_perplexity=usage["perplexity"], codebook_usage=usage["fraction_used"])
+
+  def evaluate(state: AEState, step: int, writer: writers.MetricWriter) -> None:
+    ds = pipeline.make_ae_dataset(data, global_batch_size=config.train.ae_batch_size,
+                                  seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    loop.run_evaluation(ds, lambda batch, i: eval_step(state, batch, lpips_params),
+                        max_batches=config.train.eval_batches, mesh=mesh, writer=writer,
+                        step=step)
+  return evaluate
 
 
 def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

@@ -20,7 +20,8 @@ import numpy as np
 from infd_jax import checkpointing, sharding
 from infd_jax.data import latents as latents_lib
 from infd_jax.data import pipeline
-from infd_jax.diffusion import samplers
+from infd_jax.diffusion import gaussian, samplers
+from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, builders, loop, optim
@@ -104,7 +105,39 @@ def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     consts = (ae_params,)
   return loop.Task(name="dm", total_steps=tc.dm_steps, global_batch_size=tc.dm_batch_size,
                    init=init_fn(config), step=step, consts=consts, make_dataset=make_dataset,
-                   visualize=make_visualizer(config, ae_params))
+                   metrics=metrics_lib.DMTrainMetrics,
+                   visualize=make_visualizer(config, ae_params),
+                   evaluate=make_evaluator(config, ae_params, mesh))
+
+
+def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
+                   mesh: jax.sharding.Mesh):
+  """`z_dm_loss` and `z_dm_ema_loss` on the validation split (the same t, fresh noise in
+  each call, as the official evaluation); None when there is no validation split."""
+  if not config.data.eval_split:
+    return None
+  unet, ae = builders.unet(config), builders.autoencoder(config)
+  sched = builders.diffusion_schedule(config)
+  data = builders.pipeline_config(config.data, "dm") | dict(
+      split=config.data.eval_split, shuffle=False, num_epochs=1)
+  apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
+
+  @jax.jit
+  def eval_step(state: DMState, batch, key):
+    z0 = encode_latents(ae, ae_params, batch["inp"])
+    k_t, k_eps, k_eps_ema = jax.random.split(key, 3)
+    return metrics_lib.DMEvalMetrics.single_from_model_output(
+        z_dm_loss=gaussian.eps_loss(apply_fn, state.params, z0, k_t, k_eps, sched),
+        z_dm_ema_loss=gaussian.eps_loss(apply_fn, state.ema_params, z0, k_t, k_eps_ema, sched))
+
+  def evaluate(state: DMState, step: int, writer: writers.MetricWriter) -> None:
+    ds = pipeline.make_dm_dataset(data, global_batch_size=config.train.dm_batch_size,
+                                  seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    loop.run_evaluation(ds, lambda batch, i: eval_step(state, batch, jax.random.PRNGKey(i)),
+                        max_batches=config.train.eval_batches, mesh=mesh, writer=writer,
+                        step=step)
+  return evaluate
 
 
 def make_sampler(config: ml_collections.ConfigDict, num: int):

@@ -20,6 +20,7 @@ import numpy as np
 # `writers` must come before clu.metric_writers / clu.periodic_actions: without
 # TensorFlow those clu modules import only after it registers its writer.
 from infd_jax.evaluation import writers
+from clu import metrics as clu_metrics
 from clu import periodic_actions  # pylint: disable=g-bad-import-order
 
 from infd_jax import checkpointing, sharding
@@ -37,6 +38,7 @@ class Task:
     global_batch_size: examples per step over all processes.
     init: key -> state with `nn.LogicallyPartitioned` leaves (traced by eval_shape).
     step: (state, batch, *consts) -> (state, scalar metrics); pure, jitted here.
+    metrics: the clu Collection the step's scalars go into (merged across steps).
     consts: extra step arguments already on the mesh (frozen weights).
     make_dataset: (process_index, process_count) -> a grain IterDataset of host batches.
     visualize: (state, step, writer) -> None, every `vis_every` steps.
@@ -48,6 +50,7 @@ class Task:
   init: Callable[[jax.Array], PyTree]
   step: Callable[..., tuple[PyTree, dict[str, jax.Array]]]
   make_dataset: Callable[[int, int], Any]
+  metrics: type[clu_metrics.Collection]
   consts: tuple = ()
   visualize: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   evaluate: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
@@ -74,9 +77,29 @@ def initial_state(init_fn: Callable[[jax.Array], PyTree], mesh: jax.sharding.Mes
   return abstract, shardings, lambda: init(key)
 
 
-def _mean_metrics(sums: dict[str, jax.Array], count: int) -> dict[str, float]:
-  host = jax.device_get(sums)
-  return {k: float(np.asarray(v)) / count for k, v in host.items()}
+def _with_collection(task: Task):
+  """The task's step, returning its scalars as a clu Collection (computed inside the jit)."""
+  def step(state, batch, *consts):
+    state, scalars = task.step(state, batch, *consts)
+    return state, task.metrics.single_from_model_output(**scalars)
+  return step
+
+
+def run_evaluation(batches, eval_step: Callable[[dict[str, jax.Array], int], Any], *,
+                   max_batches: int, mesh: jax.sharding.Mesh, writer: writers.MetricWriter,
+                   step: int) -> dict[str, float]:
+  """Merges `eval_step(global_batch, index)` Collections over the batches; writes `val/*`."""
+  merged = None
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    m = eval_step(sharding.shard_batch(batch, mesh), i)
+    merged = m if merged is None else merged.merge(m)
+  if merged is None:
+    return {}
+  values = {k: float(v) for k, v in jax.device_get(merged.compute()).items()}
+  writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+  return values
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: Task,
@@ -103,13 +126,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
     ckpt.close()
     return state
 
-  step_fn = jax.jit(task.step, out_shardings=(shardings, sharding.replicated(mesh)),
-                    donate_argnums=0)
+  step_fn = jax.jit(_with_collection(task),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
                                            every_steps=tc.log_every)
   stop = checkpointing.StopRequest()
   config_json = checkpointing.config_to_json(config)
-  sums, count, last_saved = None, 0, start
+  merged, last_saved = None, start
 
   def save(step: int) -> None:
     nonlocal last_saved
@@ -117,10 +140,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
     last_saved = step
 
   def check_and_log(step: int) -> None:
-    nonlocal sums, count
-    if not count:
+    nonlocal merged
+    if merged is None:
       return
-    means = _mean_metrics(sums, count)
+    means = {k: float(v) for k, v in jax.device_get(merged.compute()).items()}
     if not all(np.isfinite(v) for v in means.values()):
       ckpt.wait_until_finished()
       raise NonFiniteLossError(
@@ -128,15 +151,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
           f"checkpoint is step {last_saved} in {ckpt.directory}; lower the learning rate "
           "or set --config.train.on_nonfinite=skip.")
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-    sums, count = None, 0
+    merged = None
 
   try:
     for step in range(start + 1, task.total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.shard_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch, *task.consts)
-      sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
-      count += 1
+      merged = metrics if merged is None else merged.merge(metrics)  # on device, no sync
       report(step)
       if step % tc.log_every == 0 or step == task.total_steps:
         check_and_log(step)
