@@ -530,3 +530,21 @@ def test_lpips_scaling_buffers_must_match_constants():
   with pytest.raises(ConversionError, match="scaling_layer"):
     mapping.convert_state_dict(sd, {"name": "infd", "args": official_args(16, 32, 32)})
 
+
+
+def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_path):
+  """Official layout -> convert -> `--config.stage=sample` writes images."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
+  _, _, meta, _, tmp = converted
+  config = tiny.get_config()
+  config.stage = "sample"
+  config.ae.update(**meta["ae"])
+  config.dm.update(**{k: v for k, v in meta["dm"].items() if k in config.dm})
+  config.ckpt.update(ae_checkpoint=str(tmp / "converted"), dm_checkpoint=str(tmp / "converted"))
+  config.sample.update(num_samples=2, batch_size=2, sizes=(32,))
+  jobs.run(config, tmp_path)
+  assert sorted(p.name for p in (tmp_path / "samples" / "32").glob("*.png")) == ["0.png", "1.png"]
+  config.ae.num_codes = 8
+  with pytest.raises(jobs.UserError, match="num_codes=8 \\(checkpoint 16\\)"):
+    jobs.run(config, tmp_path / "mismatch")

@@ -152,7 +152,8 @@ def load_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                           tuple(tuple(r) for r in config.mesh.rules), config.seed)
       return checkpointing.restore_params(candidate, abstract).gen_params
   if mapping.is_converted_checkpoint(source):
-    return jax.device_put(mapping.load_converted(source)["ae"], sharding.replicated(mesh))
+    params = builders.load_converted_part(config, source, "ae", "ae")
+    return jax.device_put(params, sharding.replicated(mesh))
   raise builders.UserError(
       f"no stage-1 checkpoint in {source}: train it first (--config.stage=ae) or point "
       "--config.ckpt.ae_checkpoint at a stage-1 workdir or a converted official checkpoint")

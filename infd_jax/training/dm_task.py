@@ -184,11 +184,9 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     state = checkpointing.restore_params(candidate, abstract)
     return state.ema_params if config.sample.use_ema else state.params
   if mapping.is_converted_checkpoint(source):
-    params = mapping.load_converted(source)
-    key = "dm_ema" if config.sample.use_ema else "dm"
-    if key not in params:
-      raise builders.UserError(f"{source} holds no diffusion model (an AE-only checkpoint)")
-    return jax.device_put(params[key], sharding.replicated(mesh))
+    part = "dm_ema" if config.sample.use_ema else "dm"
+    params = builders.load_converted_part(config, source, part, "dm")
+    return jax.device_put(params, sharding.replicated(mesh))
   raise builders.UserError(
       f"no stage-2 checkpoint in {source}: train it first (--config.stage=dm) or point "
       "--config.ckpt.dm_checkpoint at a stage-2 workdir or a converted official checkpoint")
