@@ -106,7 +106,8 @@ def _init_params(init_fn, seed: int):
 def _sampler(config, batch: int):
   ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
   dm_params = _init_params(dm_task.init_fn(config), 1).params
-  sample = dm_task.make_sampler(config, num=batch)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sample = dm_task.make_sampler(config, num=batch, mesh=mesh)
   keys = iter(range(10**6))
   return lambda: sample(dm_params, ae_params, jax.random.PRNGKey(next(keys))), ae_params
 

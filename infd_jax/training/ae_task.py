@@ -113,7 +113,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"))
   samples: dict[str, np.ndarray] = {}
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def reconstruct(params, batch):
     out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
     phi = ae.apply({"params": params}, out.z_q, method="decode")
@@ -125,7 +125,10 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       ds = pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae") | {"num_workers": 0},
                                     global_batch_size=n, seed=config.seed + 1)
       samples.update(next(iter(ds)))
-    batch = sharding.shard_batch(samples, mesh) if jax.process_count() == 1 else samples
+    # Every process holds the same few samples: place them replicated, so the
+    # results are readable on every host.
+    batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding.replicated(mesh), x), samples)
     pred, phi = reconstruct(state.gen_params, batch)
     window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
     centre = renderer.render_grid({"params": state.gen_params}, phi,

@@ -106,7 +106,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   return loop.Task(name="dm", total_steps=tc.dm_steps, global_batch_size=tc.dm_batch_size,
                    init=init_fn(config), step=step, consts=consts, make_dataset=make_dataset,
                    metrics=metrics_lib.DMTrainMetrics,
-                   visualize=make_visualizer(config, ae_params),
+                   visualize=make_visualizer(config, ae_params, mesh),
                    evaluate=make_evaluator(config, ae_params, mesh))
 
 
@@ -140,14 +140,17 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
   return evaluate
 
 
-def make_sampler(config: ml_collections.ConfigDict, num: int):
-  """Jitted (ema or raw UNet params, ae params, key) -> phi [num, H, W, C]: DDIM, quantize, decode."""
+def make_sampler(config: ml_collections.ConfigDict, num: int, mesh: jax.sharding.Mesh):
+  """Jitted (UNet params, ae params, key) -> phi [num, H, W, C]: DDIM, quantize, decode.
+
+  phi comes back replicated, so every host can render it.
+  """
   unet, ae = builders.unet(config), builders.autoencoder(config)
   sched = builders.diffusion_schedule(config)
   shape = (num, *builders.latent_shape(config))
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def sample(dm_params, ae_params, key):
     z = samplers.ddim_sample(apply_fn, dm_params, key, shape, sched,
                              num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta)
@@ -157,10 +160,11 @@ def make_sampler(config: ml_collections.ConfigDict, num: int):
   return sample
 
 
-def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree):
+def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
+                    mesh: jax.sharding.Mesh):
   """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
   ae = builders.autoencoder(config)
-  sample = make_sampler(config, num=8)
+  sample = make_sampler(config, num=8, mesh=mesh)
   renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
                                   config.sample.pad, config.sample.tiles_per_call)
   res = config.data.inp_res
