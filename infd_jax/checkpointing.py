@@ -9,6 +9,7 @@ whatever mesh the new run uses (a different device count included).
 
 import json
 import logging
+import os
 import pathlib
 import signal
 import threading
@@ -30,7 +31,9 @@ class Checkpointer:
   """Saves and restores {state, data_iter, config} under `directory`."""
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # orbax needs absolute paths; users pass relative workdirs.
+    self.directory = epath.Path(os.path.abspath(directory)) if "://" not in str(directory) \
+        else epath.Path(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)

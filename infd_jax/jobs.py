@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   """Runs `config.stage` in `workdir` (created if needed)."""
   if config.stage not in STAGES:
     raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),

@@ -85,3 +85,12 @@ def test_sigterm_sets_stop_request():
     assert stop.requested()
   finally:
     stop.restore_handlers()
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  mesh = sharding.make_mesh(4, 2)
+  ckpt = checkpointing.Checkpointer("workdir/checkpoints")
+  ckpt.save(1, _state(mesh), _iterator(), {})
+  ckpt.close()
+  assert (tmp_path / "workdir" / "checkpoints" / "1").is_dir()
