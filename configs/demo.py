@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   c.stage = arg.stage
   c.data.update(name="demo", variant="", split="train", eval_split="", dm_variant="",
                 dm_split="train", dm_resize=0, patch=64, inp_res=64, gt_res_min=64,
-                gt_res_max=256, num_workers=0)
+                gt_res_max=1024, num_workers=0)  # up to the 1024 renders: 16x the 64-px phi
   c.ae.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, num_codes=256, renderer_hidden=32)
   # (GroupNorm has 32 groups everywhere, so widths stay multiples of 32.)
   c.disc.update(ndf=8)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from infd_jax.data import pipeline
+from infd_jax.data import image_io, prepare, sources
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
 from infd_jax.models.lpips import load_lpips_params
@@ -33,12 +33,9 @@ from infd_jax.training import ae_task, builders
 def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.ndarray]:
   """Up to `num` whole validation images as uint8 squares (the split `data.eval_split`)."""
   d = builders.pipeline_config(config.data, "ae")
-  d.update(split=config.data.eval_split or d["split"], shuffle=False, num_epochs=1,
-           num_workers=0, resize=None)
-  from infd_jax.data import sources  # pylint: disable=g-import-not-at-top
-  records = sources.open_split(d["data_dir"], d["name"], pipeline.prepare_lib.configs_needed(
-      d["name"], d["variant"])[0], d["split"])
-  from infd_jax.data import image_io  # pylint: disable=g-import-not-at-top
+  split = config.data.eval_split or d["split"]
+  records = sources.open_split(d["data_dir"], d["name"],
+                               prepare.configs_needed(d["name"], d["variant"])[0], split)
   return [np.asarray(image_io.decode_rgb(records[i]["image"]))
           for i in range(min(num, len(records)))]
 
