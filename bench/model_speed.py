@@ -61,7 +61,7 @@ def _peak_bytes() -> int | None:
 
 def _train_step(config, what: str, batch: int):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
+  rules = sharding.config_rules(config.mesh)
   rng = np.random.default_rng(0)
   if what == "ae":
     r, p = config.data.inp_res, config.data.patch

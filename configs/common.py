@@ -12,8 +12,6 @@ demo).
 
 import ml_collections
 
-STAGES = ("ae", "dm", "sample", "eval", "all")
-
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses `key=value,key2=value2` (the part after `:` in `--config=f.py:arg`).
@@ -73,8 +71,7 @@ def base() -> ml_collections.ConfigDict:
       log_every=100, ckpt_every=10_000, keep_checkpoints=3,
       vis_every=100_000, eval_every=50_000, eval_batches=0,  # 0 = whole split
       on_nonfinite="stop",         # "stop" (keep last good checkpoint) or "skip" the step
-      latent_cache=True,           # encode the DM dataset once instead of every step
-      profile=False))
+      latent_cache=True))          # encode the DM dataset once instead of every step
 
   # Generation (REFERENCE.md 7): official tiling 256 + 8 context.
   c.sample = ml_collections.ConfigDict(dict(

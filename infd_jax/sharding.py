@@ -64,6 +64,11 @@ def tree_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Sequence[tuple[str,
                       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 
+def config_rules(mesh_config) -> tuple[tuple[str, Any], ...]:
+  """`config.mesh.rules` (lists after a JSON round trip) as (logical, mesh axis) pairs."""
+  return tuple(tuple(rule) for rule in mesh_config.rules)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, BATCH_SPEC)

@@ -4,7 +4,6 @@ import os
 import pathlib
 import signal
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -22,10 +21,11 @@ def _config(**train) -> ml_collections.ConfigDict:
   return c
 
 
-def _train(workdir: pathlib.Path, steps: int, **kwargs):
+def _train(workdir: pathlib.Path, steps: int, on_nonfinite: str = "stop", **kwargs):
   mesh = sharding.make_mesh(4, 2)
   writer = writers.create_writer(str(workdir), just_logging=True)
-  return loop.train(_config(), workdir, toy_task.make_task(steps, mesh=mesh, **kwargs), mesh, writer)
+  return loop.train(_config(on_nonfinite=on_nonfinite), workdir,
+                    toy_task.make_task(steps, mesh=mesh, **kwargs), mesh, writer)
 
 
 def test_straight_run_equals_interrupted_and_resumed_run(tmp_path):
@@ -59,3 +59,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   abstract, _, _ = loop.initial_state(toy_task._init, mesh, (), 0)  # pylint: disable=protected-access
   _, state = ckpt.restore(abstract)
   assert np.isfinite(np.asarray(state.params["w"])).all()
+
+
+def test_nonfinite_loss_in_skip_mode_finishes_the_run(tmp_path):
+  state = _train(tmp_path, 6, on_nonfinite="skip", poison_at=3)
+  assert int(state.step) == 6
+  assert checkpointing.Checkpointer(tmp_path / "checkpoints_toy").latest_step() == 6

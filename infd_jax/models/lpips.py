@@ -25,8 +25,9 @@ from infd_jax.models import layers
 Dtype = Any
 PyTree = Any
 
-_SHIFT = (-0.030, -0.088, -0.188)
-_SCALE = (0.458, 0.448, 0.450)
+# The scaling layer in front of VGG16 (buffers perc_loss.scaling_layer.shift/scale).
+INPUT_SHIFT = (-0.030, -0.088, -0.188)
+INPUT_SCALE = (0.458, 0.448, 0.450)
 # (slice, torchvision features index, out channels) per conv, in order; each
 # slice ends at the tapped ReLU and every slice but the first starts with a maxpool.
 _VGG_CONVS = (
@@ -53,7 +54,7 @@ class LPIPS(nn.Module):
   dtype: Dtype = jnp.float32
 
   def _features(self, x: jax.Array) -> list[jax.Array]:
-    x = (x - jnp.asarray(_SHIFT)) / jnp.asarray(_SCALE)
+    x = (x - jnp.asarray(INPUT_SHIFT)) / jnp.asarray(INPUT_SCALE)
     taps, c_in, current = [], x.shape[-1], 1
     for s, idx, c_out in _VGG_CONVS:
       if s != current:

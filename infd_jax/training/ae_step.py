@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from infd_jax.evaluation import metrics as metrics_lib
-from infd_jax.training.state import AEState
+from infd_jax.training.state import AEState, select, skip_unless_finite
 
 PyTree = Any
 LAST_LAYER = ("renderer", "conv_out", "kernel")
@@ -54,10 +54,6 @@ def _get(tree: PyTree, path: tuple[str, ...]) -> jax.Array:
   for key in path:
     tree = tree[key]
   return tree
-
-
-def _where(cond: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
 
 def _generator_features(ae: nn.Module, params: PyTree, batch: dict[str, jax.Array]):
@@ -150,12 +146,12 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
   on = gan_on > 0
   new_state = state.replace(
       step=state.step + 1, gen_params=gen_params, gen_opt=gen_opt,
-      disc_params=_where(on, d_params, state.disc_params),
-      disc_opt=_where(on, d_opt, state.disc_opt),
-      disc_stats=_where(on, d_stats, state.disc_stats))  # without GAN no disc pass runs
+      disc_params=select(on, d_params, state.disc_params),
+      disc_opt=select(on, d_opt, state.disc_opt),
+      disc_stats=select(on, d_stats, state.disc_stats))  # without GAN no disc pass runs
   if skip_nonfinite:
     finite = jnp.isfinite(total) & jnp.isfinite(d_loss)
-    new_state = _where(finite, new_state, state.replace(step=state.step + 1))
+    new_state = skip_unless_finite(finite, new_state, state)
 
   num_codes = _get(state.gen_params, ("quantizer", "embedding")).shape[0]
   usage = metrics_lib.codebook_usage(indices, num_codes)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infd_jax import checkpointing, sharding
+from infd_jax import sharding
 from infd_jax.data import pipeline
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
@@ -20,7 +20,6 @@ from infd_jax.training.ae_step import AELoss, ae_train_step
 from infd_jax.training.state import AEState
 
 PyTree = Any
-CHECKPOINT_DIR = "checkpoints_ae"
 
 
 def init_fn(config: ml_collections.ConfigDict):
@@ -142,21 +141,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 
 def load_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 mesh: jax.sharding.Mesh) -> PyTree:
-  """Stage-1 generator parameters, read-only, from `ckpt.ae_checkpoint` or `workdir`.
-
-  Accepts a training workdir (its `checkpoints_ae`), a `checkpoints_ae` folder
-  itself, or the output of `python -m infd_jax.convert`.
-  """
-  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
-  source = pathlib.Path(config.ckpt.ae_checkpoint or workdir)
-  for candidate in (source / CHECKPOINT_DIR, source):
-    if candidate.name == CHECKPOINT_DIR and candidate.is_dir() and any(candidate.iterdir()):
-      abstract, _, _ = loop.initial_state(init_fn(config), mesh,
-                                          tuple(tuple(r) for r in config.mesh.rules), config.seed)
-      return checkpointing.restore_params(candidate, abstract).gen_params
-  if mapping.is_converted_checkpoint(source):
-    params = builders.load_converted_part(config, source, "ae", "ae")
-    return jax.device_put(params, sharding.replicated(mesh))
-  raise builders.UserError(
-      f"no stage-1 checkpoint in {source}: train it first (--config.stage=ae) or point "
-      "--config.ckpt.ae_checkpoint at a stage-1 workdir or a converted official checkpoint")
+  """Stage-1 generator parameters, read-only, from `ckpt.ae_checkpoint` or `workdir`."""
+  return loop.load_stage_params(config, config.ckpt.ae_checkpoint or workdir, stage="ae",
+                                init_fn=init_fn(config), mesh=mesh,
+                                pick=lambda state: state.gen_params, converted=("ae", "ae"))

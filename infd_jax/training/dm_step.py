@@ -9,7 +9,7 @@ import optax
 
 from infd_jax.diffusion import gaussian
 from infd_jax.diffusion.schedules import Schedule
-from infd_jax.training.state import DMState
+from infd_jax.training.state import DMState, skip_unless_finite
 
 PyTree = Any
 
@@ -50,7 +50,5 @@ def dm_train_step(state: DMState, batch: dict[str, jax.Array], ae_params: PyTree
   ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt=opt)
   if skip_nonfinite:
-    keep = jnp.isfinite(loss)
-    new_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_state,
-                             state.replace(step=state.step + 1))
+    new_state = skip_unless_finite(jnp.isfinite(loss), new_state, state)
   return new_state, {"z_dm_loss": loss, "grad_norm": optax.global_norm(grads)}

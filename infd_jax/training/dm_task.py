@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infd_jax import checkpointing, sharding
+from infd_jax import sharding
 from infd_jax.data import latents as latents_lib
 from infd_jax.data import pipeline
 from infd_jax.diffusion import gaussian, samplers
@@ -29,7 +29,6 @@ from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
 
 PyTree = Any
-CHECKPOINT_DIR = "checkpoints_dm"
 
 
 def init_fn(config: ml_collections.ConfigDict):
@@ -178,19 +177,9 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
 
 def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                 mesh: jax.sharding.Mesh) -> PyTree:
-  """UNet parameters (EMA if `sample.use_ema`) from a workdir or a converted checkpoint."""
-  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
-  source = pathlib.Path(config.ckpt.dm_checkpoint or workdir)
-  candidate = source / CHECKPOINT_DIR
-  if candidate.is_dir() and any(candidate.iterdir()):
-    abstract, _, _ = loop.initial_state(init_fn(config), mesh,
-                                        tuple(tuple(r) for r in config.mesh.rules), config.seed)
-    state = checkpointing.restore_params(candidate, abstract)
-    return state.ema_params if config.sample.use_ema else state.params
-  if mapping.is_converted_checkpoint(source):
-    part = "dm_ema" if config.sample.use_ema else "dm"
-    params = builders.load_converted_part(config, source, part, "dm")
-    return jax.device_put(params, sharding.replicated(mesh))
-  raise builders.UserError(
-      f"no stage-2 checkpoint in {source}: train it first (--config.stage=dm) or point "
-      "--config.ckpt.dm_checkpoint at a stage-2 workdir or a converted official checkpoint")
+  """UNet parameters (EMA if `sample.use_ema`) from `ckpt.dm_checkpoint` or `workdir`."""
+  ema = config.sample.use_ema
+  return loop.load_stage_params(config, config.ckpt.dm_checkpoint or workdir, stage="dm",
+                                init_fn=init_fn(config), mesh=mesh,
+                                pick=lambda state: state.ema_params if ema else state.params,
+                                converted=("dm_ema" if ema else "dm", "dm"))

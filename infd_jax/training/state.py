@@ -4,6 +4,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 PyTree = Any
@@ -34,3 +35,13 @@ class DMState:
   ema_params: PyTree
   opt: optax.OptState
   rng: jax.Array
+
+
+def select(cond: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Leaf-wise `new if cond else old` inside a jitted step (no host sync)."""
+  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
+def skip_unless_finite(finite: jax.Array, new_state, old_state):
+  """The new state, or the old one with only the step counter advanced."""
+  return select(finite, new_state, old_state.replace(step=old_state.step + 1))

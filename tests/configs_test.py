@@ -1,0 +1,34 @@
+"""Config files: they load, carry the official numbers, and parse their arg string."""
+
+import pytest
+
+from configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
+
+
+@pytest.mark.parametrize("module", [ffhq, ffhq_mix6k, custom, demo, tiny])
+def test_every_config_loads_with_known_data_keys(module):
+  from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from infd_jax.training import builders  # pylint: disable=g-import-not-at-top
+  c = module.get_config()
+  for stage in ("ae", "dm"):
+    assert set(builders.pipeline_config(c.data, stage)) <= set(pipeline.default_data_config())
+
+
+def test_ffhq_carries_the_official_numbers():
+  c = ffhq.get_config()  # REFERENCE.md 2.3-2.5, 4.5, 6.4
+  assert (c.train.ae_batch_size, c.train.ae_steps) == (8, 1_000_000)
+  assert (c.train.dm_batch_size, c.train.dm_steps) == (48, 600_000)
+  assert (c.optim.ae_lr, c.optim.ae_b1, c.optim.ae_b2) == (3.6e-5, 0.5, 0.9)
+  assert (c.optim.dm_lr, c.optim.dm_weight_decay, c.optim.dm_ema) == (9.6e-5, 0.01, 0.9999)
+  assert (c.diffusion.beta_start, c.diffusion.beta_end, c.diffusion.sample_steps) == (
+      0.0015, 0.0195, 200)
+  assert (c.data.gt_res_min, c.data.gt_res_max, c.data.patch) == (256, 1024, 256)
+  assert (c.sample.tile, c.sample.pad) == (256, 8) and c.loss.gan_g == 0.75
+
+
+def test_parse_arg_types_values_and_rejects_unknown_keys():
+  parsed = common.parse_arg("stage=dm,steps=5,fast=true", stage="ae", steps=1, fast=False)
+  assert (parsed.stage, parsed.steps, parsed.fast) == ("dm", 5, True)
+  assert ffhq.get_config("stage=sample").stage == "sample"
+  with pytest.raises(KeyError, match="stagee"):
+    common.parse_arg("stagee=dm", stage="ae")
