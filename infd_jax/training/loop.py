@@ -130,8 +130,8 @@ def load_stage_params(config: ml_collections.ConfigDict, source: str | pathlib.P
     params = builders.load_converted_part(config, source, *converted)
     return jax.device_put(params, sharding.replicated(mesh))
   raise builders.UserError(
-      f"no stage-{'1' if stage == 'ae' else '2'} ({stage}) checkpoint in {source}: train it "
-      f"first (--config.stage={stage}) or point "
+      f"no stage-{'1' if stage == 'ae' else '2'} checkpoint in {source}: train it first "
+      f"(--config.stage={stage}) or point "
       f"--config.ckpt.{stage}_checkpoint at a workdir or a converted official checkpoint")
 
 
