@@ -7,9 +7,11 @@
   python bench/model_speed.py --what=render --batch=1 --size=8192
 
 Inputs are synthetic arrays of the real shapes (the data pipeline is measured by
-bench/data_pipeline.py). Reports the compile time, the median and p90 of
-`--repeats` timed calls (each waits for its result), throughput, and the
-device's peak memory. Prints one JSON line per run.
+bench/data_pipeline.py). Reports the setup time (init, compilation, warm-up), the median and p90 of
+`--repeats` timed calls after a warm-up (each waits for its result), throughput, the device's
+peak memory and, for the train steps, XLA's FLOP count and memory plan of the
+compiled step (also meaningful on CPU, where no device memory statistics exist).
+Prints one JSON line per run.
 """
 
 import argparse
@@ -42,16 +44,24 @@ def _config(path: str, dtype: str):
   return config
 
 
-def _time(fn, repeats: int) -> tuple[float, list[float]]:
-  start = time.perf_counter()
+def _time(fn, repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls after one untimed warm-up call."""
   jax.block_until_ready(fn())
-  compile_s = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return compile_s, times
+  return times
+
+
+def _compiled_analysis(compiled) -> dict:
+  """XLA's FLOPs per call and its buffer plan (arguments, outputs, temporaries) in bytes."""
+  memory = compiled.memory_analysis()
+  return {"flops": compiled.cost_analysis().get("flops"),
+          "plan_argument_bytes": memory.argument_size_in_bytes,
+          "plan_output_bytes": memory.output_size_in_bytes,
+          "plan_temp_bytes": memory.temp_size_in_bytes}
 
 
 def _peak_bytes() -> int | None:
@@ -88,15 +98,18 @@ def _train_step(config, what: str, batch: int):
       r = config.data.inp_res
       data = {"inp": rng.uniform(-1, 1, (batch, r, r, 3))}
       consts = (_init_params(ae_task.init_fn(config), 0).gen_params,)
-  _, shardings, init = loop.initial_state(init_fn, mesh, rules, 0)
-  state = [init()]
+  abstract, shardings, init = loop.initial_state(init_fn, mesh, rules, 0)
   batch_arrays = sharding.shard_batch({k: v.astype(np.float32) for k, v in data.items()}, mesh)
   jitted = jax.jit(step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  compiled = jitted.lower(abstract, batch_arrays, *consts).compile()
+  state = []  # initialised by the first (untimed) call, so --plan_only allocates no state
 
   def run():
-    state[0], metrics = jitted(state[0], batch_arrays, *consts)
+    if not state:
+      state.append(init())
+    state[0], metrics = compiled(state[0], batch_arrays, *consts)
     return metrics
-  return run
+  return run, _compiled_analysis(compiled)
 
 
 def _init_params(init_fn, seed: int):
@@ -109,7 +122,7 @@ def _sampler(config, batch: int):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sample = dm_task.make_sampler(config, num=batch, mesh=mesh)
   keys = iter(range(10**6))
-  return lambda: sample(dm_params, ae_params, jax.random.PRNGKey(next(keys))), ae_params
+  return lambda: sample(dm_params, ae_params, jax.random.PRNGKey(next(keys)))
 
 
 def main() -> None:
@@ -117,35 +130,54 @@ def main() -> None:
   p.add_argument("--what", choices=("ae", "dm", "ddim", "render"), required=True)
   p.add_argument("--config", default="configs/ffhq.py")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                 help="dm/ddim: the UNet's attention kernels (cudnn needs bfloat16)")
   p.add_argument("--batch", type=int, default=0, help="0 = the config's training batch / 8")
   p.add_argument("--size", type=int, default=1024, help="render: output side")
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--plan_only", action="store_true",
+                 help="ae/dm: compile and print XLA's FLOPs and memory plan without running")
   p.add_argument("--no_latent_cache", action="store_true",
                  help="dm: encode images inside the step instead of reading cached latents")
   args = p.parse_args()
+  if args.plan_only and args.what not in ("ae", "dm"):
+    p.error("--plan_only applies to --what=ae or --what=dm")
   config = _config(args.config, args.dtype)
   config.train.latent_cache = not args.no_latent_cache
+  config.dm.attention_impl = args.attention
   batch = args.batch or {"ae": config.train.ae_batch_size, "dm": config.train.dm_batch_size}.get(
       args.what, 8)
+  analysis = {}
+  start = time.perf_counter()
   if args.what in ("ae", "dm"):
-    fn = _train_step(config, args.what, batch)
+    fn, analysis = _train_step(config, args.what, batch)
+    if args.plan_only:
+      print(json.dumps({"what": args.what, "config": args.config, "dtype": args.dtype, "batch": batch,
+                        "device": str(jax.devices()[0]), **analysis}))
+      return
   elif args.what == "ddim":
-    fn, _ = _sampler(config, batch)
-  else:
-    sample, ae_params = _sampler(config, batch)
-    phi = sample()
-    renderer = tiling.TiledRenderer(tiling.module_render_fn(builders.autoencoder(config), "render"),
+    fn = _sampler(config, batch)
+  else:  # rendering time does not depend on phi's values: decode random latents
+    ae = builders.autoencoder(config)
+    ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
+    z = jax.random.normal(jax.random.PRNGKey(0), (batch, *builders.latent_shape(config)))
+    phi = jax.jit(lambda p, z: ae.apply({"params": p}, z, method="decode"))(ae_params, z)
+    renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"),
                                     config.sample.tile, config.sample.pad,
                                     config.sample.tiles_per_call)
     fn = lambda: renderer.render_image({"params": ae_params}, phi, (args.size, args.size))
-  compile_s, times = _time(fn, args.repeats)
+  times = _time(fn, args.repeats)
+  setup_s = time.perf_counter() - start - sum(times)  # init, compilation and the warm-up call
   median = statistics.median(times)
+  if analysis.get("flops"):
+    analysis["tflop_per_s"] = round(analysis["flops"] / median / 1e12, 2)
   print(json.dumps({
-      "what": args.what, "config": args.config, "latent_cache": config.train.latent_cache, "dtype": args.dtype, "batch": batch,
+      "what": args.what, "config": args.config, "latent_cache": config.train.latent_cache,
+      "dtype": args.dtype, "attention": args.attention, "batch": batch,
       "size": args.size if args.what == "render" else None, "device": str(jax.devices()[0]),
-      "devices": jax.device_count(), "compile_s": round(compile_s, 3),
+      "devices": jax.device_count(), "setup_s": round(setup_s, 3),
       "median_s": round(median, 5), "p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 5),
-      "items_per_s": round(batch / median, 2), "peak_bytes": _peak_bytes()}))
+      "items_per_s": round(batch / median, 2), "peak_bytes": _peak_bytes(), **analysis}))
 
 
 if __name__ == "__main__":
