@@ -55,7 +55,8 @@ def base() -> ml_collections.ConfigDict:
   # Stage 2 (REFERENCE.md 2.2, 6): ADM UNet on the pre-quantization latent.
   c.dm = ml_collections.ConfigDict(dict(
       model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-      attention_resolutions=(8, 4, 2), num_head_channels=32))
+      attention_resolutions=(8, 4, 2), num_head_channels=32,
+      attention_impl="xla"))      # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
   c.diffusion = ml_collections.ConfigDict(dict(
       num_train_steps=1000, beta_start=0.0015, beta_end=0.0195,
       sample_steps=200, eta=1.0))

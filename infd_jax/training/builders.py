@@ -34,6 +34,13 @@ def lpips(config: ml_collections.ConfigDict) -> LPIPS:
 
 
 def unet(config: ml_collections.ConfigDict) -> UNet:
+  """The stage-2 UNet; `config.dm.attention_impl` picks XLA or cuDNN attention kernels."""
+  impl = config.dm.attention_impl
+  if impl not in ("xla", "cudnn"):
+    raise UserError(f"config.dm.attention_impl={impl!r}: use 'xla' or 'cudnn'")
+  if impl == "cudnn" and compute_dtype(config) == jnp.float32:
+    raise UserError("config.dm.attention_impl='cudnn' needs "
+                    "--config.train.compute_dtype=bfloat16 (cuDNN attention has no float32 kernel)")
   return UNet(**config.dm, in_channels=config.ae.z_channels, out_channels=config.ae.z_channels,
               dtype=compute_dtype(config))
 
