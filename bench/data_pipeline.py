@@ -1,6 +1,6 @@
 """Patch throughput per CPU core: window resampling vs resize-then-crop.
 
-  python bench/data_pipeline.py [--seconds=3] [--patch=256] [--image=1024]
+  python -m bench.data_pipeline [--seconds=3] [--patch=256] [--image=1024]
 
 Times the stage-1 ground-truth patch (P=256 from a 1024x1024 image at a
 REFERENCE 5.4 random r in [256, 1024]) on one core, for both paths, then the

