@@ -255,3 +255,29 @@ def test_data_package_does_not_import_jax():
   for path in pkg.glob("*.py"):
     text = path.read_text()
     assert "import jax" not in text and "from jax" not in text, path
+
+
+def test_parallel_prepare_writes_the_same_records_and_report(bad_folder, tmp_path):
+  root, serial_report, serial = bad_folder
+  report = prepare.prepare("image_folder", str(tmp_path), source=str(root), limits=LIMITS,
+                           workers=2)
+  recs = sources.open_split(str(tmp_path), "image_folder", "default", "train")
+  names = [recs[i]["name"].decode() for i in range(len(recs))]
+  assert names == sorted(serial)  # written in sorted source order, as serially
+  for i, name in enumerate(names):
+    assert recs[i]["image"] == serial[name]["image"], name
+  assert report.written == serial_report.written
+  assert sorted(report.skipped) == sorted(serial_report.skipped)
+  assert sorted(report.changed) == sorted(serial_report.changed)
+
+
+def _item_and_pid(x: int) -> tuple[int, int]:
+  return x, os.getpid()
+
+
+def test_ordered_map_keeps_order_across_worker_processes():
+  out = list(sources.ordered_map(_item_and_pid, range(40), workers=2))
+  assert [x for x, _ in out] == list(range(40))
+  assert os.getpid() not in {pid for _, pid in out}
+  assert list(sources.ordered_map(_item_and_pid, range(3), workers=1)) == [
+      (x, os.getpid()) for x in range(3)]

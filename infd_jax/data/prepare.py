@@ -13,6 +13,7 @@ reason, changed files with what was done, and listed names that were missing.
 
 import argparse
 import logging
+import os
 import shutil
 from typing import Sequence
 
@@ -47,7 +48,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
             val_list: str | None = None, split_seed: int = 0,
             limits: image_io.ImageLimits = image_io.ImageLimits(),
             mix: sources.MixSpec = sources.MixSpec(),
-            overwrite: bool = False) -> sources.PrepareReport:
+            overwrite: bool = False, workers: int = 1) -> sources.PrepareReport:
   """Writes the given builder configs of one dataset; returns the merged report.
 
   Args:
@@ -61,6 +62,8 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
     limits: size limits (see `image_io`).
     mix: ffhq mix6k only, the HR pool recipe.
     overwrite: rewrite configs that are already prepared.
+    workers: processes that decode, validate and resize images (records are
+      written in the same order whatever the number).
   """
   configs = list(configs or configs_needed(name, None))
   report = sources.PrepareReport()
@@ -72,7 +75,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
         logging.info("%s/%s already prepared in %s", name, config, data_dir)
         continue
       shutil.rmtree(sources.dataset_dir(data_dir, name, config))
-    kwargs = dict(source=source, limits=limits, data_dir=data_dir)
+    kwargs = dict(source=source, limits=limits, data_dir=data_dir, workers=workers)
     if name == "ffhq":
       kwargs.update(train_list=train_list, val_list=val_list,
                     split_seed=split_seed, mix=mix, config=config)
@@ -118,6 +121,8 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--max_side", type=int, default=4096, help="Downscale larger squares.")
   p.add_argument("--max_pixels", type=int, default=1 << 28, help="Skip bigger files.")
   p.add_argument("--overwrite", action="store_true", help="Rewrite prepared configs.")
+  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                 help="Processes decoding and resizing images (default: one per CPU).")
   return p.parse_args(argv)
 
 
@@ -129,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> sources.PrepareReport:
                    configs=args.config.split(",") if args.config else None,
                    source=args.source, train_list=args.train_list,
                    val_list=args.val_list, split_seed=args.split_seed,
-                   limits=limits, overwrite=args.overwrite)
+                   limits=limits, overwrite=args.overwrite, workers=args.workers)
   print(report.summary())
   return report
 

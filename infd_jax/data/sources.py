@@ -22,10 +22,14 @@ Datasets (directory layout `<data_dir>/<name>/<config>/1.0.0/`):
   s = 512 + round(512 * idx / 4999), the rest kept at native 1024.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import logging
+import multiprocessing
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -36,6 +40,9 @@ from infd_jax.data import image_io
 VERSION = "1.0.0"
 FFHQ_CONFIGS = ("native", "lanczos256", "mix6k")
 LR_RES = 256
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 DEMO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
               "ihc.png", "motorcycle_left.png", "motorcycle_right.png",
@@ -126,15 +133,61 @@ def read_name_list(path: str) -> list[str]:
     return [os.path.basename(line.strip()) for line in f if line.strip()]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+  """One source file after validation: a record to write, or why it was skipped."""
+  path: str
+  record: dict | None = None
+  notes: tuple[str, ...] = ()
+  skipped: str | None = None
+
+
+def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimits) -> _Outcome:
+  """Validates, squares and optionally LANCZOS-resizes one (name, path, resize_to) item."""
+  name, path, resize_to = item
+  try:
+    img = image_io.prepare_image(path, limits)
+  except image_io.SkipImage as e:
+    return _Outcome(path, skipped=str(e))
+  except OSError as e:
+    return _Outcome(path, skipped=f"cannot read: {e}")
+  data, side = img.data, img.size
+  if resize_to is not None:
+    data, side = image_io.resize_square(data, resize_to), resize_to
+  return _Outcome(path, {"image": data, "height": side, "width": side, "name": name}, img.notes)
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
+  """`map(fn, items)` on `workers` processes, in order, at most 4 results per worker ahead.
+
+  Worker processes are spawned (not forked), so a caller that already runs JAX
+  threads is safe; `fn` must be picklable (a module-level function or a partial).
+  """
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 4 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
 class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared writer: validates files with `image_io` and records outcomes."""
 
   VERSION = tfds.core.Version(VERSION)
 
   def __init__(self, *, source: str | None = None,
-               limits: image_io.ImageLimits = image_io.ImageLimits(), **kwargs):
+               limits: image_io.ImageLimits = image_io.ImageLimits(), workers: int = 1,
+               **kwargs):
     self._source = source
     self._limits = limits
+    self._workers = workers
     self.report = PrepareReport()
     super().__init__(file_format="array_record", **kwargs)
 
@@ -154,25 +207,19 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, items: Sequence[tuple[str, str, int | None]],
                          split: str) -> Iterator[tuple[str, dict]]:
-    """Yields records for (name, path, resize_to) items; skips bad files."""
+    """Yields records for (name, path, resize_to) items in order; skips bad files."""
     written = 0
-    for name, path, resize_to in tqdm.tqdm(items, desc=f"{self.name}/{split}",
-                                           unit="img"):
-      try:
-        img = image_io.prepare_image(path, self._limits)
-      except image_io.SkipImage as e:
-        self.report.skipped.append((path, str(e)))
+    outcomes = ordered_map(functools.partial(_prepare_item, limits=self._limits), items,
+                           self._workers)
+    for outcome in tqdm.tqdm(outcomes, total=len(items), desc=f"{self.name}/{split}",
+                             unit="img"):
+      if outcome.skipped:
+        self.report.skipped.append((outcome.path, outcome.skipped))
         continue
-      except OSError as e:
-        self.report.skipped.append((path, f"cannot read: {e}"))
-        continue
-      if img.notes:
-        self.report.changed.append((path, "; ".join(img.notes)))
-      data, side = img.data, img.size
-      if resize_to is not None:
-        data, side = image_io.resize_square(data, resize_to), resize_to
+      if outcome.notes:
+        self.report.changed.append((outcome.path, "; ".join(outcome.notes)))
       written += 1
-      yield name, {"image": data, "height": side, "width": side, "name": name}
+      yield outcome.record["name"], outcome.record
     self.report.written[split] = written
 
   def _require_source(self) -> str:
