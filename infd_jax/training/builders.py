@@ -1,5 +1,6 @@
 """Builds modules and derived shapes from a config (one place for every job)."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -41,6 +42,9 @@ def unet(config: ml_collections.ConfigDict) -> UNet:
   if impl == "cudnn" and compute_dtype(config) == jnp.float32:
     raise UserError("config.dm.attention_impl='cudnn' needs "
                     "--config.train.compute_dtype=bfloat16 (cuDNN attention has no float32 kernel)")
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise UserError(f"config.dm.attention_impl='cudnn' needs an NVIDIA GPU; this run is on "
+                    f"{jax.default_backend()}: use 'xla'")
   return UNet(**config.dm, in_channels=config.ae.z_channels, out_channels=config.ae.z_channels,
               dtype=compute_dtype(config))
 
