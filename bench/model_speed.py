@@ -137,7 +137,7 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                  help="dm/ddim: the UNet's attention kernels (cudnn needs bfloat16)")
-  p.add_argument("--batch", type=int, default=0, help="0 = the config's training batch / 8")
+  p.add_argument("--batch", type=int, default=0, help="0 = the config's training batch (ae, dm), else 8")
   p.add_argument("--size", type=int, default=1024, help="render: output side")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--plan_only", action="store_true",
@@ -154,14 +154,16 @@ def main() -> None:
   config.dm.attention_impl = args.attention
   batch = args.batch or {"ae": config.train.ae_batch_size, "dm": config.train.dm_batch_size}.get(
       args.what, 8)
+  record = {"what": args.what, "config": args.config, "dtype": args.dtype,
+            "attention": args.attention, "latent_cache": config.train.latent_cache,
+            "batch": batch, "size": args.size if args.what == "render" else None,
+            "device": str(jax.devices()[0]), "devices": jax.device_count()}
   analysis = {}
   start = time.perf_counter()
   if args.what in ("ae", "dm"):
     fn, analysis = _train_step(config, args.what, batch, args.lpips)
     if args.plan_only:
-      print(json.dumps({"what": args.what, "config": args.config, "dtype": args.dtype, "batch": batch,
-                        "device": str(jax.devices()[0]), "devices": jax.device_count(),
-                        **analysis}))
+      print(json.dumps({**record, **analysis}))
       return
   elif args.what == "ddim":
     fn = _sampler(config, batch)
@@ -180,13 +182,9 @@ def main() -> None:
   if analysis.get("flops"):
     analysis["tflop_per_s"] = round(analysis["flops"] / median / 1e12, 2)
   print(json.dumps({
-      "what": args.what, "config": args.config, "latent_cache": config.train.latent_cache,
-      "dtype": args.dtype, "attention": args.attention, "batch": batch,
-      "size": args.size if args.what == "render" else None, "device": str(jax.devices()[0]),
-      "devices": jax.device_count(), "setup_s": round(setup_s, 3),
-      "median_s": round(median, 5), "p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 5),
+      **record, "setup_s": round(setup_s, 3), "median_s": round(median, 5),
+      "p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 5),
       "items_per_s": round(batch / median, 2), "peak_bytes": _peak_bytes(), **analysis}))
-
 
 if __name__ == "__main__":
   main()
