@@ -15,6 +15,7 @@ import pytest
 import tifffile
 
 from infd_jax.data import image_io
+from infd_jax.data import parallel
 from infd_jax.data import prepare
 from infd_jax.data import sources
 
@@ -276,8 +277,9 @@ def _item_and_pid(x: int) -> tuple[int, int]:
 
 
 def test_ordered_map_keeps_order_across_worker_processes():
-  out = list(sources.ordered_map(_item_and_pid, range(40), workers=2))
+  with parallel.spawn_pool(2) as pool:
+    out = list(parallel.ordered_map(_item_and_pid, range(40), pool, ahead=8))
   assert [x for x, _ in out] == list(range(40))
   assert os.getpid() not in {pid for _, pid in out}
-  assert list(sources.ordered_map(_item_and_pid, range(3), workers=1)) == [
+  assert list(parallel.ordered_map(_item_and_pid, range(3), None, ahead=8)) == [
       (x, os.getpid()) for x in range(3)]

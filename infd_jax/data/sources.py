@@ -22,27 +22,23 @@ Datasets (directory layout `<data_dir>/<name>/<config>/1.0.0/`):
   s = 512 + round(512 * idx / 4999), the rest kept at native 1024.
 """
 
-import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
-import multiprocessing
 import os
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
 from infd_jax.data import image_io
+from infd_jax.data import parallel
 
 VERSION = "1.0.0"
 FFHQ_CONFIGS = ("native", "lanczos256", "mix6k")
 LR_RES = 256
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 DEMO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
               "ihc.png", "motorcycle_left.png", "motorcycle_right.png",
@@ -157,26 +153,6 @@ def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimit
   return _Outcome(path, {"image": data, "height": side, "width": side, "name": name}, img.notes)
 
 
-def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
-  """`map(fn, items)` on `workers` processes, in order, at most 4 results per worker ahead.
-
-  Worker processes are spawned (not forked), so a caller that already runs JAX
-  threads is safe; `fn` must be picklable (a module-level function or a partial).
-  """
-  if workers <= 1:
-    yield from map(fn, items)
-    return
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    pending = collections.deque()
-    for item in items:
-      pending.append(pool.submit(fn, item))
-      if len(pending) >= 4 * workers:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-
-
 class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared writer: validates files with `image_io` and records outcomes."""
 
@@ -209,17 +185,19 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                          split: str) -> Iterator[tuple[str, dict]]:
     """Yields records for (name, path, resize_to) items in order; skips bad files."""
     written = 0
-    outcomes = ordered_map(functools.partial(_prepare_item, limits=self._limits), items,
-                           self._workers)
-    for outcome in tqdm.tqdm(outcomes, total=len(items), desc=f"{self.name}/{split}",
-                             unit="img"):
-      if outcome.skipped:
-        self.report.skipped.append((outcome.path, outcome.skipped))
-        continue
-      if outcome.notes:
-        self.report.changed.append((outcome.path, "; ".join(outcome.notes)))
-      written += 1
-      yield outcome.record["name"], outcome.record
+    work = functools.partial(_prepare_item, limits=self._limits)
+    with (parallel.spawn_pool(self._workers) if self._workers > 1
+          else contextlib.nullcontext()) as pool:
+      outcomes = parallel.ordered_map(work, items, pool, ahead=4 * self._workers)
+      for outcome in tqdm.tqdm(outcomes, total=len(items), desc=f"{self.name}/{split}",
+                               unit="img"):
+        if outcome.skipped:
+          self.report.skipped.append((outcome.path, outcome.skipped))
+          continue
+        if outcome.notes:
+          self.report.changed.append((outcome.path, "; ".join(outcome.notes)))
+        written += 1
+        yield outcome.record["name"], outcome.record
     self.report.written[split] = written
 
   def _require_source(self) -> str:

@@ -13,7 +13,6 @@ Features: the FID InceptionV3 pool features when its weights are given
 """
 
 import argparse
-import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from infd_jax.data import image_io
+from infd_jax.data import parallel
 from infd_jax.evaluation import fid
 from infd_jax.evaluation import inception
 from infd_jax.models import lpips
@@ -52,13 +52,7 @@ def iter_image_folder(path: str, num_threads: int = 8) -> Iterator[np.ndarray]:
   if not files:
     raise FileNotFoundError(f"no images in {path}")
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    pending = collections.deque()
-    for f in files:
-      pending.append(pool.submit(_load_rgb, f))
-      if len(pending) >= 4 * num_threads:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
+    yield from parallel.ordered_map(_load_rgb, files, pool, ahead=4 * num_threads)
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
