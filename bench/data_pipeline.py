@@ -20,7 +20,8 @@ from infd_jax.data import sources
 from infd_jax.data import transforms
 
 
-def _images(side: int) -> list[Image.Image]:
+def demo_photos(side: int) -> list[Image.Image]:
+  """Four scikit-image photos, RGB, LANCZOS-resized to side x side."""
   root = sources.demo_source_dir()
   out = []
   for name in sources.DEMO_FILES[:4]:
@@ -47,7 +48,7 @@ def main() -> None:
   args = p.parse_args()
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-  imgs = _images(args.image)
+  imgs = demo_photos(args.image)
   rng = np.random.default_rng(0)
   draws = []
   for _ in range(4096):

@@ -18,16 +18,13 @@ import time
 import numpy as np
 from PIL import Image
 
+from bench import data_pipeline
 from infd_jax.data import prepare
-from infd_jax.data import sources
 
 
 def _write_images(root: pathlib.Path, count: int, side: int) -> None:
-  src = sources.demo_source_dir()
   rng = np.random.default_rng(0)
-  photos = [Image.open(os.path.join(src, n)).convert("RGB").resize((side, side),
-                                                                   Image.Resampling.LANCZOS)
-            for n in sources.DEMO_FILES[:4]]
+  photos = data_pipeline.demo_photos(side)
   for i in range(count):
     arr = np.asarray(photos[i % len(photos)]).astype(np.int16)
     arr = np.clip(arr + rng.integers(-3, 4, arr.shape), 0, 255).astype(np.uint8)
