@@ -95,39 +95,19 @@ set_flag() {
     --sbatch-arg) SBATCH_ARGS+=("$2") ;;
     --num-processes) INFD_LOCAL_PROCESSES=$2 ;;
     --devices-per-process) INFD_LOCAL_DEVICES=$2 ;;
-    --env)
-      [[ $2 == [A-Za-z_]*=* ]] || die "--env wants KEY=VALUE, got '$2'"
-      RUN_ENV+=("$2")
-      ;;
+    --env) add_env "$2" ;;
     *) die "unknown flag: $1" ;;
   esac
 }
 
-while (($#)); do
+set_switch() {
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
     --no-exclusive) EXCLUSIVE=0 ;;
-    --) shift; EXTRA_ARGS=("$@"); break ;;
-    --*=*) set_flag "${1%%=*}" "${1#*=}" ;;
-    --*)
-      (($# >= 2)) || die "$1 needs a value"
-      set_flag "$1" "$2"
-      shift
-      ;;
-    *)
-      [[ -z ${SUBCOMMAND} ]] || die "unexpected argument: $1 (extra args for main go after --)"
-      SUBCOMMAND=$1
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
 
-[[ -n ${SUBCOMMAND} ]] || { usage >&2; die "missing SUBCOMMAND"; }
-case "${SUBCOMMAND}" in
-  submit | local) ;;
-  *) die "unknown subcommand: ${SUBCOMMAND}" ;;
-esac
+parse_args "submit local" "$@"
 require INFD_CONFIG --config INFD_CONFIG
 require INFD_WORKDIR --workdir INFD_WORKDIR
 [[ -z ${INFD_COORDINATOR_PORT} ]] || require_int INFD_COORDINATOR_PORT --port

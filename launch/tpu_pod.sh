@@ -136,43 +136,23 @@ set_flag() {
     --config) INFD_CONFIG=$2 ;;
     --workdir) INFD_WORKDIR=$2 ;;
     --run-name) INFD_RUN_NAME=$2 ;;
-    --env)
-      [[ $2 == [A-Za-z_]*=* ]] || die "--env wants KEY=VALUE, got '$2'"
-      RUN_ENV+=("$2")
-      ;;
+    --env) add_env "$2" ;;
     --worker) WORKER=$2 ;;
     --lines) LINES_TO_SHOW=$2 ;;
     *) die "unknown flag: $1" ;;
   esac
 }
 
-while (($#)); do
+set_switch() {
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
     --spot) TPU_SPOT=1 ;;
     --follow) FOLLOW=1 ;;
     --yes) YES=1 ;;
-    --) shift; EXTRA_ARGS=("$@"); break ;;
-    --*=*) set_flag "${1%%=*}" "${1#*=}" ;;
-    --*)
-      (($# >= 2)) || die "$1 needs a value"
-      set_flag "$1" "$2"
-      shift
-      ;;
-    *)
-      [[ -z ${SUBCOMMAND} ]] || die "unexpected argument: $1 (extra args for main go after --)"
-      SUBCOMMAND=$1
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
 
-[[ -n ${SUBCOMMAND} ]] || { usage >&2; die "missing SUBCOMMAND"; }
-case "${SUBCOMMAND}" in
-  create | install | run | logs | stop | delete) ;;
-  *) die "unknown subcommand: ${SUBCOMMAND}" ;;
-esac
+parse_args "create install run logs stop delete" "$@"
 
 require TPU_NAME --name TPU_NAME
 require TPU_ZONE --zone TPU_ZONE
