@@ -10,7 +10,7 @@ whatever mesh the new run uses (a different device count included).
 import json
 import logging
 import os
-import pathlib
+import re
 import signal
 import threading
 from typing import Any
@@ -30,7 +30,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Saves and restores {state, data_iter, config} under `directory`."""
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     # orbax needs absolute paths; users pass relative workdirs.
     self.directory = epath.Path(os.path.abspath(directory)) if "://" not in str(directory) \
         else epath.Path(directory)
@@ -47,6 +47,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote `step`'s data-iterator states (None: no iterator saved)."""
+    for f in (self.directory / str(step) / "data_iter").glob("process_*-of-*.json"):
+      return int(re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name).group(1))
+    return None
+
   def save(self, step: int, state: PyTree, data_iter: Any | None, config: dict) -> None:
     """Starts an async save of `step` (returns before the write finishes)."""
     items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
@@ -56,27 +62,48 @@ class Checkpointer:
 
   def restore(self, abstract_state: PyTree, data_iter: Any | None = None,
               step: int | None = None) -> tuple[int, PyTree]:
-    """Restores `state` (and the iterator in place) from `step` or the newest step.
+    """Restores `state` (and the iterator in place) from `step` or the newest intact step.
+
+    Without `step`, a newest checkpoint that cannot be read is reported in one warning
+    (and left on disk) and the next older one is tried. The iterator is restored when
+    the checkpoint was written by as many processes as run now; otherwise it is moved
+    to the restored step of the global data order (see `advance_iterator`) with a warning.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
       data_iter: a grain iterator whose position is restored in place, or None.
-      step: which step; None = newest.
+      step: which step; None = newest intact.
 
     Returns:
       (step, state).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
+    for i, s in enumerate(steps):
+      try:
+        return s, self._restore_step(s, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint)
+        reason = re.sub(r"\s+", " ", str(e))[:300]
+        if i + 1 == len(steps):
+          raise CheckpointError(f"cannot restore step {s} from {self.directory}: {reason}") from e
+        logging.warning("checkpoint %s is unreadable (%s); kept on disk, resuming from step %d",
+                        self.directory / str(s), reason, steps[i + 1])
+    raise AssertionError("unreachable")
+
+  def _restore_step(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> PyTree:
+    saved_by = self.saved_process_count(step)
+    same_layout = saved_by == jax.process_count()
     items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
+    if data_iter is not None and same_layout:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # re-raised with the path: a corrupt checkpoint must be visible
-      raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
-    return step, restored["state"]
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None and not same_layout:
+      advance_iterator(data_iter, step)
+      logging.warning("checkpoint step %d was written by %s processes, this run has %d: the data "
+                      "iterator continues at step %d of the global data order instead of its "
+                      "saved position", step, saved_by, jax.process_count(), step)
+    return restored["state"]
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -94,7 +121,20 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params(directory: str | pathlib.Path, abstract_state: PyTree,
+def advance_iterator(data_iter: Any, steps: int) -> None:
+  """Moves an iterator of `pipeline.batched` (or a latent dataset) past `steps` batches.
+
+  Local batch k of every process is part of global batch k whatever the process
+  count, so skipping `steps` local batches skips `steps` x global batch examples.
+  """
+  state = data_iter.get_state()
+  if "next_index" not in state:
+    raise CheckpointError(f"cannot move a {type(data_iter).__name__} to step {steps}; resume "
+                          "with the process count that wrote the checkpoint")
+  data_iter.set_state(dict(state, next_index=steps))
+
+
+def restore_params(directory: str | os.PathLike, abstract_state: PyTree,
                    step: int | None = None) -> PyTree:
   """Reads one checkpoint's `state` item read-only (e.g. the stage-1 AE for stage 2)."""
   ckpt = Checkpointer(directory, async_save=False)

@@ -5,10 +5,11 @@
 
 import logging
 import os
-import pathlib
 
+from etils import epath
 import jax
 import ml_collections
+import numpy as np
 
 from infd_jax import sharding
 from infd_jax.evaluation import writers
@@ -18,33 +19,63 @@ UserError = builders.UserError
 STAGES = ("ae", "dm", "sample", "eval", "all")
 
 
-def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as an `epath.Path`: local paths made absolute, URLs (gs://...) kept as given."""
+  path = epath.Path(workdir)
+  return path if "://" in os.fspath(workdir) else epath.Path(os.path.abspath(path.expanduser()))
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
+  """Global batches vs processes vs mesh, before any data is read or anything compiled."""
+  settings = {"ae": ("train.ae_batch_size",), "dm": ("train.dm_batch_size",),
+              "all": ("train.ae_batch_size", "train.dm_batch_size")}.get(config.stage, ())
+  for setting in settings:
+    section, key = setting.split(".")
+    try:
+      sharding.check_batch_layout(setting, config[section][key], mesh)
+    except ValueError as e:
+      raise UserError(str(e)) from e
+
+
+def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Prepares the data a training stage reads if missing (always possible for the demo).
 
   Other datasets are prepared here only when `data.source` names the input folder.
+  Process 0 prepares; the others wait for it (an all-gather is the barrier), so no
+  two processes write the same files.
   """
   from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if not config.data.data_dir:
     config.data.data_dir = str(workdir / "data")
   stages = ("ae", "dm") if config.stage == "all" else (config.stage,)
-  try:
-    for stage in stages:
-      d = builders.pipeline_config(config.data, stage)
-      # The demo's nine photos are quicker to prepare than worker processes are to start.
-      workers = 1 if d["name"] == "demo" else os.cpu_count() or 1
-      prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"], source=d["source"],
-                              workers=workers)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(str(e)) from e
+  error = None
+  if jax.process_index() == 0:  # one writer; the other processes wait for it below
+    try:
+      for stage in stages:
+        d = builders.pipeline_config(config.data, stage)
+        # The demo's nine photos are quicker to prepare than worker processes are to start.
+        workers = 1 if d["name"] == "demo" else os.cpu_count() or 1
+        prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"],
+                                source=d["source"], workers=workers)
+    except (FileNotFoundError, ValueError) as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and failed.any():
+      raise UserError(f"preparing the dataset in {config.data.data_dir} failed on process 0")
+  if error is not None:
+    raise UserError(str(error)) from error
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-  """Runs `config.stage` in `workdir` (created if needed)."""
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Runs `config.stage` in `workdir` (created if needed; a local path or a URL such as gs://)."""
   if config.stage not in STAGES:
     raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = workdir_path(workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  check_batch_layout(config, mesh)
+  workdir.mkdir(parents=True, exist_ok=True)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   logging.info("config:\n%s", config)

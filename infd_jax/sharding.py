@@ -36,6 +36,32 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def check_batch_layout(setting: str, global_batch: int, mesh: Mesh,
+                       process_count: int | None = None) -> None:
+  """Raises ValueError (one line: the numbers and the fixes) unless `global_batch` splits evenly.
+
+  A batch's leading axis shards over every device of the mesh, and each process
+  feeds the rows of its own devices, so the global batch must divide by the
+  device count (and hence by the process count). Checked before anything compiles.
+  """
+  n = mesh.size
+  processes = jax.process_count() if process_count is None else process_count
+  if global_batch > 0 and global_batch % n == 0 and global_batch % processes == 0:
+    return
+  lower, upper = global_batch // n * n, (global_batch // n + 1) * n
+  divisors = [d for d in range(n, 0, -1) if n % d == 0 and global_batch % d == 0 and d >= processes
+              and d % processes == 0]
+  fixes = f"--config.{setting}={upper}" + (f" (or {lower})" if lower else "")
+  if divisors:
+    fixes += (f", or run on {divisors[0]} devices (a mesh whose data x fsdp divides "
+              f"{global_batch})")
+  raise ValueError(
+      f"config.{setting}={global_batch} does not split over {n} devices "
+      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, {processes} processes, "
+      f"{n // processes} devices each): use {fixes}; scale the learning rate with the batch "
+      f"(README: Multi-GPU and TPU pods)")
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drops mesh axes from dims they do not divide evenly (replicates those dims)."""
   fitted = []

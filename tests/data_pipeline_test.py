@@ -126,22 +126,23 @@ def test_orbax_checkpoint_of_iterator(data_dir, tmp_path):
   _assert_same([next(fresh) for _ in range(3)], expected)
 
 
-def test_process_shards_cover_every_record_once_per_epoch():
+def test_global_batches_do_not_depend_on_the_process_count():
   records = grain.MapDataset.source(list(range(11)))
-  ident = lambda x, rng: {"id": np.int64(x)}
-  seen = collections.Counter()
-  for p in range(3):
-    shard = len(range(p, 11, 3))
-    ds = pipeline.batched(records, ident, dict(num_epochs=2), global_batch_size=3,
-                          seed=0, process_index=p, process_count=3)
-    ids = [int(b["id"][0]) for b in ds]
-    assert len(ids) == 2 * shard
-    first, second = ids[:shard], ids[shard:]
-    assert sorted(first) == sorted(second) == list(range(p, 11, 3))
-    seen.update(first)
-  assert seen == collections.Counter(range(11))
+  draw = lambda x, rng: {"id": np.int64(x), "u": rng.uniform()}
+  make = lambda p, n: list(pipeline.batched(records, draw, dict(num_epochs=2), global_batch_size=6,
+                                            seed=0, process_index=p, process_count=n))
+  one = make(0, 1)
+  three = [make(p, 3) for p in range(3)]
+  # 22 examples -> 3 whole global batches of 6; every process yields all 3 slices.
+  assert len(one) == 3 and [len(b) for b in three] == [3, 3, 3]
+  for k, batch in enumerate(one):
+    for key in ("id", "u"):
+      np.testing.assert_array_equal(np.concatenate([three[p][k][key] for p in range(3)]),
+                                    batch[key])
+  ids = np.concatenate([b["id"] for b in one])
+  assert sorted(ids[:11]) == list(range(11))  # the first epoch is a permutation
   with pytest.raises(ValueError, match="not divisible by process_count 2"):
-    pipeline.batched(records, ident, {}, global_batch_size=3, seed=0, process_count=2)
+    pipeline.batched(records, draw, {}, global_batch_size=3, seed=0, process_count=2)
 
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch():

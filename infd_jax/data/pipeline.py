@@ -1,10 +1,11 @@
 """grain input pipelines for both stages (numpy/PIL only, no jax).
 
-Chain: record source -> records[process_index::process_count] -> seeded
-shuffle -> repeat(num_epochs; None = forever, each epoch reshuffled) ->
-random_map(transform, numpy Generator from grain) -> batch(local_batch,
-drop_remainder=True) -> to_iter_dataset -> mp_prefetch(num_workers; 0 = in
-process).
+Chain: record source -> seeded shuffle -> repeat(num_epochs; None = forever,
+each epoch reshuffled) -> random_map(transform, numpy Generator from grain,
+seeded by the global index) -> batch(local_batch, drop_remainder=True) ->
+local batches [process_index::process_count] -> to_iter_dataset ->
+mp_prefetch(num_workers; 0 = in process). Global batch k is the same examples
+and crops on 1 or N processes; process p reads only its slice of it.
 
 Batch contract (float32 numpy, NHWC, B = global_batch_size // process_count):
 - stage 1 (`make_ae_dataset`):
@@ -27,9 +28,8 @@ Datasets (`cfg.name`, `cfg.variant`, `cfg.split`), see `sources`:
   Equivalent stage-2 alternative: variant "native" with resize=256 gives the
   same images as lanczos256 but resizes at every read.
 
-Per-process shards are record slices, so shard sizes can differ by one when
-the record count is not divisible; with num_epochs=None every process still
-yields batches forever.
+Every process yields the same number of batches (forever with num_epochs=None);
+loops over a split that must see each example once use `infd_jax.data.padded`.
 
 Checkpointing: `it = iter(ds)`; `it.get_state()` / `it.set_state(state)`, or
 through orbax with `grain.checkpoint.CheckpointHandler` and
@@ -109,14 +109,17 @@ def batched(ds: grain.MapDataset, transform, cfg: Mapping[str, Any], *,
   """
   c = _cfg(cfg)
   batch = local_batch_size(global_batch_size, process_count)
-  # grain seeds random_map by (seed, index within the shard), so the seed must
-  # differ per process or all shards would draw the same crops.
-  shard_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-  ds = ds[process_index::process_count].seed(shard_seed)
+  # One global order: shuffle, repeat and per-example randomness (grain seeds
+  # random_map by the element's index) are the same whatever the process count;
+  # local batch k of process p is the p-th slice of global batch k.
+  ds = ds.seed(seed)
   if c["shuffle"]:
     ds = ds.shuffle()
   ds = ds.repeat(c["num_epochs"]).random_map(transform)
   ds = ds.batch(batch, drop_remainder=True)
+  if c["num_epochs"] is not None:  # finite: every process gets the same number of batches
+    ds = ds[:len(ds) // process_count * process_count]
+  ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"],
                                             prefetch_buffer_size=max(2 * batch, c["read_threads"])))
   if c["num_workers"] > 0:
@@ -145,7 +148,12 @@ def make_ae_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
   """
-  c = _cfg(cfg)
+  ds, transform = _ae_source(_cfg(cfg))
+  return batched(ds, transform, cfg, global_batch_size=global_batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count)
+
+
+def _ae_source(c: dict[str, Any]) -> tuple[grain.MapDataset, Any]:
   _ensure(c)
   transform = transforms.AeTransform(
       inp_res=c["inp_res"], resize=c["resize"], patch=c["patch"],
@@ -155,25 +163,42 @@ def make_ae_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int
     lr = _records(c, "lanczos256", "train+val")
     hr = _records(c, "mix6k", "hr")
     # Epoch length n_lr + n_hr as the official sampler; the index is ignored.
-    ds = grain.MapDataset.range(len(lr) + len(hr))
-    transform = transforms.PoolMix(transform, lr, hr, c["p_lr"])
-  else:
-    ds = grain.MapDataset.source(_records(c, _config_of(c), c["split"]))
-  return batched(ds, transform, c, global_batch_size=global_batch_size, seed=seed,
-                 process_index=process_index, process_count=process_count)
+    return grain.MapDataset.range(len(lr) + len(hr)), transforms.PoolMix(transform, lr, hr,
+                                                                        c["p_lr"])
+  return grain.MapDataset.source(_records(c, _config_of(c), c["split"])), transform
 
 
 def make_dm_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int,
                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Stage-2 batches {inp: [B, inp_res, inp_res, 3]}; arguments as make_ae_dataset."""
-  c = _cfg(cfg)
+  ds, transform = _dm_source(_cfg(cfg))
+  return batched(ds, transform, cfg, global_batch_size=global_batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count)
+
+
+def _dm_source(c: dict[str, Any]) -> tuple[grain.MapDataset, Any]:
   if c["variant"] == "mix6k":
     raise ValueError("stage 2 of 6K-Mix reads variant='lanczos256', split='train+val'")
   _ensure(c)
   transform = transforms.DmTransform(inp_res=c["inp_res"], resize=c["resize"])
-  ds = grain.MapDataset.source(_records(c, _config_of(c), c["split"]))
-  return batched(ds, transform, c, global_batch_size=global_batch_size, seed=seed,
-                 process_index=process_index, process_count=process_count)
+  return grain.MapDataset.source(_records(c, _config_of(c), c["split"])), transform
+
+
+def split_examples(cfg: Mapping[str, Any], *, stage: str, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> tuple[grain.IterDataset, int]:
+  """One unshuffled pass over a split, for evaluation and latent caching.
+
+  Returns:
+    (this process's examples, records[process_index::process_count], one at a
+     time; the number of records in the split). Random crops are seeded by the
+    global record index, so they do not depend on the process count. Batch them
+    with `infd_jax.data.padded`.
+  """
+  c = _cfg(cfg)
+  ds, transform = (_ae_source if stage == "ae" else _dm_source)(c)
+  num_records = len(ds)
+  ds = ds.seed(seed).random_map(transform)[process_index::process_count]
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"])), num_records
 
 
 def _config_of(c: dict[str, Any]) -> str:

@@ -42,18 +42,23 @@ def psnr(pred: jax.Array, gt: jax.Array) -> jax.Array:
   return -10.0 * jnp.log10(jnp.mean(jnp.square(err), axis=(1, 2, 3)))
 
 
-def codebook_usage(indices: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
+def codebook_usage(indices: jax.Array, codebook_size: int,
+                   mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """How evenly a batch of VQ code indices uses the codebook.
 
   Args:
     indices: int array of any shape (e.g. [B, h, w]) with values in [0, K).
     codebook_size: K.
+    mask: optional [B] bool; codes of examples where it is False are not counted.
 
   Returns:
     {'perplexity': exp(entropy of the code histogram), in [1, K];
      'fraction_used': share of the K codes that occur at least once}.
   """
-  counts = jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.float32)
+  weights = None if mask is None else jnp.broadcast_to(
+      mask.reshape(mask.shape + (1,) * (indices.ndim - 1)).astype(jnp.float32),
+      indices.shape).reshape(-1)
+  counts = jnp.bincount(indices.reshape(-1), weights, length=codebook_size).astype(jnp.float32)
   p = counts / jnp.sum(counts)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return {"perplexity": jnp.exp(entropy),

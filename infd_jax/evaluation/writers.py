@@ -14,8 +14,10 @@ import types
 from typing import Any, Mapping
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorboardX
+from tensorboardX import record_writer as tbx_record_writer
 from tensorboardX import summary as tbx_summary
 
 
@@ -31,6 +33,27 @@ def _register_tf_free_summary_writer() -> None:
 
 
 _register_tf_free_summary_writer()
+
+
+class _EpathEventFiles:
+  """tensorboardX writes `gs://` (and `s3://`) event files through etils.epath (fsspec/gcsfs)."""
+
+  class _File:
+    """write/flush/close only: tensorboardX fsyncs anything that has a `fileno`."""
+
+    def __init__(self, path: str):
+      self._file = epath.Path(path).open("wb")
+      self.write, self.flush, self.close = self._file.write, self._file.flush, self._file.close
+
+  def open(self, path: str):
+    return self._File(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+for _scheme in ("gs", "s3"):
+  tbx_record_writer.register_writer_factory(_scheme, _EpathEventFiles())
 
 from clu.metric_writers import interface  # noqa: E402  (needs the stand-in above)
 from clu.metric_writers import logging_writer  # noqa: E402

@@ -1,7 +1,7 @@
 """Stage 1 as a `loop.Task`: models, init, step, data and visualisation."""
 
 import functools
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -71,32 +71,39 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     return None
   ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
   weights = AELoss(**config.loss)
-  data = builders.pipeline_config(config.data, "ae") | dict(
-      split=config.data.eval_split, shuffle=False, num_epochs=1)
+  data = builders.pipeline_config(config.data, "ae") | dict(split=config.data.eval_split)
+  local_batch = config.train.ae_batch_size // jax.process_count()
 
   @jax.jit
   def eval_step(state: AEState, batch, lpips_params):
     out = ae.apply({"params": state.gen_params}, batch["inp"], batch["coord"], batch["cell"])
-    pred, gt = out.pred.astype(jnp.float32), batch["gt"]
-    l1 = jnp.mean(jnp.abs(pred - gt))
-    perc = jnp.mean(lp.apply(lpips_params, pred, gt, train=False))
+    pred, gt, mask = out.pred.astype(jnp.float32), batch["gt"], batch["_mask"]
+    per_example = lambda x: jnp.mean(x, axis=tuple(range(1, x.ndim)))
+    # Per-example values (means over equal-sized examples average to the batch
+    # values), so padded rows drop out through the mask.
+    quant = (1.0 + config.ae.vq_beta) * per_example(
+        jnp.square(out.z_q.astype(jnp.float32) - out.z.astype(jnp.float32)))
+    l1 = per_example(jnp.abs(pred - gt))
+    perc = lp.apply(lpips_params, pred, gt, train=False)
     logits = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, pred,
                         train=False)
-    gan_g = -jnp.mean(logits)
-    usage = metrics_lib.codebook_usage(out.indices, config.ae.num_codes)
+    gan_g = -per_example(logits.astype(jnp.float32))
+    usage = metrics_lib.codebook_usage(out.indices, config.ae.num_codes, mask)
     return metrics_lib.AEEvalMetrics.single_from_model_output(
-        loss=weights.quant * out.quant_loss + weights.l1 * l1 + weights.perc * perc
-        + weights.gan_g * gan_g, quant_loss=out.quant_loss, l1_loss=l1, perc_loss=perc,
+        loss=weights.quant * quant + weights.l1 * l1 + weights.perc * perc
+        + weights.gan_g * gan_g, quant_loss=quant, l1_loss=l1, perc_loss=perc,
         gan_g_loss=gan_g, psnr=metrics_lib.psnr(pred, gt),
-        codebook_perplexity=usage["perplexity"], codebook_usage=usage["fraction_used"])
+        codebook_perplexity=jnp.full(mask.shape, usage["perplexity"]),
+        codebook_usage=jnp.full(mask.shape, usage["fraction_used"]), mask=mask)
 
   def evaluate(state: AEState, step: int, writer: writers.MetricWriter) -> None:
-    ds = pipeline.make_ae_dataset(data, global_batch_size=config.train.ae_batch_size,
-                                  seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    loop.run_evaluation(ds, lambda batch, i: eval_step(state, batch, lpips_params),
-                        max_batches=config.train.eval_batches, mesh=mesh, writer=writer,
-                        step=step)
+    examples, num_records = pipeline.split_examples(
+        data, stage="ae", seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    loop.run_evaluation(examples, num_records,
+                        lambda batch, i: eval_step(state, batch, lpips_params),
+                        local_batch=local_batch, max_batches=config.train.eval_batches,
+                        mesh=mesh, writer=writer, step=step)
   return evaluate
 
 
@@ -139,7 +146,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return visualize
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 mesh: jax.sharding.Mesh) -> PyTree:
   """Stage-1 generator parameters, read-only, from `ckpt.ae_checkpoint` or `workdir`."""
   return loop.load_stage_params(config, config.ckpt.ae_checkpoint or workdir, stage="ae",

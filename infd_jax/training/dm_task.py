@@ -7,19 +7,22 @@ images itself.
 """
 
 import functools
+import hashlib
 import json
 import logging
-import pathlib
+import os
 from typing import Any
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from infd_jax import sharding
 from infd_jax.data import latents as latents_lib
-from infd_jax.data import pipeline
+from infd_jax.data import padded, pipeline
 from infd_jax.diffusion import gaussian, samplers
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
@@ -29,6 +32,7 @@ from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
 
 PyTree = Any
+LATENT_FILE_ROWS = 1024  # latents per cache file (FFHQ 256: 48 MiB)
 
 
 def init_fn(config: ml_collections.ConfigDict):
@@ -44,43 +48,73 @@ def init_fn(config: ml_collections.ConfigDict):
   return init
 
 
-def cache_latents(config: ml_collections.ConfigDict, workdir: pathlib.Path, ae_params: PyTree,
-                  mesh: jax.sharding.Mesh) -> np.ndarray:
-  """Encodes this process's share of the stage-2 dataset once (or loads the cache)."""
-  cache_dir = workdir / "latents"
-  path = cache_dir / f"latents_{jax.process_index():05d}-of-{jax.process_count():05d}.npy"
-  key = json.dumps({"ae": config.ae.to_dict(), "data": config.data.to_dict(),
-                    "ckpt": config.ckpt.ae_checkpoint}, sort_keys=True, default=str)
-  meta = path.with_suffix(".json")
-  if path.exists() and meta.exists() and meta.read_text() == key:
-    return np.load(path)
+def ae_fingerprint(ae_params: PyTree, mesh: jax.sharding.Mesh) -> str:
+  """sha256 of the autoencoder's weights (names and bytes); the same on every process."""
+  whole = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(ae_params)
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(whole)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(leaf.addressable_data(0)).tobytes())
+  return h.hexdigest()
+
+
+def _stage_step(source: epath.Path, stage: str) -> int | None:
+  folder = source / f"checkpoints_{stage}"
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+  return max(steps, default=None)
+
+
+def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_params: PyTree,
+                  mesh: jax.sharding.Mesh) -> epath.Path:
+  """Encodes the stage-2 split once into `workdir/latents/<key>/` (or finds it there).
+
+  Each process encodes its own records in batches of its share of
+  `train.dm_batch_size` (all processes run the same number of batches; the
+  padding is dropped) and streams them to files; nothing holds the dataset.
+  The key is the stage-1 step plus a hash of the autoencoder's weights and the
+  data and model settings, so latents of another autoencoder are never reused.
+
+  Returns:
+    The cache directory (see `infd_jax.data.latents`).
+  """
+  data = builders.pipeline_config(config.data, "dm")
+  settings = json.dumps({"ae": config.ae.to_dict(), "data": {k: data[k] for k in (
+      "name", "variant", "split", "inp_res", "resize")}}, sort_keys=True, default=str)
+  digest = hashlib.sha256((ae_fingerprint(ae_params, mesh) + settings).encode()).hexdigest()
+  step = _stage_step(epath.Path(config.ckpt.ae_checkpoint or workdir), "ae")
+  directory = epath.Path(workdir) / "latents" / f"ae{'' if step is None else step}-{digest[:16]}"
+  if latents_lib.read_meta(directory) is not None:
+    logging.info("latent cache %s", directory)
+    return directory
   ae = builders.autoencoder(config)
   encode = jax.jit(functools.partial(encode_latents, ae))
-  # One ordered pass over this process's records (local batch 1, so no tail is dropped),
-  # encoded in fixed-size batches that divide over the local devices.
-  once = pipeline.make_dm_dataset(
-      builders.pipeline_config(config.data, "dm") | dict(shuffle=False, num_epochs=1),
-      global_batch_size=jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  n_dev = mesh.size // jax.process_count()
-  batch_size = max(n_dev, config.train.dm_batch_size // jax.process_count() // n_dev * n_dev)
-  images = [example["inp"][0] for example in once]
-  chunks = []
-  for start in range(0, len(images), batch_size):
-    part = np.stack(images[start:start + batch_size])
-    padded = np.concatenate([part, np.repeat(part[-1:], batch_size - len(part), 0)])
-    z = encode(ae_params, sharding.shard_batch({"inp": padded}, mesh)["inp"])
-    shards = sorted(z.addressable_shards, key=lambda s: s.index[0].start or 0)
-    chunks.append(np.concatenate([np.asarray(s.data) for s in shards])[:len(part)])
-  latents = np.concatenate(chunks)
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  np.save(path, latents)
-  meta.write_text(key)
-  logging.info("cached %d latents %s in %s", len(latents), latents.shape[1:], path)
-  return latents
+  examples, num_records = pipeline.split_examples(
+      data, stage="dm", seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  local_batch = config.train.dm_batch_size // jax.process_count()
+  count = padded.num_batches(num_records, jax.process_count(), local_batch)
+
+  def encoded():
+    for i, batch in enumerate(padded.padded_batches(examples, local_batch=local_batch,
+                                                    count=count)):
+      z = encode(ae_params, sharding.shard_batch({"inp": batch["inp"]}, mesh)["inp"])
+      shards = sorted(z.addressable_shards, key=lambda s: s.index[0].start or 0)
+      yield np.concatenate([np.asarray(s.data) for s in shards])[batch[padded.MASK]]
+      if i % 50 == 0:
+        logging.info("latent cache: batch %d/%d", i + 1, count)
+
+  rows = latents_lib.write_share(directory, encoded(), process_index=jax.process_index(),
+                                 rows_per_file=LATENT_FILE_ROWS)
+  multihost_utils.sync_global_devices(f"latents {directory}")
+  if jax.process_index() == 0:
+    latents_lib.write_meta(directory, num_records=num_records, process_count=jax.process_count(),
+                           rows_per_file=LATENT_FILE_ROWS, ae_step=step, settings=settings)
+  multihost_utils.sync_global_devices(f"latents meta {directory}")
+  logging.info("cached %d latents of this process in %s", rows, directory)
+  return directory
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
   tc = config.train
@@ -90,11 +124,11 @@ def make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       dm_train_step, unet=unet, ae=ae, tx=optim.dm_optimizer(config.optim),
       sched=builders.diffusion_schedule(config), ema_decay=config.optim.dm_ema,
       skip_nonfinite=tc.on_nonfinite == "skip")
-  local_batch = tc.dm_batch_size // jax.process_count()
   if tc.latent_cache:
     cached = cache_latents(config, workdir, ae_params, mesh)
     make_dataset = lambda index, count: latents_lib.latent_dataset(
-        cached, local_batch_size=local_batch, seed=config.seed)
+        cached, global_batch_size=tc.dm_batch_size, seed=config.seed, process_index=index,
+        process_count=count, data=builders.pipeline_config(config.data, "dm"))
     consts = (None,)
   else:
     make_dataset = lambda index, count: pipeline.make_dm_dataset(
@@ -117,8 +151,8 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
     return None
   unet, ae = builders.unet(config), builders.autoencoder(config)
   sched = builders.diffusion_schedule(config)
-  data = builders.pipeline_config(config.data, "dm") | dict(
-      split=config.data.eval_split, shuffle=False, num_epochs=1)
+  data = builders.pipeline_config(config.data, "dm") | dict(split=config.data.eval_split)
+  local_batch = config.train.dm_batch_size // jax.process_count()
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
 
   @jax.jit
@@ -127,15 +161,17 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
     k_t, k_eps, k_eps_ema = jax.random.split(key, 3)
     return metrics_lib.DMEvalMetrics.single_from_model_output(
         z_dm_loss=gaussian.eps_loss(apply_fn, state.params, z0, k_t, k_eps, sched),
-        z_dm_ema_loss=gaussian.eps_loss(apply_fn, state.ema_params, z0, k_t, k_eps_ema, sched))
+        z_dm_ema_loss=gaussian.eps_loss(apply_fn, state.ema_params, z0, k_t, k_eps_ema, sched),
+        mask=batch["_mask"])
 
   def evaluate(state: DMState, step: int, writer: writers.MetricWriter) -> None:
-    ds = pipeline.make_dm_dataset(data, global_batch_size=config.train.dm_batch_size,
-                                  seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    loop.run_evaluation(ds, lambda batch, i: eval_step(state, batch, jax.random.PRNGKey(i)),
-                        max_batches=config.train.eval_batches, mesh=mesh, writer=writer,
-                        step=step)
+    examples, num_records = pipeline.split_examples(
+        data, stage="dm", seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    loop.run_evaluation(examples, num_records,
+                        lambda batch, i: eval_step(state, batch, jax.random.PRNGKey(i)),
+                        local_batch=local_batch, max_batches=config.train.eval_batches,
+                        mesh=mesh, writer=writer, step=step)
   return evaluate
 
 
@@ -175,7 +211,7 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
   return visualize
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 mesh: jax.sharding.Mesh) -> PyTree:
   """UNet parameters (EMA if `sample.use_ema`) from `ckpt.dm_checkpoint` or `workdir`."""
   ema = config.sample.use_ema

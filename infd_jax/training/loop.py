@@ -8,9 +8,10 @@ periodic visualisation/evaluation, and a clean save-and-exit on SIGTERM.
 """
 
 import dataclasses
+import itertools
 import logging
-import pathlib
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -23,7 +24,10 @@ from infd_jax.evaluation import writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions  # pylint: disable=g-bad-import-order
 
+from etils import epath  # pylint: disable=g-bad-import-order
+
 from infd_jax import checkpointing, sharding
+from infd_jax.data import padded
 
 PyTree = Any
 
@@ -85,14 +89,21 @@ def _with_collection(task: Task):
   return step
 
 
-def run_evaluation(batches, eval_step: Callable[[dict[str, jax.Array], int], Any], *,
+def run_evaluation(examples: Iterable[dict[str, np.ndarray]], num_records: int,
+                   eval_step: Callable[[dict[str, jax.Array], int], Any], *, local_batch: int,
                    max_batches: int, mesh: jax.sharding.Mesh, writer: writers.MetricWriter,
                    step: int) -> dict[str, float]:
-  """Merges `eval_step(global_batch, index)` Collections over the batches; writes `val/*`."""
+  """Merges `eval_step(global_batch, index)` Collections over a split; writes `val/*`.
+
+  Every process runs the same number of steps (`infd_jax.data.padded`); the
+  batches carry a `_mask` that the step passes to its metrics, so each record
+  counts once. `max_batches` (0 = all) caps the number of global batches.
+  """
+  count = padded.num_batches(num_records, jax.process_count(), local_batch)
+  count = min(count, max_batches) if max_batches else count
+  examples = itertools.islice(examples, count * local_batch)
   merged = None
-  for i, batch in enumerate(batches):
-    if max_batches and i >= max_batches:
-      break
+  for i, batch in enumerate(padded.padded_batches(examples, local_batch=local_batch, count=count)):
     m = eval_step(sharding.shard_batch(batch, mesh), i)
     merged = m if merged is None else merged.merge(m)
   if merged is None:
@@ -102,7 +113,7 @@ def run_evaluation(batches, eval_step: Callable[[dict[str, jax.Array], int], Any
   return values
 
 
-def load_stage_params(config: ml_collections.ConfigDict, source: str | pathlib.Path, *,
+def load_stage_params(config: ml_collections.ConfigDict, source: str | os.PathLike, *,
                       stage: str, init_fn: Callable[[jax.Array], PyTree],
                       mesh: jax.sharding.Mesh, pick: Callable[[PyTree], PyTree],
                       converted: tuple[str, str]) -> PyTree:
@@ -120,7 +131,7 @@ def load_stage_params(config: ml_collections.ConfigDict, source: str | pathlib.P
   """
   from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
   from infd_jax.training import builders  # pylint: disable=g-import-not-at-top
-  source = pathlib.Path(source)
+  source = epath.Path(source)
   folder = f"checkpoints_{stage}"
   for candidate in (source / folder, source):
     if candidate.name == folder and candidate.is_dir() and any(candidate.iterdir()):
@@ -135,7 +146,7 @@ def load_stage_params(config: ml_collections.ConfigDict, source: str | pathlib.P
       f"--config.ckpt.{stage}_checkpoint at a workdir or a converted official checkpoint")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: Task,
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: Task,
           mesh: jax.sharding.Mesh, writer: writers.MetricWriter) -> PyTree:
   """Trains `task` to `task.total_steps`, resuming from `workdir` if possible.
 
@@ -146,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
   if tc.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"config.train.on_nonfinite={tc.on_nonfinite!r}: use 'stop' or 'skip'")
   rules = sharding.config_rules(config.mesh)
-  ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / f"checkpoints_{task.name}",
+  ckpt = checkpointing.Checkpointer(epath.Path(workdir) / f"checkpoints_{task.name}",
                                     keep=tc.keep_checkpoints)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
   data_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
