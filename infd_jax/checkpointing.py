@@ -64,10 +64,11 @@ class Checkpointer:
               step: int | None = None) -> tuple[int, PyTree]:
     """Restores `state` (and the iterator in place) from `step` or the newest intact step.
 
-    Without `step`, a newest checkpoint that cannot be read is reported in one warning
-    (and left on disk) and the next older one is tried. The iterator is restored when
-    the checkpoint was written by as many processes as run now; otherwise it is moved
-    to the restored step of the global data order (see `advance_iterator`) with a warning.
+    Without `step`, a newest checkpoint that cannot be read is reported in one warning,
+    kept on disk as `<step>.unreadable`, and the next older one is tried. The iterator
+    is restored when the checkpoint was written by as many processes as run now;
+    otherwise it is moved to the restored step of the global data order (see
+    `advance_iterator`) with a warning.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
@@ -87,9 +88,24 @@ class Checkpointer:
         reason = re.sub(r"\s+", " ", str(e))[:300]
         if i + 1 == len(steps):
           raise CheckpointError(f"cannot restore step {s} from {self.directory}: {reason}") from e
-        logging.warning("checkpoint %s is unreadable (%s); kept on disk, resuming from step %d",
-                        self.directory / str(s), reason, steps[i + 1])
+        kept = self._set_aside(s)
+        logging.warning("checkpoint %s is unreadable (%s); kept as %s, resuming from step %d",
+                        self.directory / str(s), reason, kept, steps[i + 1])
     raise AssertionError("unreachable")
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Renames an unreadable step to `<step>.unreadable` (orbax ignores it; a new save may
+    reuse the step number) and returns the new path."""
+    source, target = self.directory / str(step), self.directory / f"{step}.unreadable"
+    if jax.process_index() == 0:
+      if target.exists():
+        target.rmtree()
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"set aside {source}")
+    self._manager.reload()
+    return target
 
   def _restore_step(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> PyTree:
     saved_by = self.saved_process_count(step)

@@ -5,9 +5,11 @@ Config overrides use ml_collections syntax, e.g. `--config.train.ae_batch_size=1
 or `--config.stage=dm`; a misspelt key stops at flag parsing with its name.
 """
 
+import importlib.util
 import os
 import re
 import sys
+import urllib.request
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,7 +29,9 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ["INFD_PROCESS_ID"]) if "INFD_PROCESS_ID" in os.environ else None,
     "This process's index (env INFD_PROCESS_ID).")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+    "multihost", None, "Call jax.distributed.initialize() with JAX's cluster auto-detection. "
+    "Default: when a multi-process environment is detected (Cloud TPU slice with several "
+    "hosts, SLURM or Open MPI job with several tasks); --nomultihost turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,6 +48,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+def _tpu_vm_hosts() -> int:
+  """Hosts of this Cloud TPU slice (0 when not on a TPU VM); asks the VM's metadata server."""
+  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES")  # GKE and queued resources set it
+  if hostnames:
+    return len(hostnames.split(","))
+  if importlib.util.find_spec("libtpu") is None or os.environ.get("TPU_SKIP_MDS_QUERY"):
+    return 0
+  request = urllib.request.Request(
+      "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+      "worker-network-endpoints", headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=2) as response:
+      return len(response.read().decode().split(","))
+  except OSError:
+    return 0
+
+
+def detected_cluster() -> str | None:
+  """The multi-process environment jax.distributed.initialize() would join, or None."""
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS") or _tpu_vm_hosts() > 1:
+    return "Cloud TPU slice"
+  return None
+
+
 def _init_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
@@ -52,7 +85,10 @@ def _init_distributed() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                                cluster_detection_method="deactivate")
-  elif _MULTIHOST.value:
+    return
+  cluster = detected_cluster() if _MULTIHOST.value is None else None
+  if _MULTIHOST.value or cluster:
+    logging.info("multi-process start (%s)", cluster or "--multihost")
     jax.distributed.initialize()
 
 

@@ -94,3 +94,25 @@ def test_relative_directory_is_accepted(tmp_path, monkeypatch):
   ckpt.save(1, _state(mesh), _iterator(), {})
   ckpt.close()
   assert (tmp_path / "workdir" / "checkpoints" / "1").is_dir()
+
+
+def test_iterator_from_another_process_count_moves_to_the_restored_step(tmp_path, caplog):
+  mesh = sharding.make_mesh(4, 2)
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  it = _iterator()
+  for _ in range(3):
+    next(it)
+  ckpt.save(3, _state(mesh), it, {})
+  ckpt.close()
+  # What two processes leave: their own iterator states, none for a single process.
+  folder = tmp_path / "3" / "data_iter"
+  state = (folder / "process_0-of-1.json").read_text()
+  (folder / "process_0-of-1.json").unlink()
+  for p in range(2):
+    (folder / f"process_{p}-of-2.json").write_text(state)
+  fresh = _iterator()
+  with caplog.at_level("WARNING"):
+    step, _ = checkpointing.Checkpointer(tmp_path).restore(_abstract(mesh, P()), fresh)
+  assert step == 3 and "written by 2 processes" in caplog.text
+  expected = list(grain.MapDataset.range(100).seed(3).shuffle().batch(4))[3]
+  np.testing.assert_array_equal(next(fresh), expected)

@@ -129,3 +129,61 @@ def test_helpfull_lists_flags():
   assert out.returncode in (0, 1), out.stderr  # absl's help flags exit 1 after printing
   for flag in ("--config", "--workdir", "--coordinator_address", "--[no]multihost"):
     assert flag in out.stdout
+
+
+def test_batch_that_does_not_split_over_the_devices_stops_before_any_work(tmp_path):
+  workdir = tmp_path / "work"
+  c = _config(tmp_path / "data", "ae", ae_batch_size=6)  # 8 devices here
+  with pytest.raises(jobs.UserError) as e:
+    jobs.run(c, workdir)
+  message = str(e.value)
+  assert "\n" not in message
+  for part in ("train.ae_batch_size=6", "8 devices", "data=8 x fsdp=1", "1 processes",
+               "use --config.train.ae_batch_size=8,", "or run on 2 devices"):
+    assert part in message, message
+  assert not workdir.exists() and not (tmp_path / "data").exists()  # nothing read or compiled
+
+
+def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
+  """A `gs://` workdir (an in-memory gcs filesystem here) holds the run's latent cache,
+  events and checkpoint folder; nothing lands on local disk."""
+  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
+  from tests import fake_gcs  # pylint: disable=g-import-not-at-top
+  data, work = trained
+  # orbax asks the GCS bucket API (google-cloud-storage) whether the bucket has a
+  # hierarchical namespace; the fake bucket is a flat one.
+  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+  monkeypatch.chdir(tmp_path)
+  c = _config(data, "dm", dm_steps=0)  # orbax's array writes need a real GCS endpoint
+  c.ckpt.ae_checkpoint = str(work)
+  with fake_gcs.installed() as fs:
+    jobs.run(c, "gs://bucket/run")
+    objects = set(fs.store)
+    dirs = set(fs.pseudo_dirs)
+  assert not list(tmp_path.iterdir())  # no local gs:/bucket/run
+  assert any(k.startswith("bucket/run/events.out.tfevents.") for k in objects), objects
+  metas = [k for k in objects if k.startswith("bucket/run/latents/") and k.endswith("meta.json")]
+  assert len(metas) == 1 and json.loads(fs.store[metas[0]].getvalue())["num_records"] == 9
+  assert "bucket/run/checkpoints_dm" in dirs
+
+
+def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from infd_jax.training import ae_task, builders  # pylint: disable=g-import-not-at-top
+  data, work = trained
+  work = pathlib.Path(shutil.copytree(work, tmp_path / "work"))
+  jobs.run(_config(data, "ae", ae_steps=4), work)  # the autoencoder trains on
+  jobs.run(_config(data, "dm", dm_steps=4), work)  # and stage 2 continues on it
+  # The newest latents on disk must be the encodings of the step-4 autoencoder.
+  newest = max((work / "latents").rglob("*.npy"), key=lambda f: f.stat().st_mtime_ns)
+  cached = np.concatenate([np.load(f) for f in sorted(newest.parent.glob("*.npy"))])
+  c = _config(data, "dm")
+  mesh = sharding.make_mesh(-1, 1)
+  params = ae_task.load_params(c, work, mesh)
+  images = np.concatenate([b["inp"] for b in pipeline.make_dm_dataset(
+      builders.pipeline_config(c.data, "dm") | dict(shuffle=False, num_epochs=1),
+      global_batch_size=1, seed=0)])
+  expected = dm_task.encode_latents(builders.autoencoder(c), params, images)
+  assert cached.shape == expected.shape
+  np.testing.assert_allclose(cached, np.asarray(expected), rtol=1e-4, atol=1e-4)

@@ -65,3 +65,19 @@ def test_nonfinite_loss_in_skip_mode_finishes_the_run(tmp_path):
   state = _train(tmp_path, 6, on_nonfinite="skip", poison_at=3)
   assert int(state.step) == 6
   assert checkpointing.Checkpointer(tmp_path / "checkpoints_toy").latest_step() == 6
+
+
+def test_corrupt_newest_checkpoint_is_kept_and_the_previous_one_resumes(tmp_path, caplog):
+  straight = _train(tmp_path / "a", 6)
+  _train(tmp_path / "b", 4)                 # checkpoints 2 and 4
+  newest = tmp_path / "b" / "checkpoints_toy" / "4"
+  for f in (newest / "state").rglob("*"):
+    if f.is_file() and not f.name.startswith("_"):
+      f.write_bytes(b"corrupt")
+  with caplog.at_level("WARNING"):
+    resumed = _train(tmp_path / "b", 6)     # resumes from step 2 with its data position
+  warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(warnings) == 1 and str(newest) in warnings[0] and "from step 2" in warnings[0]
+  assert "\n" not in warnings[0]
+  assert (newest.parent / "4.unreadable" / "state").is_dir()  # kept for inspection
+  np.testing.assert_array_equal(np.asarray(straight.params["w"]), np.asarray(resumed.params["w"]))
