@@ -6,13 +6,14 @@
 import logging
 import os
 import pathlib
+from typing import Iterable
 
 import jax
 import ml_collections
 
 from infd_jax import sharding
 from infd_jax.evaluation import writers
-from infd_jax.training import builders
+from infd_jax import builders, inference
 
 UserError = builders.UserError
 STAGES = ("ae", "dm", "sample", "eval", "all")
@@ -38,12 +39,21 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
     raise UserError(str(e)) from e
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-  """Runs `config.stage` in `workdir` (created if needed)."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        overrides: Iterable[str] = ()) -> None:
+  """Runs `config.stage` in `workdir` (created if needed).
+
+  Later stages take the architecture of trained stages from their checkpoints;
+  `overrides` (dotted keys set on the command line) that contradict them stop.
+  """
   if config.stage not in STAGES:
     raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  if config.stage == "sample":
+    from infd_jax import generate  # pylint: disable=g-import-not-at-top
+    generate.check_settings(config)  # sizes and windows refused before any model work
+  config = inference.adopt_architecture(config, workdir, overrides)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
