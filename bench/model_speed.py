@@ -25,10 +25,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import sharding
+from infd_jax import builders, inference, sharding
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import coords, tiling
-from infd_jax.training import ae_step, ae_task, builders, dm_task, loop, optim
+from infd_jax.training import ae_step, ae_task, dm_task, loop, optim
 from infd_jax.training.dm_step import dm_train_step
 
 
@@ -125,9 +125,9 @@ def _sampler(config, batch: int):
   ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
   dm_params = _init_params(dm_task.init_fn(config), 1).params
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  sample = dm_task.make_sampler(config, num=batch, mesh=mesh)
-  keys = iter(range(10**6))
-  return lambda: sample(dm_params, ae_params, jax.random.PRNGKey(next(keys)))
+  model = inference.Model(config, mesh, ae_params, dm_params)
+  seeds = iter(range(10**6))
+  return lambda: model.decode_global(model.sample_global(np.arange(batch), next(seeds)))
 
 
 def main() -> None:

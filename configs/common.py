@@ -75,9 +75,12 @@ def base() -> ml_collections.ConfigDict:
       latent_cache=True))          # encode the DM dataset once instead of every step
 
   # Generation (REFERENCE.md 7): official tiling 256 + 8 context.
+  # `window` = (top, left, height, width): render only that region of each size.
+  # Sizes above `stream_above` pixels a side stream into pyramidal BigTIFFs.
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=8, batch_size=8, sizes=(256, 1024), tile=256, pad=8,
-      tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir=""))
+      tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir="",
+      window=(), stream_above=16384))
 
   # Evaluation (REFERENCE.md 8) and scale consistency.
   c.eval = ml_collections.ConfigDict(dict(

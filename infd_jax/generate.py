@@ -1,74 +1,124 @@
-"""The generation job: DDIM latents -> quantize -> phi once -> any-resolution PNGs.
+"""The generation job: latents -> quantize -> phi once -> any-resolution images.
 
 Writes `<out_dir>/<H>x<W>/<id>.png` (or `<out_dir>/<R>/<id>.png` for square
 sizes, as the official `gen_samples.py`). Every requested size is rendered from
-the same sampled latents with the official tiling (tile 256, context 8), so
-memory stays bounded by the tile batch, not the image size.
+the same latents with the official tiling (tile 256, context 8).
+
+Data parallel: each batch of latents and its phi are sharded over the mesh, each
+device renders its own images, and each process writes the images it holds
+(PNG encoding on a small thread pool), so N samples are written exactly once
+whatever the number of hosts. Sample i is the same image for the same seed on
+any number of hosts (its noise depends on (seed, i) only). Sizes above
+`sample.stream_above` pixels a side stream tile by tile into a pyramidal
+BigTIFF `<id>.tif` (host memory bounded by the tile batch); `sample.window`
+renders one region (top, left, height, width) of a virtual image of any size.
 """
 
+import concurrent.futures
 import logging
-import pathlib
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from infd_jax.rendering import tiling
-from infd_jax.training import ae_task, builders, dm_task
+from infd_jax import builders, inference
+from infd_jax.rendering import stream
+
+to_uint8 = stream.to_uint8
 
 
 def parse_size(size: int | str) -> tuple[int, int]:
-  """256 -> (256, 256); "480x640" -> (480, 640): sizes are H or HxW."""
-  if isinstance(size, int) or str(size).isdigit():
-    return int(size), int(size)
-  try:
-    h, w = (int(v) for v in str(size).lower().split("x"))
-  except ValueError:
-    raise builders.UserError(f"config.sample.sizes: {size!r} is not N or HxW") from None
-  return h, w
+  """256 -> (256, 256); "480x640" -> (480, 640); others: one-line UserError."""
+  return inference.parse_size(size, name="config.sample.sizes")
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8 with the official truncation: floor(clip(x/2 + 0.5, 0, 1) * 255)."""
-  return np.floor(np.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
+def check_settings(config: ml_collections.ConfigDict
+                   ) -> list[tuple[tuple[int, int], tuple[int, int, int, int] | None]]:
+  """Every sampling setting checked before any model work: [(size, window)]."""
+  sc = config.sample
+  inference.check_count(sc.num_samples, "config.sample.num_samples")
+  inference.check_count(sc.batch_size, "config.sample.batch_size")
+  if isinstance(sc.sizes, (str, int)) or not sc.sizes:
+    raise builders.UserError(f"config.sample.sizes={sc.sizes!r}: give a tuple of sizes, "
+                             "e.g. '(256, 1024, \"720x1280\")'")
+  plan = []
+  for s in sc.sizes:
+    size = parse_size(s)
+    window = inference.parse_window(tuple(sc.window), size, name="config.sample.window")
+    if _streamed(config, size, window) and sc.tile % 16:
+      raise builders.UserError(f"config.sample.tile={sc.tile}: a streamed BigTIFF needs a "
+                               "multiple of 16")
+    plan.append((size, window))
+  return plan
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-        mesh: jax.sharding.Mesh) -> pathlib.Path:
+def _streamed(config: ml_collections.ConfigDict, size: tuple[int, int], window) -> bool:
+  return window is None and size[0] * size[1] > config.sample.stream_above ** 2
+
+
+def _folder(out_dir: epath.Path, size: tuple[int, int], window) -> epath.Path:
+  h, w = size
+  name = str(h) if h == w else f"{h}x{w}"
+  if window is not None:
+    name += "_window_{}_{}_{}x{}".format(*window)
+  return out_dir / name
+
+
+def _save_png(image: np.ndarray, path: epath.Path) -> None:
+  with path.open("wb") as f:
+    Image.fromarray(image).save(f, format="PNG")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
+        mesh: jax.sharding.Mesh) -> epath.Path:
   """Samples `sample.num_samples` images at every size in `sample.sizes`.
 
   Returns:
     The output folder.
   """
   sc = config.sample
-  workdir = pathlib.Path(workdir)
-  out_dir = pathlib.Path(sc.out_dir or workdir / "samples")
-  sizes = [parse_size(s) for s in sc.sizes]
-  ae_params = ae_task.load_params(config, workdir, mesh)
-  dm_params = dm_task.load_params(config, workdir, mesh)
-  sample = dm_task.make_sampler(config, num=sc.batch_size, mesh=mesh)
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(builders.autoencoder(config), "render"),
-                                  sc.tile, sc.pad, sc.tiles_per_call)
-  num_batches = -(-sc.num_samples // sc.batch_size)
-  progress = tqdm(total=sc.num_samples * len(sizes), desc="images", unit="img",
-                  disable=jax.process_index() > 0)
+  plan = check_settings(config)
+  out_dir = epath.Path(sc.out_dir or epath.Path(workdir) / "samples")
+  model = inference.load_model(config, workdir, mesh)
+  for size, window in plan:
+    _folder(out_dir, size, window).mkdir(parents=True, exist_ok=True)
+  total = sc.num_samples * len(plan)
+  progress = tqdm(total=total, desc="images", unit="img", disable=jax.process_index() > 0)
   started = time.perf_counter()
-  for b in range(num_batches):
-    # Every process samples the same batch; process 0 writes it.
-    phi = sample(dm_params, ae_params, jax.random.fold_in(jax.random.PRNGKey(sc.seed), b))
-    ids = range(b * sc.batch_size, min((b + 1) * sc.batch_size, sc.num_samples))
-    for h, w in sizes:
-      images = to_uint8(renderer.render_image({"params": ae_params}, phi, (h, w)))
-      folder = out_dir / (str(h) if h == w else f"{h}x{w}")
-      if jax.process_index() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in zip(ids, images):
-          Image.fromarray(image).save(folder / f"{i}.png")
-      progress.update(len(ids))
+  written = 0
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    pending: list[concurrent.futures.Future] = []
+    for start in range(0, sc.num_samples, sc.batch_size):
+      ids = np.arange(start, min(start + sc.batch_size, sc.num_samples))
+      phi = model.decode_global(model.sample_global(ids, sc.seed))
+      for size, window in plan:
+        folder = _folder(out_dir, size, window)
+        if _streamed(config, size, window):
+          for row, i in enumerate(ids):
+            owner = int(i) % jax.process_count()
+            with tqdm(total=stream.num_tiles(size, sc.tile), desc=f"{i}.tif", unit="tile",
+                      disable=jax.process_index() != owner) as tiles:
+              stream.write_bigtiff(folder / f"{i}.tif", model.renderer,
+                                   {"params": model.ae_params}, model.phi_row(phi, row), size,
+                                   owner=owner, progress=tiles)
+            written += owner == jax.process_index()
+            progress.update(1)
+          continue
+        rows, images = model.render_local(phi, size, window)
+        keep = rows < len(ids)  # rows past the batch pad it to the device count
+        for row, image in zip(rows[keep], to_uint8(images[keep])):
+          pending.append(pool.submit(_save_png, image, folder / f"{ids[row]}.png"))
+        written += int(keep.sum())
+        progress.update(len(ids))
+        while len(pending) > 64:  # bound the images waiting for the encoder threads
+          pending.pop(0).result()
+    for future in pending:
+      future.result()
   progress.close()
-  logging.info("wrote %d samples at %s in %.1fs to %s", sc.num_samples, sizes,
-               time.perf_counter() - started, out_dir)
+  logging.info("process %d wrote %d of %d images (%s) in %.1fs to %s", jax.process_index(),
+               written, total, [s for s, _ in plan], time.perf_counter() - started, out_dir)
   return out_dir

@@ -5,6 +5,7 @@
 
 import logging
 import os
+from typing import Iterable
 
 from etils import epath
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 
 from infd_jax import sharding
 from infd_jax.evaluation import writers
-from infd_jax.training import builders
+from infd_jax import builders, inference
 
 UserError = builders.UserError
 STAGES = ("ae", "dm", "sample", "eval", "all")
@@ -68,11 +69,20 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
     raise UserError(str(error)) from error
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """Runs `config.stage` in `workdir` (created if needed; a local path or a URL such as gs://)."""
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+        overrides: Iterable[str] = ()) -> None:
+  """Runs `config.stage` in `workdir` (created if needed; a local path or a URL such as gs://).
+
+  Later stages take the architecture of trained stages from their checkpoints;
+  `overrides` (dotted keys set on the command line) that contradict them stop.
+  """
   if config.stage not in STAGES:
     raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
   workdir = workdir_path(workdir)
+  if config.stage == "sample":
+    from infd_jax import generate  # pylint: disable=g-import-not-at-top
+    generate.check_settings(config)  # sizes and windows refused before any model work
+  config = inference.adopt_architecture(config, workdir, overrides)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   check_batch_layout(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)

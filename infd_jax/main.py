@@ -106,7 +106,8 @@ def main(argv) -> None:
   _init_distributed()
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
-    jobs.run(config, _WORKDIR.value)
+    jobs.run(config, _WORKDIR.value,
+             overrides=config_flags.get_override_values(flags.FLAGS["config"]).keys())
   except jobs.UserError as e:
     logging.error("%s", e)
     print(f"infd_jax: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ from configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
 @pytest.mark.parametrize("module", [ffhq, ffhq_mix6k, custom, demo, tiny])
 def test_every_config_loads_with_known_data_keys(module):
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from infd_jax.training import builders  # pylint: disable=g-import-not-at-top
+  from infd_jax import builders  # pylint: disable=g-import-not-at-top
   c = module.get_config()
   for stage in ("ae", "dm"):
     assert set(builders.pipeline_config(c.data, stage)) <= set(pipeline.default_data_config())
@@ -35,7 +35,7 @@ def test_parse_arg_types_values_and_rejects_unknown_keys():
 
 
 def test_unet_attention_impl_is_checked_against_backend_and_dtype():
-  from infd_jax.training import builders  # pylint: disable=g-import-not-at-top
+  from infd_jax import builders  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   assert builders.unet(c).attention_impl == "xla"
   c.dm.attention_impl = "cudnn"

@@ -18,3 +18,26 @@ _CACHE = os.environ.get("INFD_TEST_JAX_CACHE",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+  """A workdir with a 3-step autoencoder and diffusion model of non-default widths.
+
+  z_channels, codebook size, UNet channel multipliers and head width differ from
+  `configs/tiny.py`, so later stages only work if they read the saved architecture.
+  """
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
+  data, work = tmp_path_factory.mktemp("tiny_data"), tmp_path_factory.mktemp("tiny_trained")
+  for stage in ("ae", "dm"):
+    c = tiny.get_config()
+    c.stage = stage
+    c.data.data_dir = str(data)
+    c.ae.update(z_channels=4, num_codes=16)
+    c.dm.update(channel_mult=(1, 1), num_head_channels=16)
+    jobs.run(c, work)
+  return work

@@ -170,7 +170,7 @@ def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
 def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from infd_jax.training import ae_task, builders  # pylint: disable=g-import-not-at-top
+  from infd_jax import builders, inference  # pylint: disable=g-import-not-at-top
   data, work = trained
   work = pathlib.Path(shutil.copytree(work, tmp_path / "work"))
   jobs.run(_config(data, "ae", ae_steps=4), work)  # the autoencoder trains on
@@ -180,7 +180,7 @@ def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
   cached = np.concatenate([np.load(f) for f in sorted(newest.parent.glob("*.npy"))])
   c = _config(data, "dm")
   mesh = sharding.make_mesh(-1, 1)
-  params = ae_task.load_params(c, work, mesh)
+  params = inference.load_ae_params(c, work, mesh)
   images = np.concatenate([b["inp"] for b in pipeline.make_dm_dataset(
       builders.pipeline_config(c.data, "dm") | dict(shuffle=False, num_epochs=1),
       global_batch_size=1, seed=0)])

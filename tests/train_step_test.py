@@ -14,7 +14,8 @@ from configs import tiny
 from infd_jax import sharding
 from infd_jax.data import pipeline
 from infd_jax.rendering import coords
-from infd_jax.training import ae_step, ae_task, builders, dm_task, loop, optim
+from infd_jax import builders
+from infd_jax.training import ae_step, ae_task, dm_task, loop, optim
 from infd_jax.training.dm_step import dm_train_step
 
 FSDP_RULES = (("conv_out", "fsdp"), ("mlp_out", "fsdp"), ("codes", "fsdp"))

@@ -3,13 +3,16 @@
 Computes, for what the config points at:
 - patch FID (REFERENCE.md 8) between `eval.real_dir` and `eval.fake_dir` (or the
   generated `samples/<resolution>` of this workdir when fake_dir is empty):
-  `pfid_<p>_<R>` with Inception weights, else `pfd_vgg16_<p>_<R>`;
+  `pfid_<p>_<R>` with Inception weights, else `pfd_vgg16_<p>_<R>`; each process
+  reads its share of both folders, the float64 statistics are merged across
+  processes, and the real-set statistics are cached in `<workdir>/fid_stats/`
+  (keyed by the file list and the protocol);
 - autoencoder reconstruction PSNR/LPIPS at each of `eval.recon_resolutions` on the
   validation split: encode the 256 input, render the whole image at R (official
   tiling) and compare with the ground truth resized to R;
 - scale consistency: the same latent rendered at s and k*s, the larger one
   box-downsampled, PSNR/LPIPS between them for k in `eval.scale_factors`.
-Results go to TensorBoard and `<workdir>/eval.json`.
+Results go to TensorBoard (through CLU, once) and `<workdir>/eval.json`.
 """
 
 import json
@@ -22,12 +25,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from infd_jax import builders, inference
 from infd_jax.data import image_io, prepare, sources
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import tiling
-from infd_jax.training import ae_task, builders
 
 
 def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.ndarray]:
@@ -45,10 +47,9 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: pathlib.P
   """PSNR/LPIPS of AE reconstructions rendered at each resolution, and scale consistency."""
   ec = config.eval
   ae = builders.autoencoder(config)
-  params = ae_task.load_params(config, workdir, mesh)
+  params = inference.load_ae_params(config, workdir, mesh)
   lp, lp_params = builders.lpips(config), load_lpips_params()
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
-                                  config.sample.pad, config.sample.tiles_per_call)
+  renderer = inference.renderer(config)
   encode_decode = jax.jit(lambda p, x: ae.apply({"params": p}, ae.apply(
       {"params": p}, ae.apply({"params": p}, x, method="encode"), method="quantize").z_q,
       method="decode"))
@@ -86,9 +87,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.shar
                                "sample first or set --config.eval.fake_dir")
     if not pathlib.Path(ec.real_dir).is_dir():
       raise builders.UserError(f"eval: eval.real_dir={ec.real_dir} is not a folder")
-    extractor = pfid.make_feature_extractor(ec.inception_weights or None, batch_size=ec.batch_size)
-    results |= pfid.patch_fid(pfid.iter_image_folder(ec.real_dir),
-                              pfid.iter_image_folder(fake_dir), extractor, seed=config.seed)
+    # A whole number of rows per local device.
+    batch = -(-ec.batch_size // jax.local_device_count()) * jax.local_device_count()
+    extractor = pfid.make_feature_extractor(ec.inception_weights or None, batch_size=batch)
+    # Each process reads its share; the real-set statistics are cached in the workdir.
+    results |= pfid.patch_fid_folders(ec.real_dir, fake_dir, extractor, seed=config.seed,
+                                      cache_dir=pathlib.Path(workdir) / "fid_stats")
   if config.data.data_dir:
     results |= reconstruction_metrics(config, pathlib.Path(workdir), mesh)
   if not results:

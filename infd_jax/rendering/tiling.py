@@ -6,9 +6,11 @@ that exists, and keeps the centre. Each tile is one renderer call, so the
 renderer's GroupNorm statistics are per padded tile; reproducing the tiling is
 what makes outputs match the official samples.
 
-Here tiles are grouped by padded shape (interior / edge / corner classes),
-each class is rendered in batched calls of a fixed number of tiles (`vmap`
-over tiles, phi shared), and the kept centres are assembled on the host. Each
+Here tiles of one padded shape (interior / edge / corner classes) are
+rendered in batched calls (`vmap` over tiles, phi shared), and the kept
+centres are assembled on the host, or streamed in raster order (`stream`).
+With phi sharded over a mesh's batch axes each device renders its own images;
+with fewer images than devices each call's tiles are spread over the mesh. Each
 jitted call takes the tiles' coordinate axes (built exactly on the host, see
 `coords`) as arrays, so the compiled functions depend only on the tile shapes,
 not on the resolution or the tile positions. The network is an argument
@@ -16,15 +18,15 @@ not on the resolution or the tile positions. The network is an argument
 `module_render_fn(model, "render")`, so this file knows nothing about it.
 """
 
-import collections
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from infd_jax.rendering import coords
 
@@ -101,7 +103,7 @@ class TiledRenderer:
   def __init__(self, render_fn: RenderFn, tile: int = 256, pad: int = 8, tiles_per_call: int = 4):
     self.render_fn = render_fn
     self.tile, self.pad, self.tiles_per_call = tile, pad, tiles_per_call
-    self._tiles_fn = jax.jit(functools.partial(_render_tiles, render_fn))
+    self._tiles_fns: dict[Any, Callable] = {}
     self._grid_fn = jax.jit(render_fn)
 
   def render_grid(self, params: PyTree, phi: jax.Array, coord: jax.Array, cell: jax.Array
@@ -115,7 +117,7 @@ class TiledRenderer:
 
     Args:
       params: variables for render_fn.
-      phi: [B, Hf, Wf, C] decoded feature map.
+      phi: [B, Hf, Wf, C] decoded feature map, every row held by this process.
       out_hw: (H, W) of the full virtual image (any size, need not be square).
       window: (top, left, h, w) of the part to return; only tiles overlapping it
         are rendered, and the result equals the same crop of the full image.
@@ -123,42 +125,142 @@ class TiledRenderer:
     Returns:
       [B, h, w, 3] float32 numpy array (h, w = out_hw when window is None).
     """
-    top, left, h, w = window or (0, 0, *out_hw)
-    if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= out_hw[0]
-            and left + w <= out_hw[1]):
-      raise ValueError(f"window {window} is not inside the {out_hw} image")
-    out = np.zeros((phi.shape[0], h, w, 3), np.float32)
-    cell = jnp.asarray([2 / out_hw[0], 2 / out_hw[1]], jnp.float32)
-    groups = collections.defaultdict(list)
-    for t in official_tiles(out_hw, self.tile, self.pad):
-      if _overlap(t, (top, left, h, w)) is not None:
-        groups[t.in_hw].append(t)
-    pending = []
-    for in_hw, tiles in groups.items():
-      n = min(self.tiles_per_call, len(tiles))
-      for i in range(0, len(tiles), n):
-        chunk = tiles[i:i + n]
-        # Pad the last chunk by repeating a tile so every call of a class has one shape.
-        padded = chunk + [chunk[-1]] * (n - len(chunk))
-        rows = np.stack([coords.axis_centers(out_hw[0], t.in_origin[0], in_hw[0]) for t in padded])
-        cols = np.stack([coords.axis_centers(out_hw[1], t.in_origin[1], in_hw[1]) for t in padded])
-        pending.append((chunk, self._tiles_fn(params, phi, rows, cols, cell)))
-        # Copy the previous chunk while this one runs on the device.
-        if len(pending) > 1:
-          self._paste(out, *pending.pop(0), (top, left, h, w))
-    for chunk, result in pending:
-      self._paste(out, chunk, result, (top, left, h, w))
-    return out
+    rows, images = self.render_local(params, phi, out_hw, window)
+    if len(rows) != phi.shape[0]:
+      raise ValueError("phi has rows on other processes: use render_local")
+    return images
 
-  @staticmethod
-  def _paste(out: np.ndarray, chunk: list[Tile], result: jax.Array, window: Window) -> None:
-    result = np.asarray(jax.device_get(result), np.float32)
-    for t, img in zip(chunk, result):
-      (r0, r1), (c0, c1) = _overlap(t, window)
-      # Kept centre starts at out_origin - in_origin inside the padded tile.
-      ir, ic = r0 - t.in_origin[0], c0 - t.in_origin[1]
-      out[:, r0 - window[0]:r1 - window[0], c0 - window[1]:c1 - window[1]] = (
-          img[:, ir:ir + r1 - r0, ic:ic + c1 - c0])
+  def render_local(self, params: PyTree, phi: jax.Array, out_hw: tuple[int, int],
+                   window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """As `render_image`, for the rows of phi this process holds.
+
+    When phi is batch-sharded over a mesh, every device renders its own images
+    and each process gets back only its rows; otherwise (e.g. one image) the
+    tiles of each call are spread over the mesh (or the default device).
+
+    Returns:
+      (global row indices [b] of phi held here, images [b, h, w, 3] float32).
+    """
+    check_window(out_hw, window)
+    window = window or (0, 0, *out_hw)
+    placement = _Placement.of(phi)
+    rows = placement.local_rows(phi)
+    out = np.zeros((len(rows), window[2], window[3], 3), np.float32)
+    # Tiles of one padded shape together: few, full calls.
+    tiles = sorted((t for t in official_tiles(out_hw, self.tile, self.pad) if _overlap(t, window)),
+                   key=lambda t: t.in_hw)
+    for chunk, result in self.iter_chunks(params, phi, out_hw, tiles, placement):
+      for t, img in zip(chunk, placement.local_result(result, rows)):
+        (r0, r1), (c0, c1) = _overlap(t, window)
+        # Kept centre starts at out_origin - in_origin inside the padded tile.
+        ir, ic = r0 - t.in_origin[0], c0 - t.in_origin[1]
+        out[:, r0 - window[0]:r1 - window[0], c0 - window[1]:c1 - window[1]] = (
+            img[:, ir:ir + r1 - r0, ic:ic + c1 - c0])
+    return rows, out
+
+  def iter_chunks(self, params: PyTree, phi: jax.Array, out_hw: tuple[int, int],
+                  tiles: Iterable[Tile], placement: "_Placement | None" = None
+                  ) -> Iterator[tuple[list[Tile], jax.Array]]:
+    """Renders `tiles` in batched calls; yields (tiles, result [n, B, h, w, 3]) in order.
+
+    Consecutive tiles of one padded shape share a call of up to `tiles_per_call`
+    tiles; a shorter run is padded by repetition to a power of two, so each
+    shape class compiles for few call sizes. One call is dispatched ahead, so
+    the host copies a result while the next one runs.
+    """
+    placement = placement or _Placement.of(phi)
+    cell = placement.put(np.asarray([2 / out_hw[0], 2 / out_hw[1]], np.float32), P())
+    pending = None
+    for chunk in _runs(tiles, self.tiles_per_call):
+      n = placement.round_tiles(min(self.tiles_per_call, 1 << (len(chunk) - 1).bit_length()))
+      padded = chunk + [chunk[-1]] * (n - len(chunk))
+      in_hw = chunk[0].in_hw
+      rows = np.stack([coords.axis_centers(out_hw[0], t.in_origin[0], in_hw[0]) for t in padded])
+      cols = np.stack([coords.axis_centers(out_hw[1], t.in_origin[1], in_hw[1]) for t in padded])
+      result = self._tiles_fn(placement)(params, phi, placement.put(rows, placement.tile_spec),
+                                         placement.put(cols, placement.tile_spec), cell)
+      if pending is not None:
+        yield pending
+      pending = (chunk, result)
+    if pending is not None:
+      yield pending
+
+  def _tiles_fn(self, placement: "_Placement") -> Callable:
+    key = (placement.mesh, placement.out_spec)
+    if key not in self._tiles_fns:
+      fn = functools.partial(_render_tiles, self.render_fn)
+      out = None if placement.mesh is None else NamedSharding(placement.mesh, placement.out_spec)
+      self._tiles_fns[key] = jax.jit(fn, out_shardings=out)
+    return self._tiles_fns[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+  """Where one render runs: phi's batch axis over the mesh, else tiles over the mesh."""
+  mesh: Mesh | None
+  batch_axes: Any      # mesh axes phi's batch is sharded over, or None
+  tile_spec: P         # sharding of the per-call tile axis (coordinates)
+  out_spec: P          # sharding of the result [n_tiles, B, h, w, 3]
+
+  @classmethod
+  def of(cls, phi: jax.Array) -> "_Placement":
+    sharding = getattr(phi, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+      return cls(None, None, P(), P())
+    spec = tuple(sharding.spec)
+    if spec and spec[0] is not None:
+      return cls(sharding.mesh, spec[0], P(), P(None, spec[0]))
+    # Few images: spread each call's tiles over the devices; every process gets all tiles.
+    axes = tuple(sharding.mesh.axis_names)
+    return cls(sharding.mesh, None, P(axes), P())
+
+  def round_tiles(self, n: int) -> int:
+    """Tiles per call, a multiple of the device count when tiles are spread."""
+    if self.mesh is None or self.batch_axes is not None:
+      return n
+    return -(-n // self.mesh.size) * self.mesh.size
+
+  def put(self, x: np.ndarray, spec: P) -> jax.Array | np.ndarray:
+    """A host array (the same on every process) as a global array on the mesh."""
+    if self.mesh is None:
+      return x
+    return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda i: x[i])
+
+  def local_rows(self, phi: jax.Array) -> np.ndarray:
+    if self.batch_axes is None:
+      return np.arange(phi.shape[0])
+    starts = {s.index[0].start or 0: s.data.shape[0] for s in phi.addressable_shards}
+    return np.concatenate([np.arange(a, a + n) for a, n in sorted(starts.items())])
+
+  def local_result(self, result: jax.Array, rows: np.ndarray) -> np.ndarray:
+    """This process's rows of a render result, host float32 [n, b, h, w, 3]."""
+    if self.batch_axes is None:
+      return np.asarray(jax.device_get(result), np.float32)
+    parts = {s.index[1].start or 0: s.data for s in result.addressable_shards}
+    return np.concatenate([np.asarray(parts[a], np.float32) for a in sorted(parts)], axis=1)
+
+
+def _runs(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
+  """Consecutive tiles of one padded shape, in groups of at most `size`."""
+  run: list[Tile] = []
+  for t in tiles:
+    if run and (t.in_hw != run[0].in_hw or len(run) == size):
+      yield run
+      run = []
+    run.append(t)
+  if run:
+    yield run
+
+
+def check_window(out_hw: tuple[int, int], window: Window | None) -> None:
+  """Raises ValueError unless window=(top, left, h, w) is a non-empty part of the image."""
+  if window is None:
+    return
+  top, left, h, w = window
+  if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= out_hw[0]
+          and left + w <= out_hw[1]):
+    raise ValueError(f"window {tuple(window)} (top, left, height, width) is not inside the "
+                     f"{out_hw[0]}x{out_hw[1]} image")
 
 
 def _overlap(t: Tile, window: Window) -> tuple[tuple[int, int], tuple[int, int]] | None:

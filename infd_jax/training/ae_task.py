@@ -1,7 +1,6 @@
 """Stage 1 as a `loop.Task`: models, init, step, data and visualisation."""
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -15,7 +14,8 @@ from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import tiling
-from infd_jax.training import builders, loop, optim
+from infd_jax import builders, inference
+from infd_jax.training import loop, optim
 from infd_jax.training.ae_step import AELoss, ae_train_step
 from infd_jax.training.state import AEState
 
@@ -116,7 +116,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   ae = builders.autoencoder(config)
   r = config.data.patch
   zoom = 4 * r  # official: a 256 window of a 1024 rendering
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"))
+  renderer = inference.renderer(config)
   samples: dict[str, np.ndarray] = {}
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
@@ -144,11 +144,3 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
         f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})
   return visualize
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                mesh: jax.sharding.Mesh) -> PyTree:
-  """Stage-1 generator parameters, read-only, from `ckpt.ae_checkpoint` or `workdir`."""
-  return loop.load_stage_params(config, config.ckpt.ae_checkpoint or workdir, stage="ae",
-                                init_fn=init_fn(config), mesh=mesh,
-                                pick=lambda state: state.gen_params, converted=("ae", "ae"))

@@ -23,11 +23,11 @@ import numpy as np
 from infd_jax import sharding
 from infd_jax.data import latents as latents_lib
 from infd_jax.data import padded, pipeline
-from infd_jax.diffusion import gaussian, samplers
+from infd_jax.diffusion import gaussian
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
-from infd_jax.rendering import tiling
-from infd_jax.training import ae_task, builders, loop, optim
+from infd_jax import builders, inference
+from infd_jax.training import loop, optim
 from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
 
@@ -118,7 +118,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
   tc = config.train
-  ae_params = ae_task.load_params(config, workdir, mesh)
+  ae_params = inference.load_ae_params(config, workdir, mesh)
   unet, ae = builders.unet(config), builders.autoencoder(config)
   step = functools.partial(
       dm_train_step, unet=unet, ae=ae, tx=optim.dm_optimizer(config.optim),
@@ -175,47 +175,14 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
   return evaluate
 
 
-def make_sampler(config: ml_collections.ConfigDict, num: int, mesh: jax.sharding.Mesh):
-  """Jitted (UNet params, ae params, key) -> phi [num, H, W, C]: DDIM, quantize, decode.
-
-  phi comes back replicated, so every host can render it.
-  """
-  unet, ae = builders.unet(config), builders.autoencoder(config)
-  sched = builders.diffusion_schedule(config)
-  shape = (num, *builders.latent_shape(config))
-  apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
-
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def sample(dm_params, ae_params, key):
-    z = samplers.ddim_sample(apply_fn, dm_params, key, shape, sched,
-                             num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta)
-    if config.sample.quantize:
-      z = ae.apply({"params": ae_params}, z, method="quantize").z_q
-    return ae.apply({"params": ae_params}, z, method="decode")
-  return sample
-
-
 def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
                     mesh: jax.sharding.Mesh):
   """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
-  ae = builders.autoencoder(config)
-  sample = make_sampler(config, num=8, mesh=mesh)
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
-                                  config.sample.pad, config.sample.tiles_per_call)
+  model = inference.Model(config, mesh, ae_params)
   res = config.data.inp_res
 
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:
-    phi = sample(state.ema_params, ae_params, jax.random.PRNGKey(config.seed))
-    images = renderer.render_image({"params": ae_params}, phi, (res, res))
+    z = model.sample_global(np.arange(8), config.seed, dm_params=state.ema_params)
+    images = model.render(z, (res, res))[:8]
     writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4)[None]})
   return visualize
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                mesh: jax.sharding.Mesh) -> PyTree:
-  """UNet parameters (EMA if `sample.use_ema`) from `ckpt.dm_checkpoint` or `workdir`."""
-  ema = config.sample.use_ema
-  return loop.load_stage_params(config, config.ckpt.dm_checkpoint or workdir, stage="dm",
-                                init_fn=init_fn(config), mesh=mesh,
-                                pick=lambda state: state.ema_params if ema else state.params,
-                                converted=("dm_ema" if ema else "dm", "dm"))

@@ -113,39 +113,6 @@ def run_evaluation(examples: Iterable[dict[str, np.ndarray]], num_records: int,
   return values
 
 
-def load_stage_params(config: ml_collections.ConfigDict, source: str | os.PathLike, *,
-                      stage: str, init_fn: Callable[[jax.Array], PyTree],
-                      mesh: jax.sharding.Mesh, pick: Callable[[PyTree], PyTree],
-                      converted: tuple[str, str]) -> PyTree:
-  """Read-only parameters of a trained stage, for later stages and jobs.
-
-  Args:
-    config: the run's config (its architecture must match the checkpoint's).
-    source: a training workdir, its `checkpoints_<stage>` folder, or the output of
-      `python -m infd_jax.convert`.
-    stage: "ae" or "dm".
-    init_fn: the stage's state initialiser (gives the abstract state to restore into).
-    mesh: where the parameters go (sharded by the config rules).
-    pick: state -> the parameters wanted (e.g. the EMA weights).
-    converted: (part, config family) to read from a converted checkpoint.
-  """
-  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
-  from infd_jax.training import builders  # pylint: disable=g-import-not-at-top
-  source = epath.Path(source)
-  folder = f"checkpoints_{stage}"
-  for candidate in (source / folder, source):
-    if candidate.name == folder and candidate.is_dir() and any(candidate.iterdir()):
-      abstract, _, _ = initial_state(init_fn, mesh, sharding.config_rules(config.mesh), config.seed)
-      return pick(checkpointing.restore_params(candidate, abstract))
-  if mapping.is_converted_checkpoint(source):
-    params = builders.load_converted_part(config, source, *converted)
-    return jax.device_put(params, sharding.replicated(mesh))
-  raise builders.UserError(
-      f"no stage-{'1' if stage == 'ae' else '2'} checkpoint in {source}: train it first "
-      f"(--config.stage={stage}) or point "
-      f"--config.ckpt.{stage}_checkpoint at a workdir or a converted official checkpoint")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: Task,
           mesh: jax.sharding.Mesh, writer: writers.MetricWriter) -> PyTree:
   """Trains `task` to `task.total_steps`, resuming from `workdir` if possible.

@@ -1,0 +1,94 @@
+"""Builds modules and derived shapes from a config (one place for every job)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from infd_jax.diffusion import schedules
+from infd_jax.models.autoencoder import INFDAutoencoder
+from infd_jax.models.discriminator import PatchDiscriminator
+from infd_jax.models.lpips import LPIPS
+from infd_jax.models.unet import UNet
+
+
+class UserError(Exception):
+  """A problem the user can fix (paths, settings); reported in one line, no traceback."""
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  name = config.train.compute_dtype
+  if name not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"config.train.compute_dtype={name!r}: use float32 or bfloat16")
+  return jnp.dtype(name)
+
+
+def autoencoder(config: ml_collections.ConfigDict) -> INFDAutoencoder:
+  return INFDAutoencoder(**config.ae, dtype=compute_dtype(config))
+
+
+def discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator:
+  return PatchDiscriminator(**config.disc, dtype=compute_dtype(config))
+
+
+def lpips(config: ml_collections.ConfigDict) -> LPIPS:
+  return LPIPS(dtype=compute_dtype(config))
+
+
+def unet(config: ml_collections.ConfigDict) -> UNet:
+  """The stage-2 UNet; `config.dm.attention_impl` picks XLA or cuDNN attention kernels."""
+  impl = config.dm.attention_impl
+  if impl not in ("xla", "cudnn"):
+    raise UserError(f"config.dm.attention_impl={impl!r}: use 'xla' or 'cudnn'")
+  if impl == "cudnn" and compute_dtype(config) == jnp.float32:
+    raise UserError("config.dm.attention_impl='cudnn' needs "
+                    "--config.train.compute_dtype=bfloat16 (cuDNN attention has no float32 kernel)")
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise UserError(f"config.dm.attention_impl='cudnn' needs an NVIDIA GPU; this run is on "
+                    f"{jax.default_backend()}: use 'xla'")
+  return UNet(**config.dm, in_channels=config.ae.z_channels, out_channels=config.ae.z_channels,
+              dtype=compute_dtype(config))
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(h, w, c) of z for an `inp_res` input: the encoder downsamples len(ch_mult)-1 times."""
+  factor = 2 ** (len(config.ae.ch_mult) - 1)
+  side = config.data.inp_res // factor
+  return side, side, config.ae.z_channels
+
+
+def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+  d = config.diffusion
+  return schedules.linear_schedule(d.beta_start, d.beta_end, d.num_train_steps)
+
+
+def pipeline_config(data: ml_collections.ConfigDict, stage: str) -> dict:
+  """`config.data` -> the keys of `infd_jax.data.pipeline` for one stage ("" / 0 -> None)."""
+  from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = data.to_dict()
+  if stage == "dm":
+    d.update(variant=d["dm_variant"], split=d["dm_split"], resize=d["dm_resize"])
+  keys = pipeline.default_data_config().keys()
+  return {k: (None if d[k] in ("", 0) and k in ("variant", "source", "resize") else d[k])
+          for k in keys if k in d}
+
+
+def load_converted_part(config: ml_collections.ConfigDict, source, part: str, family: str):
+  """One part ("ae", "dm", "dm_ema") of a converted official checkpoint, host arrays.
+
+  The architecture it was converted from must equal `config.<family>`; a mismatch
+  names the differing keys instead of failing later on shapes.
+  """
+  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  meta = mapping.load_meta(source)
+  if family not in meta:
+    raise UserError(f"{source} holds no '{family}' part (converted parts: "
+                    f"{sorted(k for k in ('ae', 'disc', 'dm') if k in meta)})")
+  wanted = {k: tuple(v) if isinstance(v, list) else v for k, v in config[family].to_dict().items()}
+  diff = {k: (wanted[k], v) for k, v in meta[family].items() if k in wanted and wanted[k] != v}
+  if diff:
+    raise UserError(f"config.{family} differs from the checkpoint in {source}: "
+                    + ", ".join(f"{k}={a!r} (checkpoint {b!r})" for k, (a, b) in diff.items()))
+  trees = mapping.load_converted(source)
+  if part not in trees:
+    raise UserError(f"{source} holds no '{part}' parameters (an AE-only checkpoint?)")
+  return trees[part]
