@@ -48,6 +48,11 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if not config.data.data_dir:
     config.data.data_dir = str(workdir / "data")
+  if "://" in config.data.data_dir:
+    raise UserError(
+        f"config.data.data_dir={config.data.data_dir}: prepared datasets are ArrayRecord files "
+        "read with local file I/O; set --config.data.data_dir to a local or mounted directory "
+        "(e.g. a gcsfuse mount of the bucket) that every host can read")
   stages = ("ae", "dm") if config.stage == "all" else (config.stage,)
   error = None
   if jax.process_index() == 0:  # one writer; the other processes wait for it below

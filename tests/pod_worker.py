@@ -14,7 +14,8 @@ import jax
 
 def main(argv: list[str]) -> None:
   workdir, data_dir, stages, ae_steps, dm_steps = argv[1:6]
-  logging.basicConfig(level=logging.INFO)
+  logging.basicConfig(level=logging.INFO)  # the loop's "resumed from step N" and warnings
+  logging.getLogger("absl").setLevel(logging.WARNING)  # not orbax's per-save chatter
   if len(argv) > 6:
     jax.distributed.initialize(coordinator_address=argv[6], num_processes=int(argv[7]),
                                process_id=int(argv[8]), cluster_detection_method="deactivate")
@@ -28,8 +29,8 @@ def main(argv: list[str]) -> None:
     c = tiny.get_config()
     c.stage = stage
     c.data.update(data_dir=data_dir, eval_split="train")  # 9 records: shares of 5 and 4
-    c.train.update(ae_steps=int(ae_steps), dm_steps=int(dm_steps), eval_every=int(
-        ae_steps if stage == "ae" else dm_steps), eval_batches=0, ckpt_every=1)
+    c.train.update(ae_steps=int(ae_steps), dm_steps=int(dm_steps), eval_every=1, eval_batches=0,
+                   ckpt_every=1)
     jobs.run(c, workdir)
     init = (ae_task if stage == "ae" else dm_task).init_fn(c)
     abstract, _, _ = loop.initial_state(init, sharding.make_mesh(-1, 1), (), 0)

@@ -7,7 +7,7 @@ renderer's GroupNorm statistics are per padded tile; reproducing the tiling is
 what makes outputs match the official samples.
 
 Here tiles of one padded shape (interior / edge / corner classes) are
-rendered in batched calls (`vmap` over tiles, phi shared), and the kept
+rendered in batched calls (a loop over tiles, phi shared), and the kept
 centres are assembled on the host, or streamed in raster order (`stream`).
 With phi sharded over a mesh's batch axes each device renders its own images;
 with fewer images than devices each call's tiles are spread over the mesh. Each
@@ -74,16 +74,20 @@ def _render_tiles(render_fn: RenderFn, params: PyTree, phi: jax.Array, rows: jax
                   cols: jax.Array, cell: jax.Array) -> jax.Array:
   """Renders n same-shape tiles given their coordinate axes rows [n, h], cols [n, w].
 
+  The tiles run one after another (`lax.map`), each as the same computation, so
+  a tile's pixels do not depend on which call or how many tiles it came with
+  (a window equals the crop of the full image bit for bit, streamed or not).
+
   cell: [2] pixel size of the virtual image. Returns [n, B, h, w, 3].
   """
   batch = phi.shape[0]
 
-  def one(r, c):
-    coord = coords.grid_from_axes(r, c)
+  def one(rc):
+    coord = coords.grid_from_axes(*rc)
     shape = (batch, *coord.shape)
     return render_fn(params, phi, jnp.broadcast_to(coord, shape), jnp.broadcast_to(cell, shape))
 
-  return jax.vmap(one)(rows, cols)
+  return jax.lax.map(one, (rows, cols))
 
 
 class TiledRenderer:
@@ -189,6 +193,11 @@ class TiledRenderer:
     key = (placement.mesh, placement.out_spec)
     if key not in self._tiles_fns:
       fn = functools.partial(_render_tiles, self.render_fn)
+      if placement.mesh is not None and placement.batch_axes is None:
+        # Each device renders its share of the call's tiles.
+        tiles = placement.tile_spec
+        fn = jax.shard_map(fn, mesh=placement.mesh, in_specs=(P(), P(), tiles, tiles, P()),
+                           out_specs=tiles)
       out = None if placement.mesh is None else NamedSharding(placement.mesh, placement.out_spec)
       self._tiles_fns[key] = jax.jit(fn, out_shardings=out)
     return self._tiles_fns[key]
