@@ -14,7 +14,7 @@ from infd_jax.data import pipeline
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import tiling
+from infd_jax.rendering import coords, tiling
 from infd_jax.training import builders, loop, optim
 from infd_jax.training.ae_step import AELoss, ae_train_step
 from infd_jax.training.state import AEState
@@ -39,14 +39,33 @@ def init_fn(config: ml_collections.ConfigDict):
   return init
 
 
+def make_step(config: ml_collections.ConfigDict):
+  """The stage-1 training step `(state, batch, lpips_params) -> (state, scalars)`."""
+  tx = optim.ae_optimizer(config.optim)
+  return functools.partial(
+      ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
+      lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),
+      skip_nonfinite=config.train.on_nonfinite == "skip")
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, *, inp_res: int, patch: int
+                    ) -> dict[str, np.ndarray]:
+  """A random training batch of the real shapes and dtypes (benchmarks, AOT compiles).
+
+  The ground truth is a P x P window in the middle of a 2P x 2P image.
+  """
+  coord, cell = coords.window_coord_cell((2 * patch, 2 * patch), (patch // 2, patch // 2),
+                                         (patch, patch))
+  uniform = lambda s: rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32)
+  return {"inp": uniform(inp_res), "gt": uniform(patch),
+          "coord": np.broadcast_to(coord, (batch, patch, patch, 2)),
+          "cell": np.broadcast_to(cell, (batch, patch, patch, 2))}
+
+
 def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-1 task: global batch `train.ae_batch_size` of multiscale patches."""
   tc = config.train
-  ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
-  tx = optim.ae_optimizer(config.optim)
-  step = functools.partial(
-      ae_train_step, ae=ae, disc=disc, lpips=lp, gen_tx=tx, disc_tx=tx,
-      loss=AELoss(**config.loss), skip_nonfinite=tc.on_nonfinite == "skip")
+  step = make_step(config)
   lpips_params = jax.device_put(load_lpips_params(), sharding.replicated(mesh))
 
   def make_dataset(process_index: int, process_count: int):
