@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 
 from infd_jax import sharding
-from infd_jax.data import pipeline
+from infd_jax.data import on_device, pipeline, transforms
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import coords, tiling
+from infd_jax.rendering import tiling
 from infd_jax.training import builders, loop, optim
 from infd_jax.training.ae_step import AELoss, ae_train_step
 from infd_jax.training.state import AEState
@@ -40,26 +40,23 @@ def init_fn(config: ml_collections.ConfigDict):
 
 
 def make_step(config: ml_collections.ConfigDict):
-  """The stage-1 training step `(state, batch, lpips_params) -> (state, scalars)`."""
+  """The stage-1 training step `(state, batch, lpips_params) -> (state, scalars)` on the
+  pipeline's compact batches (uint8 images and crops, expanded on the device)."""
   tx = optim.ae_optimizer(config.optim)
-  return functools.partial(
+  step = functools.partial(
       ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
       lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),
       skip_nonfinite=config.train.on_nonfinite == "skip")
+  return lambda state, batch, lpips_params: step(state, on_device.ae_batch(batch), lpips_params)
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, *, inp_res: int, patch: int
                     ) -> dict[str, np.ndarray]:
-  """A random training batch of the real shapes and dtypes (benchmarks, AOT compiles).
-
-  The ground truth is a P x P window in the middle of a 2P x 2P image.
-  """
-  coord, cell = coords.window_coord_cell((2 * patch, 2 * patch), (patch // 2, patch // 2),
-                                         (patch, patch))
-  uniform = lambda s: rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32)
-  return {"inp": uniform(inp_res), "gt": uniform(patch),
-          "coord": np.broadcast_to(coord, (batch, patch, patch, 2)),
-          "cell": np.broadcast_to(cell, (batch, patch, patch, 2))}
+  """A random pipeline batch of the real shapes and dtypes (benchmarks, AOT compiles):
+  the ground truth is the P x P window in the middle of a 2P x 2P image."""
+  images = lambda s: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
+  crop = np.tile(np.asarray([2 * patch, patch // 2, patch // 2], np.int32), (batch, 1))
+  return {"inp": images(inp_res), "gt": images(patch), "crop": crop}
 
 
 def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Task:
@@ -95,6 +92,7 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   @jax.jit
   def eval_step(state: AEState, batch, lpips_params):
+    batch = on_device.ae_batch(batch)
     out = ae.apply({"params": state.gen_params}, batch["inp"], batch["coord"], batch["cell"])
     pred, gt = out.pred.astype(jnp.float32), batch["gt"]
     l1 = jnp.mean(jnp.abs(pred - gt))
@@ -133,6 +131,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def reconstruct(params, batch):
+    batch = on_device.ae_batch(batch)
     out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
     phi = ae.apply({"params": params}, out.z_q, method="decode")
     return out.pred.astype(jnp.float32), phi
@@ -151,7 +150,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
     centre = renderer.render_grid({"params": state.gen_params}, phi,
                                   *tiling.window_grid((zoom, zoom), window, phi.shape[0]))
-    pairs = np.stack([np.asarray(pred), samples["gt"]], axis=1).reshape(-1, r, r, 3)
+    pairs = np.stack([np.asarray(pred), transforms.to_float(samples["gt"])], axis=1).reshape(-1, r, r, 3)
     writer.write_images(step, {
         "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
         f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})
