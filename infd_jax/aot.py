@@ -167,9 +167,8 @@ def default_batch(config, stage: str) -> int:
 def check_batch(batch: int, mesh) -> None:
   n = mesh.devices.size
   if batch <= 0 or batch % n:
-    fits = [b for b in (n, 2 * n, 4 * n, 8 * n)]
     raise UserError(f"--batch={batch} does not divide over the {n} devices of the mesh "
-                    f"{dict(mesh.shape)}; use a multiple of {n} (e.g. {fits})")
+                    f"{dict(mesh.shape)}; use a multiple of {n} (e.g. {n}, {2 * n}, {4 * n})")
 
 
 def compile_program(program: Program) -> tuple[Any, float]:
@@ -230,13 +229,14 @@ def run(config, *, config_path: str, overrides: list[str], topology: str, batch:
               "compute_dtype": config.train.compute_dtype, "compile_s": round(seconds, 1),
               **analysis(compiled), "hbm_bytes": hbm * GIB if hbm else None}
     record["fits"] = None if hbm is None else record["total_bytes"] <= hbm * GIB
-    print(f"  per chip: arguments {_fmt_gib(record['argument_bytes'])}, outputs "
+    unit = "device" if topology == "cpu" else "chip"
+    print(f"  per {unit}: arguments {_fmt_gib(record['argument_bytes'])}, outputs "
           f"{_fmt_gib(record['output_bytes'])}, temporaries {_fmt_gib(record['temp_bytes'])}, "
           f"total {_fmt_gib(record['total_bytes'])}"
           + (f" of {hbm} GiB HBM: {'fits' if record['fits'] else 'DOES NOT FIT'}" if hbm else
              " (CPU-backend plan, no HBM check)"), flush=True)
     print(f"  XLA: {record['flops'] or 0:.3e} FLOPs, {record['bytes_accessed'] or 0:.3e} bytes "
-          f"accessed per chip; compiled in {seconds:.1f} s", flush=True)
+          f"accessed; compiled in {seconds:.1f} s", flush=True)
     results.parent.mkdir(parents=True, exist_ok=True)
     with results.open("a") as f:
       f.write(json.dumps(record) + "\n")
@@ -244,8 +244,8 @@ def run(config, *, config_path: str, overrides: list[str], topology: str, batch:
   return records
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/ffhq.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config, e.g. configs/ffhq.py.", lock_config=True)
 _TOPO = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x2x2, v5e:4x8; or cpu.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0 = the config's batch for the stage).")
 _RESULTS = flags.DEFINE_string("results", "aot_results.jsonl", "JSON-lines file to append to.")

@@ -150,7 +150,8 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
     centre = renderer.render_grid({"params": state.gen_params}, phi,
                                   *tiling.window_grid((zoom, zoom), window, phi.shape[0]))
-    pairs = np.stack([np.asarray(pred), transforms.to_float(samples["gt"])], axis=1).reshape(-1, r, r, 3)
+    gt = transforms.to_float(samples["gt"])
+    pairs = np.stack([np.asarray(pred), gt], axis=1).reshape(-1, r, r, 3)
     writer.write_images(step, {
         "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
         f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})
