@@ -15,7 +15,6 @@ no device memory statistics exist). Prints one JSON line per run.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import statistics
@@ -25,11 +24,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import builders, inference, sharding
+from infd_jax import aot, builders, inference, sharding
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import coords, tiling
-from infd_jax.training import ae_step, ae_task, dm_task, loop, optim
-from infd_jax.training.dm_step import dm_train_step
+from infd_jax.rendering import tiling
+from infd_jax.training import ae_task, dm_task
 
 
 def _config(path: str, dtype: str):
@@ -52,15 +50,6 @@ def _time(fn, repeats: int) -> list[float]:
   return times
 
 
-def _compiled_analysis(compiled) -> dict:
-  """XLA's FLOPs per call and its buffer plan (arguments, outputs, temporaries) in bytes."""
-  memory = compiled.memory_analysis()
-  return {"flops": compiled.cost_analysis().get("flops"),
-          "plan_argument_bytes": memory.argument_size_in_bytes,
-          "plan_output_bytes": memory.output_size_in_bytes,
-          "plan_temp_bytes": memory.temp_size_in_bytes}
-
-
 def _peak_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
@@ -75,38 +64,17 @@ def _lpips_params(config, init: str):
 
 
 def _train_step(config, what: str, batch: int, lpips_init: str):
+  """The training step as `infd_jax.aot` compiles it, run on real arrays."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  rules = sharding.config_rules(config.mesh)
-  rng = np.random.default_rng(0)
+  program, init = aot.train_program(config, what, batch, mesh)
+  compiled, _ = aot.compile_program(program)
+  batch_arrays = sharding.shard_batch(aot.synthetic_batch(config, what, batch), mesh)
   if what == "ae":
-    r, p = config.data.inp_res, config.data.patch
-    # A P x P window in the middle of a 2P x 2P ground truth.
-    coord, cell = coords.window_coord_cell((2 * p, 2 * p), (p // 2, p // 2), (p, p))
-    data = {"inp": rng.uniform(-1, 1, (batch, r, r, 3)), "gt": rng.uniform(-1, 1, (batch, p, p, 3)),
-            "coord": np.broadcast_to(coord, (batch, p, p, 2)),
-            "cell": np.broadcast_to(cell, (batch, p, p, 2))}
-    tx = optim.ae_optimizer(config.optim)
-    step = functools.partial(
-        ae_step.ae_train_step, ae=builders.autoencoder(config),
-        disc=builders.discriminator(config), lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx,
-        loss=ae_step.AELoss(**config.loss))
-    init_fn, consts = ae_task.init_fn(config), (jax.device_put(_lpips_params(config, lpips_init)),)
-  else:
-    step = functools.partial(
-        dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
-        tx=optim.dm_optimizer(config.optim), sched=builders.diffusion_schedule(config),
-        ema_decay=config.optim.dm_ema)
-    init_fn = dm_task.init_fn(config)
-    if config.train.latent_cache:
-      data, consts = {"z": rng.normal(size=(batch, *builders.latent_shape(config)))}, (None,)
-    else:  # the step runs the frozen encoder on images itself
-      r = config.data.inp_res
-      data = {"inp": rng.uniform(-1, 1, (batch, r, r, 3))}
-      consts = (_init_params(ae_task.init_fn(config), 0).gen_params,)
-  abstract, shardings, init = loop.initial_state(init_fn, mesh, rules, 0)
-  batch_arrays = sharding.shard_batch({k: v.astype(np.float32) for k, v in data.items()}, mesh)
-  jitted = jax.jit(step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  compiled = jitted.lower(abstract, batch_arrays, *consts).compile()
+    consts = (jax.device_put(_lpips_params(config, lpips_init)),)
+  elif config.train.latent_cache:
+    consts = (None,)
+  else:  # the step runs the frozen encoder on images itself
+    consts = (_init_params(ae_task.init_fn(config), 0).gen_params,)
   state = []  # initialised by the first (untimed) call, so --plan_only allocates no state
 
   def run():
@@ -114,7 +82,14 @@ def _train_step(config, what: str, batch: int, lpips_init: str):
       state.append(init())
     state[0], metrics = compiled(state[0], batch_arrays, *consts)
     return metrics
-  return run, _compiled_analysis(compiled)
+  return run, _plan(aot.analysis(compiled))
+
+
+def _plan(a: dict) -> dict:
+  """XLA's FLOPs and buffer plan per call, under this script's JSON names."""
+  return {"flops": a["flops"], "bytes_accessed": a["bytes_accessed"],
+          "plan_argument_bytes": a["argument_bytes"], "plan_output_bytes": a["output_bytes"],
+          "plan_temp_bytes": a["temp_bytes"], "plan_total_bytes": a["total_bytes"]}
 
 
 def _init_params(init_fn, seed: int):

@@ -142,12 +142,17 @@ def advance_iterator(data_iter: Any, steps: int) -> None:
 
   Local batch k of every process is part of global batch k whatever the process
   count, so skipping `steps` local batches skips `steps` x global batch examples.
+  Iterators that keep their state as JSON bytes (as grain's handler expects of
+  non-grain iterators, e.g. `prefetch.DevicePrefetch`) are handled too.
   """
   state = data_iter.get_state()
+  as_bytes = isinstance(state, bytes)
+  state = json.loads(state) if as_bytes else state
   if "next_index" not in state:
     raise CheckpointError(f"cannot move a {type(data_iter).__name__} to step {steps}; resume "
                           "with the process count that wrote the checkpoint")
-  data_iter.set_state(dict(state, next_index=steps))
+  state = dict(state, next_index=steps)
+  data_iter.set_state(json.dumps(state).encode() if as_bytes else state)
 
 
 def restore_params(directory: str | os.PathLike, abstract_state: PyTree,

@@ -245,6 +245,12 @@ class Model:
   def _encode(self, ae_params: PyTree, images: jax.Array) -> jax.Array:
     return self.ae.apply({"params": ae_params}, images, method="encode")
 
+  def generation_program(self):
+    """Jitted (dm_params, ae_params, keys [n, 2]) -> phi [n, ...] batch-sharded: sampling and
+    decoding as one program, as generation runs them (for ahead-of-time compiles)."""
+    return jax.jit(lambda dm_params, ae_params, keys: self._decode(
+        ae_params, self._sample(dm_params, keys)), out_shardings=self._batch)
+
   # -- global arrays (every process calls these together) ------------------------------------
 
   def padded(self, n: int) -> int:

@@ -63,19 +63,13 @@ def _assert_same(a, b):
 def test_ae_batch_contract(data_dir):
   batches = _take(pipeline.make_ae_dataset(_cfg(data_dir), global_batch_size=4, seed=0), 4)
   for b in batches:
+    assert set(b) == {"inp", "gt", "crop"}
     assert b["inp"].shape == (4, 32, 32, 3) and b["gt"].shape == (4, 32, 32, 3)
-    assert b["coord"].shape == b["cell"].shape == (4, 32, 32, 2)
-    assert all(v.dtype == np.float32 for v in b.values())
-    assert b["inp"].min() >= -1 and b["inp"].max() <= 1
-    assert b["gt"].min() >= -1 and b["gt"].max() <= 1
-    r = 2 / b["cell"][:, 0, 0, 0]
-    assert np.all((r > 31.99) & (r < 64.01))
-    # Neighbouring pixel centres are one cell apart, and inside [-1, 1].
-    np.testing.assert_allclose(np.diff(b["coord"][..., 0], axis=1),
-                               b["cell"][:, 1:, :, 0], rtol=1e-4)
-    np.testing.assert_allclose(np.diff(b["coord"][..., 1], axis=2),
-                               b["cell"][:, :, 1:, 1], rtol=1e-4)
-    assert np.abs(b["coord"]).max() < 1
+    assert b["inp"].dtype == b["gt"].dtype == np.uint8
+    assert b["crop"].shape == (4, 3) and b["crop"].dtype == np.int32
+    r, ii, jj = b["crop"].T
+    assert np.all((r >= 32) & (r <= 64))
+    assert np.all((ii >= 0) & (ii <= r - 32) & (jj >= 0) & (jj <= r - 32))
 
 
 def test_dm_batches_and_resize(data_dir):
@@ -158,7 +152,7 @@ def test_shuffle_is_seeded_and_reshuffles_each_epoch():
 def test_mix6k_pipeline_draws_from_both_pools(data_dir):
   cfg = _cfg(data_dir, name="ffhq", variant="mix6k", gt_res_max=256)
   batches = _take(pipeline.make_ae_dataset(cfg, global_batch_size=8, seed=0), 8)
-  r = np.concatenate([2 / b["cell"][:, 0, 0, 0] for b in batches])
+  r = np.concatenate([b["crop"][:, 0] for b in batches])
   # HR images have sides 32..64, LR images 256; r > 64 only happens for LR.
   assert 0.25 < np.mean(r > 64.5) < 0.6
   _assert_same(batches[:2], _take(pipeline.make_ae_dataset(cfg, global_batch_size=8,

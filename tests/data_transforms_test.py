@@ -82,19 +82,15 @@ def test_ae_transform_example_contract():
   img = _photo(80)
   t = transforms.AeTransform(inp_res=48, patch=32, gt_res_min=32, gt_res_max=120)
   ex = t(_record(img), np.random.default_rng(3))
+  assert set(ex) == {"inp", "gt", "crop"}
   assert ex["inp"].shape == (48, 48, 3) and ex["gt"].shape == (32, 32, 3)
-  assert ex["coord"].shape == ex["cell"].shape == (32, 32, 2)
-  assert all(v.dtype == np.float32 for v in ex.values())
-  expected_inp = np.asarray(img.resize((48, 48), LANCZOS), np.float32) / 127.5 - 1
-  np.testing.assert_allclose(ex["inp"], expected_inp, atol=1e-6)
-  # Recover r and the offsets from coord/cell and rebuild gt by the reference path.
-  r = round(2 / float(ex["cell"][0, 0, 0]))
-  assert 32 <= r <= 80
-  ii = round((ex["coord"][0, 0, 0] + 1) * r / 2 - 0.5)
-  jj = round((ex["coord"][0, 0, 1] + 1) * r / 2 - 0.5)
-  assert 0 <= ii <= r - 32 and 0 <= jj <= r - 32
-  ref = np.asarray(transforms.resize_then_crop(img, r, ii, jj, 32), np.float32) / 127.5 - 1
-  assert np.abs(ex["gt"] - ref).max() <= 2 / 255 + 1e-6
+  assert ex["inp"].dtype == ex["gt"].dtype == np.uint8 and ex["crop"].dtype == np.int32
+  np.testing.assert_array_equal(ex["inp"], np.asarray(img.resize((48, 48), LANCZOS)))
+  # Rebuild gt from the crop (r, ii, jj) by the reference path.
+  r, ii, jj = (int(v) for v in ex["crop"])
+  assert 32 <= r <= 80 and 0 <= ii <= r - 32 and 0 <= jj <= r - 32
+  ref = np.asarray(transforms.resize_then_crop(img, r, ii, jj, 32), np.int16)
+  assert np.abs(ex["gt"].astype(np.int16) - ref).max() <= 1
 
 
 def test_lr_image_whole_crop_equals_inp():
@@ -102,9 +98,8 @@ def test_lr_image_whole_crop_equals_inp():
   img = _photo(256)
   t = transforms.AeTransform()
   ex = t(_record(img), np.random.default_rng(4))
-  np.testing.assert_allclose(ex["cell"], 2 / 256)
+  np.testing.assert_array_equal(ex["crop"], [256, 0, 0])
   np.testing.assert_array_equal(ex["gt"], ex["inp"])
-  assert ex["coord"][0, 0, 0] == pytest.approx(-1 + 1 / 256)
 
 
 def test_resize_option_and_dm_transform():

@@ -151,21 +151,23 @@ class BlocksTest(absltest.TestCase):
     np.testing.assert_array_equal(out, np.repeat(np.repeat(x, 2, 1), 2, 2))
 
   def test_attention_matches_numpy(self):
-    x = jax.random.normal(jax.random.key(0), (1, 3, 4, 32))
-    m = blocks.AttnBlock()
-    v = nn.unbox(m.init(jax.random.key(1), x))["params"]
-    out = m.apply({"params": v}, x)
-    xs = np.asarray(x, np.float64).reshape(12, 32)
-    g = xs.reshape(12, 32, 1)  # 32 groups of one channel: per-channel stats
-    h = (g - g.mean(0)) / np.sqrt(g.var(0) + 1e-6)
-    h = h.reshape(12, 32) * v["norm"]["scale"] + v["norm"]["bias"]
+    # 12 query rows: one call, and chunks of 4 rows (three rematerialised calls).
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 32))
+    v = nn.unbox(blocks.AttnBlock().init(jax.random.key(1), x))["params"]
     lin = lambda n, a: a @ np.asarray(v[n]["kernel"][0, 0]) + np.asarray(v[n]["bias"])
-    q, k, val = lin("q", h), lin("k", h), lin("v", h)
-    logits = q @ k.T / np.sqrt(32)
-    w = np.exp(logits - logits.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    want = xs + lin("proj_out", w @ val)
-    np.testing.assert_allclose(np.asarray(out).reshape(12, 32), want, rtol=1e-4, atol=1e-4)
+    for chunk in (1024, 4):
+      out = np.asarray(jax.jit(blocks.AttnBlock(query_chunk=chunk).apply)({"params": v}, x))
+      for i in range(2):
+        xs = np.asarray(x[i], np.float64).reshape(12, 32)
+        g = xs.reshape(12, 32, 1)  # 32 groups of one channel: per-channel stats
+        h = (g - g.mean(0)) / np.sqrt(g.var(0) + 1e-6)
+        h = h.reshape(12, 32) * v["norm"]["scale"] + v["norm"]["bias"]
+        q, k, val = lin("q", h), lin("k", h), lin("v", h)
+        logits = q @ k.T / np.sqrt(32)
+        w = np.exp(logits - logits.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        want = xs + lin("proj_out", w @ val)
+        np.testing.assert_allclose(out[i].reshape(12, 32), want, rtol=1e-4, atol=1e-4)
 
 
 class QuantizerTest(absltest.TestCase):
@@ -198,6 +200,21 @@ class QuantizerTest(absltest.TestCase):
     z = jnp.zeros((1, 1, 2, 3)).at[0, 0, 1, 0].set(0.5)  # 0 ties codes 1, 2; 0.5 ties 0, 1, 2
     idx = quantizer.nearest_code(z, codebook)
     np.testing.assert_array_equal(idx, [[[1, 0]]])
+
+  def test_chunked_search_matches_brute_force_with_ties_across_chunks(self):
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(12, 3)).astype(np.float32)
+    codebook[9] = codebook[2]  # a duplicate in a later chunk: index 2 must win
+    codebook[7] = codebook[6]  # a duplicate inside one chunk of 4
+    z = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+    z[0, 0, :2] = codebook[[2, 6]]
+    d = ((z.astype(np.float64)[..., None, :] - codebook.astype(np.float64)) ** 2).sum(-1)
+    want = d.argmin(-1)  # numpy's argmin: first index of the minimum
+    self.assertEqual(want[0, 0, 0], 2)
+    self.assertEqual(want[0, 0, 1], 6)
+    for chunk in (4, 5):  # 5 does not divide 12: one chunk of all codes
+      got = jax.jit(quantizer.nearest_code, static_argnums=2)(z, codebook, chunk)
+      np.testing.assert_array_equal(got, want)
 
   def test_straight_through_and_codebook_gradients(self):
     codebook = jax.random.normal(jax.random.key(2), (5, 3))

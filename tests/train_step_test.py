@@ -12,7 +12,7 @@ import skimage.data
 
 from configs import tiny
 from infd_jax import sharding
-from infd_jax.data import pipeline
+from infd_jax.data import on_device, pipeline
 from infd_jax.rendering import coords
 from infd_jax import builders
 from infd_jax.training import ae_step, ae_task, dm_task, loop, optim
@@ -31,7 +31,8 @@ def config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ae_batch(config):
   d = builders.pipeline_config(config.data, "ae")
-  return next(iter(pipeline.make_ae_dataset(d, global_batch_size=8, seed=0)))
+  batch = next(iter(pipeline.make_ae_dataset(d, global_batch_size=8, seed=0)))
+  return jax.device_get(jax.jit(on_device.ae_batch)(batch))
 
 
 # Sharding-equality tests use SGD: Adam's first step is about lr * sign(g), which turns

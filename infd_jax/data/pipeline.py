@@ -7,14 +7,15 @@ local batches [process_index::process_count] -> to_iter_dataset ->
 mp_prefetch(num_workers; 0 = in process). Global batch k is the same examples
 and crops on 1 or N processes; process p reads only its slice of it.
 
-Batch contract (float32 numpy, NHWC, B = global_batch_size // process_count):
-- stage 1 (`make_ae_dataset`):
-  - inp   [B, inp_res, inp_res, 3] in [-1, 1]: LANCZOS of the whole square;
-  - gt    [B, P, P, 3] in [-1, 1]: window of the image resized to r x r;
-  - coord [B, P, P, 2]: (row, col) pixel centres of the window inside the
-    r x r image, 2 * (ii + a + 0.5) / r - 1, in [-1, 1];
-  - cell  [B, P, P, 2]: 2 / r.
-- stage 2 (`make_dm_dataset`): inp only.
+Batch contract (numpy, NHWC, B = global_batch_size // process_count):
+- stage 1 (`make_ae_dataset`), compact for the host -> device copy:
+  - inp  uint8 [B, inp_res, inp_res, 3]: LANCZOS of the whole square;
+  - gt   uint8 [B, P, P, 3]: window of the image resized to r x r;
+  - crop int32 [B, 3]: (r, ii, jj), the window's resolution and origin.
+  `data.on_device.ae_batch` turns it, inside the jitted step, into float32 inp
+  and gt in [-1, 1], coord [B, P, P, 2] = (row, col) pixel centres of the
+  window inside the r x r image, 2 * (ii + a + 0.5) / r - 1, and cell = 2 / r.
+- stage 2 (`make_dm_dataset`): inp only, float32 in [-1, 1].
 
 Datasets (`cfg.name`, `cfg.variant`, `cfg.split`), see `sources`:
 - demo: the scikit-image photos, prepared on first use;
@@ -139,7 +140,7 @@ def _ensure(c: dict[str, Any]) -> None:
 
 def make_ae_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int,
                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Stage-1 batches {inp, gt, coord, cell} (see the module docstring).
+  """Stage-1 batches {inp, gt, crop} (see the module docstring).
 
   Args:
     cfg: `config.data` (keys of `default_data_config`).

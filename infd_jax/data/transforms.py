@@ -1,7 +1,11 @@
 """Per-example transforms (REFERENCE 5.4, `wrapper_cae`), numpy + PIL only.
 
-All resizing is PIL LANCZOS on uint8 RGB images. Outputs are float32, HWC, in
-[-1, 1] (2 * uint8 / 255 - 1). Randomness comes only from the numpy Generator
+All resizing is PIL LANCZOS on uint8 RGB images. Stage 2 images are float32,
+HWC, in [-1, 1] (2 * uint8 / 255 - 1). Stage 1 examples stay uint8 and carry
+their crop (r, ii, jj): the official images are uint8 before ToTensor /
+Normalize too, so `data.on_device.ae_batch` rebuilds the same float images and
+grids inside the jitted step, and a quarter of the bytes cross to the device.
+Randomness comes only from the numpy Generator
 that grain passes to `random_map`.
 
 Fast patch path: the ground-truth patch is the P x P window at (ii, jj) of the
@@ -101,8 +105,8 @@ class ImageTransform:
     return img
 
   def inp(self, img: Image.Image) -> np.ndarray:
-    # Always resample, even at inp_res already (PIL then returns a copy).
-    return to_float(img.resize((self.inp_res, self.inp_res), LANCZOS))
+    """uint8 [inp_res, inp_res, 3]; always resampled, even at inp_res (PIL then copies)."""
+    return np.asarray(img.resize((self.inp_res, self.inp_res), LANCZOS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +115,17 @@ class DmTransform(ImageTransform):
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
     del rng
-    return {"inp": self.inp(self.load(record))}
+    return {"inp": to_float(self.inp(self.load(record)))}
 
 
 @dataclasses.dataclass(frozen=True)
 class AeTransform(ImageTransform):
-  """Stage 1: inp, gt patch, its coord and cell (REFERENCE 5.4).
+  """Stage 1: inp, the gt patch and its crop (REFERENCE 5.4).
 
-  Returns {"inp": [inp_res, inp_res, 3], "gt": [P, P, 3], "coord": [P, P, 2],
-  "cell": [P, P, 2]}, all float32.
+  Returns {"inp": uint8 [inp_res, inp_res, 3], "gt": uint8 [P, P, 3], "crop":
+  int32 [3] = (r, ii, jj)}: the window at row ii, column jj of the image resized
+  to r x r. Its coord and cell are `patch_coord(r, ii, jj, P)` and
+  `patch_cell(r, P)`, built on the device by `data.on_device.ae_batch`.
   """
   patch: int = 256
   gt_res_min: int = 256
@@ -139,12 +145,8 @@ class AeTransform(ImageTransform):
                           p_whole=self.p_whole, p_max=self.p_max)
     ii, jj = (int(v) for v in rng.integers(0, r - self.patch, size=2, endpoint=True))
     crop = fast_patch if self.fast else resize_then_crop
-    return {
-        "inp": self.inp(img),
-        "gt": to_float(crop(img, r, ii, jj, self.patch)),
-        "coord": patch_coord(r, ii, jj, self.patch),
-        "cell": patch_cell(r, self.patch),
-    }
+    return {"inp": self.inp(img), "gt": np.asarray(crop(img, r, ii, jj, self.patch)),
+            "crop": np.asarray([r, ii, jj], np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,21 +48,33 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all H*W positions, scale C^-0.5, residual."""
+  """Single-head self-attention over all H*W positions, scale C^-0.5, residual.
+
+  `jax.nn.dot_product_attention` runs on chunks of `query_chunk` query rows,
+  each recomputed in the backward pass, so the float32 logits alive at once are
+  [B, query_chunk, H*W] instead of [B, H*W, H*W] (64 MiB per image at 64 x 64).
+  The softmax is per query row, so chunking does not change the result.
+  """
   dtype: Dtype = jnp.float32
+  query_chunk: int = 1024
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, H, W, C]."""
     b, hh, ww, c = x.shape
+    t, n = hh * ww, self.query_chunk
     h = layers.group_norm(GN_EPS, dtype=self.dtype, name="norm")(x)
     proj = lambda name: layers.conv(c, 1, in_features=c, dtype=self.dtype, name=name)
     # Row-major (h, w) flattening, the same token order as PyTorch's view(b, c, h*w).
-    q, k, v = (proj(n)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
-    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hh, ww, c)
-    return x.astype(out.dtype) + proj("proj_out")(out)
+    q, k, v = (proj(name)(h).reshape(b, t, 1, c) for name in ("q", "k", "v"))
+    attend = jax.checkpoint(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5))
+    if t > n and t % n == 0:
+      chunks = q.reshape(b, t // n, n, 1, c).swapaxes(0, 1)
+      out = jax.lax.map(lambda qc: attend(qc, k, v), chunks).swapaxes(0, 1)
+    else:
+      out = attend(q, k, v)
+    return x.astype(out.dtype) + proj("proj_out")(out.reshape(b, hh, ww, c))
 
 
 class Downsample(nn.Module):

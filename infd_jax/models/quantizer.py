@@ -22,22 +22,40 @@ class VQOutput:
   indices: jax.Array
 
 
-def nearest_code(z: jax.Array, codebook: jax.Array) -> jax.Array:
+def nearest_code(z: jax.Array, codebook: jax.Array, chunk: int = 1024) -> jax.Array:
   """Index of the nearest code per vector, by the expanded squared distance.
+
+  The codebook is scanned in chunks of `chunk` codes with a running minimum, so
+  the distances alive at once are [..., chunk], not [..., N]. A later chunk
+  replaces the running best only when strictly closer, so ties go to the lowest
+  index over the whole codebook, as one argmin (and torch.argmin) does.
 
   Args:
     z: [..., D] float32 vectors.
     codebook: [N, D] float32 codes.
+    chunk: codes per step (N itself when it does not divide N).
 
   Returns:
-    [...] int32 indices; ties go to the lowest index (as torch.argmin).
+    [...] int32 indices.
   """
-  # |z|^2 + |e|^2 - 2 z.e, the same expansion as the official code; near-ties can
-  # resolve differently from an exact |z - e|, so the form matters.
-  dist = (jnp.sum(z ** 2, axis=-1, keepdims=True) + jnp.sum(codebook ** 2, axis=-1)
-          - 2.0 * jnp.einsum("...d,nd->...n", z, codebook,
-                             precision=jax.lax.Precision.HIGHEST))
-  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+  z = jax.lax.stop_gradient(z)
+  n = codebook.shape[0]
+  chunk = chunk if n % chunk == 0 else n
+  z_sq = jnp.sum(z ** 2, axis=-1, keepdims=True)
+
+  def step(best, start):
+    codes = jax.lax.dynamic_slice_in_dim(codebook, start, chunk)
+    # |z|^2 + |e|^2 - 2 z.e, the same expansion as the official code; near-ties can
+    # resolve differently from an exact |z - e|, so the form matters.
+    dist = (z_sq + jnp.sum(codes ** 2, axis=-1)
+            - 2.0 * jnp.einsum("...d,nd->...n", z, codes, precision=jax.lax.Precision.HIGHEST))
+    d, i = jnp.min(dist, axis=-1), jnp.argmin(dist, axis=-1).astype(jnp.int32) + start
+    better = d < best[0]
+    return (jnp.where(better, d, best[0]), jnp.where(better, i, best[1])), None
+
+  init = (jnp.full(z.shape[:-1], jnp.inf, z.dtype), jnp.zeros(z.shape[:-1], jnp.int32))
+  (_, index), _ = jax.lax.scan(step, init, jnp.arange(0, n, chunk, dtype=jnp.int32))
+  return index
 
 
 def vq_loss(z: jax.Array, z_q: jax.Array, beta: float) -> jax.Array:

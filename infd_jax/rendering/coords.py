@@ -79,6 +79,55 @@ def grid_from_axes(rows: jax.Array, cols: jax.Array) -> jax.Array:
                     jnp.broadcast_to(cols[..., None, :], shape)], axis=-1)
 
 
+def _pow2(e: jax.Array) -> jax.Array:
+  """2.0 ** e as float32, exactly (e an int32 in the normal range)."""
+  return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def exact_ratio(p: jax.Array, r: jax.Array) -> jax.Array:
+  """p / r rounded once to the nearest float32 (ties to even), for int32 0 <= p <= r < 2**23.
+
+  XLA's float32 division is not correctly rounded on CPU (on a grid of these
+  quotients ~28% differ from IEEE) nor on TPU, while the nearest-feature tie
+  rule depends on the last bit of a coordinate; so the quotient comes from
+  integer long division: 1 + 24 quotient bits, a round bit and a sticky bit.
+  """
+  p, r = jnp.asarray(p, jnp.int32), jnp.asarray(r, jnp.int32)
+  e = jax.lax.clz(p) - jax.lax.clz(r)
+  e = jnp.where((p << e) < r, e + 1, e)  # r <= p * 2**e < 2r
+  rem, q = (p << e) - r, jnp.ones_like(p)
+  for _ in range(3):  # 8 quotient bits at a time: q = floor(p * 2**(e + 24) / r)
+    rem = rem << 8
+    q, rem = (q << 8) | (rem // r), rem % r
+  mant = q >> 1  # 24 significant bits, then the round bit q & 1 and the sticky bit rem != 0
+  mant = mant + ((q & 1) & ((rem != 0) | (mant & 1)).astype(jnp.int32))
+  return jnp.where(p == 0, 0.0, mant.astype(jnp.float32) * _pow2(-(23 + e)))
+
+
+def crop_coord_cell(crop: jax.Array, patch: int) -> tuple[jax.Array, jax.Array]:
+  """Coordinate and cell grids [B, P, P, 2] of training crops, built on the device.
+
+  Args:
+    crop: [B, 3] int32 (r, ii, jj): the window at row ii, column jj of the
+      image resized to r x r (REFERENCE 5.4).
+    patch: P.
+
+  Returns:
+    coord[b, a, c] = (2 * (ii + a + 0.5) / r - 1, 2 * (jj + c + 0.5) / r - 1) and
+    cell = 2 / r, float32 and rounded once, as `transforms.patch_coord` / `patch_cell`.
+  """
+  crop = crop.astype(jnp.int32)
+  r = crop[:, :1]
+
+  def axis(origin):  # (2 (o + a) + 1 - r) / r, the closed form with one rounding
+    n = 2 * (origin + jnp.arange(patch, dtype=jnp.int32)) + 1 - r
+    return jnp.sign(n).astype(jnp.float32) * exact_ratio(jnp.abs(n), r)
+
+  coord = grid_from_axes(axis(crop[:, 1:2]), axis(crop[:, 2:3]))
+  cell = jnp.broadcast_to((2 * exact_ratio(1, r))[:, :, None, None], coord.shape)
+  return coord, cell
+
+
 def nearest_index(c: jax.Array, size: int) -> jax.Array:
   """Index of the feature cell nearest to coordinate c on an axis of `size` cells.
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from infd_jax import sharding
-from infd_jax.data import pipeline
+from infd_jax.data import on_device, pipeline, transforms
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
@@ -39,14 +39,30 @@ def init_fn(config: ml_collections.ConfigDict):
   return init
 
 
+def make_step(config: ml_collections.ConfigDict):
+  """The stage-1 training step `(state, batch, lpips_params) -> (state, scalars)` on the
+  pipeline's compact batches (uint8 images and crops, expanded on the device)."""
+  tx = optim.ae_optimizer(config.optim)
+  step = functools.partial(
+      ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
+      lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),
+      skip_nonfinite=config.train.on_nonfinite == "skip")
+  return lambda state, batch, lpips_params: step(state, on_device.ae_batch(batch), lpips_params)
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, *, inp_res: int, patch: int
+                    ) -> dict[str, np.ndarray]:
+  """A random pipeline batch of the real shapes and dtypes (benchmarks, AOT compiles):
+  the ground truth is the P x P window in the middle of a 2P x 2P image."""
+  images = lambda s: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
+  crop = np.tile(np.asarray([2 * patch, patch // 2, patch // 2], np.int32), (batch, 1))
+  return {"inp": images(inp_res), "gt": images(patch), "crop": crop}
+
+
 def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-1 task: global batch `train.ae_batch_size` of multiscale patches."""
   tc = config.train
-  ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
-  tx = optim.ae_optimizer(config.optim)
-  step = functools.partial(
-      ae_train_step, ae=ae, disc=disc, lpips=lp, gen_tx=tx, disc_tx=tx,
-      loss=AELoss(**config.loss), skip_nonfinite=tc.on_nonfinite == "skip")
+  step = make_step(config)
   lpips_params = jax.device_put(load_lpips_params(), sharding.replicated(mesh))
 
   def make_dataset(process_index: int, process_count: int):
@@ -76,6 +92,7 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   @jax.jit
   def eval_step(state: AEState, batch, lpips_params):
+    batch = on_device.ae_batch(batch)
     out = ae.apply({"params": state.gen_params}, batch["inp"], batch["coord"], batch["cell"])
     pred, gt, mask = out.pred.astype(jnp.float32), batch["gt"], batch["_mask"]
     per_example = lambda x: jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -121,6 +138,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def reconstruct(params, batch):
+    batch = on_device.ae_batch(batch)
     out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
     phi = ae.apply({"params": params}, out.z_q, method="decode")
     return out.pred.astype(jnp.float32), phi
@@ -139,7 +157,8 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
     centre = renderer.render_grid({"params": state.gen_params}, phi,
                                   *tiling.window_grid((zoom, zoom), window, phi.shape[0]))
-    pairs = np.stack([np.asarray(pred), samples["gt"]], axis=1).reshape(-1, r, r, 3)
+    gt = transforms.to_float(samples["gt"])
+    pairs = np.stack([np.asarray(pred), gt], axis=1).reshape(-1, r, r, 3)
     writer.write_images(step, {
         "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
         f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})

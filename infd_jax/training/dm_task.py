@@ -114,16 +114,20 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
   return directory
 
 
+def make_step(config: ml_collections.ConfigDict):
+  """The stage-2 training step `(state, batch, ae_params) -> (state, scalars)`."""
+  return functools.partial(
+      dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
+      tx=optim.dm_optimizer(config.optim), sched=builders.diffusion_schedule(config),
+      ema_decay=config.optim.dm_ema, skip_nonfinite=config.train.on_nonfinite == "skip")
+
+
 def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
   tc = config.train
   ae_params = inference.load_ae_params(config, workdir, mesh)
-  unet, ae = builders.unet(config), builders.autoencoder(config)
-  step = functools.partial(
-      dm_train_step, unet=unet, ae=ae, tx=optim.dm_optimizer(config.optim),
-      sched=builders.diffusion_schedule(config), ema_decay=config.optim.dm_ema,
-      skip_nonfinite=tc.on_nonfinite == "skip")
+  step = make_step(config)
   if tc.latent_cache:
     cached = cache_latents(config, workdir, ae_params, mesh)
     make_dataset = lambda index, count: latents_lib.latent_dataset(

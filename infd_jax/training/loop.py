@@ -27,7 +27,7 @@ from clu import periodic_actions  # pylint: disable=g-bad-import-order
 from etils import epath  # pylint: disable=g-bad-import-order
 
 from infd_jax import checkpointing, sharding
-from infd_jax.data import padded
+from infd_jax.data import padded, prefetch
 
 PyTree = Any
 
@@ -127,7 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   ckpt = checkpointing.Checkpointer(epath.Path(workdir) / f"checkpoints_{task.name}",
                                     keep=tc.keep_checkpoints)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
-  data_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
+  host_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
+  data_iter = prefetch.DevicePrefetch(host_iter, lambda b: sharding.shard_batch(b, mesh))
 
   if ckpt.latest_step() is not None:
     start, state = ckpt.restore(abstract, data_iter)
@@ -173,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   try:
     for step in range(start + 1, task.total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.shard_batch(next(data_iter), mesh)
+        batch = next(data_iter)
         state, metrics = step_fn(state, batch, *task.consts)
       merged = metrics if merged is None else merged.merge(metrics)  # on device, no sync
       report(step)
