@@ -140,7 +140,8 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 
 
 def make_sampler(config: ml_collections.ConfigDict, num: int, mesh: jax.sharding.Mesh):
-  """Jitted (UNet params, ae params, key) -> phi [num, H, W, C]: DDIM, quantize, decode.
+  """Jitted (UNet params, ae params, key) -> phi [num, H, W, C]: latents from
+  `config.sample.sampler` (DDIM by default), quantize, decode.
 
   phi comes back replicated, so every host can render it.
   """
@@ -148,11 +149,14 @@ def make_sampler(config: ml_collections.ConfigDict, num: int, mesh: jax.sharding
   sched = builders.diffusion_schedule(config)
   shape = (num, *builders.latent_shape(config))
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
+  sampler_args = builders.sampler_args(config)
+  # The batch is split over the devices when it divides evenly, else replicated.
+  batch_sharding = sharding.batch_sharding(mesh) if num % mesh.size == 0 else None
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def sample(dm_params, ae_params, key):
-    z = samplers.ddim_sample(apply_fn, dm_params, key, shape, sched,
-                             num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta)
+    z = samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape, sched=sched,
+                        batch_sharding=batch_sharding, **sampler_args)
     if config.sample.quantize:
       z = ae.apply({"params": ae_params}, z, method="quantize").z_q
     return ae.apply({"params": ae_params}, z, method="decode")
