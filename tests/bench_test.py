@@ -17,7 +17,7 @@ def _run(*args: str) -> str:
   return proc.stdout
 
 
-@pytest.mark.parametrize("name", ["data_pipeline", "prepare_speed"])
+@pytest.mark.parametrize("name", ["data_pipeline", "prepare_speed", "sampler_quality"])
 def test_data_benchmarks_start(name):
   assert "usage:" in _run(f"bench.{name}", "--help")
 
