@@ -10,10 +10,13 @@ probability-flow ODE that the other solvers solve). For each setting:
 
 - latent distance: per latent, the RMS over its elements of z - z_ref, with
   z_ref the DDIM-200 latent from the same noise; mean and standard deviation
-  over the latents, and the mean relative to the RMS of z_ref;
-- pFD: VGG16 Frechet distance (infd_jax.evaluation.pfid, not FID) between the
-  images rendered at `--res` and the DDIM-200 images; its noise floor is the
-  pFD between two DDIM-200 sets drawn from independent noise (same size);
+  over the latents, and the mean relative to the RMS of z_ref; its floor is
+  DDIM-200's own distance to DDIM-`--floor_steps` (its discretisation error);
+- pFD: VGG16 Frechet distance (infd_jax.evaluation.pfid, not FID) of the
+  images rendered at `--res` to the DDIM-200 images from the same noise, and
+  (mean) to `--floor_sets` DDIM-200 sets from independent noise; the noise floor
+  is the latter for DDIM-200 itself (mean and sd over the sets). A setting
+  "matches" DDIM-200 when its independent pFD is within the floor + 2 sd;
 - time per image of the jitted latent sampler (median of `--repeats` calls
   after a warm-up; decode and render not included).
 
@@ -118,8 +121,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
   draw = ImageDraw.Draw(img)
   rows = results["rows"]
   steps = sorted({r["steps"] for r in rows})
-  panels = [("latent RMS distance to DDIM-200", "latent_dist", results["latent_floor"]),
-            ("pFD (VGG16) to DDIM-200", "pfd", results["pfd_floor"])]
+  ref = results["reference_steps"]
+  panels = [(f"latent RMS distance to DDIM-{ref}", "latent_dist", results["latent_floor"]),
+            (f"pFD (VGG16) to independent DDIM-{ref} sets", "pfd_indep", results["pfd_floor"])]
   for p, (title, key, floor) in enumerate(panels):
     x0, x1 = margin + p * width // 2, (p + 1) * width // 2 - 20
     y0, y1 = 40, height - margin
@@ -154,12 +158,18 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 
 def table(results: dict) -> str:
-  lines = ["| sampler | spacing | steps | latent dist (mean +- sd) | rel. | pFD | ms/image |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| sampler | spacing | steps | latent dist (mean +- sd) | rel. | pFD same noise | "
+           "pFD independent | within noise | ms/image |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
   for r in results["rows"]:
     lines.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | "
                  f"{r['latent_dist']:.4f} +- {r['latent_dist_sd']:.4f} | "
-                 f"{r['latent_dist_rel']:.3f} | {r['pfd']:.3f} | {1e3 * r['sec_per_image']:.2f} |")
+                 f"{r['latent_dist_rel']:.3f} | {r['pfd']:.3f} | {r['pfd_indep']:.3f} | "
+                 f"{'yes' if r['matches'] else 'no'} | {1e3 * r['sec_per_image']:.2f} |")
+  ref = results["reference_steps"]
+  lines.append(f"| ddim | uniform | {ref} | 0 (reference) | 0 | 0 | "
+               f"{results['pfd_floor']:.3f} +- {results['pfd_floor_sd']:.3f} (floor) | | "
+               f"{1e3 * results['reference_sec_per_image']:.2f} |")
   return "\n".join(lines)
 
 
@@ -173,6 +183,10 @@ def main() -> None:
   p.add_argument("--samplers", default="ddim,dpmpp_2m,unipc")
   p.add_argument("--spacings", default="uniform")
   p.add_argument("--reference_steps", type=int, default=200)
+  p.add_argument("--floor_steps", type=int, default=1000,
+                 help="DDIM steps of the latent floor (distance of DDIM-200 to it); 0: skip")
+  p.add_argument("--floor_sets", type=int, default=3,
+                 help="independent DDIM-200 sets for the pFD noise floor (>= 2)")
   p.add_argument("--res", type=int, default=128, help="render size for the pFD")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
@@ -187,7 +201,7 @@ def main() -> None:
 
   log(f"loading {args.workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
   bench = Bench(config, pathlib.Path(args.workdir), args.num, args.res)
-  key, key_other = jax.random.PRNGKey(args.seed), jax.random.PRNGKey(args.seed + 1)
+  key, key_other = jax.random.split(jax.random.PRNGKey(args.seed))
   ref_steps = args.reference_steps
   z_ref = bench.latents("ddim", ref_steps, "uniform", key)
   ref_stats = bench.features(z_ref)
@@ -195,33 +209,42 @@ def main() -> None:
   ref_time = bench.time_per_image("ddim", ref_steps, "uniform", key, args.repeats)
   log(f"DDIM-{ref_steps} reference: {args.num} latents {bench.shape[1:]}, RMS {ref_scale:.4f}, "
       f"{1e3 * ref_time:.2f} ms/image")
-  # Noise floors: an independent DDIM-200 set for the pFD; for the latent distance, how
-  # far DDIM-200 itself is from DDIM-1000 (its own discretisation error).
-  pfd_floor = fid.fid_from_stats(ref_stats, bench.features(
-      bench.latents("ddim", ref_steps, "uniform", key_other)))
-  z_fine = bench.latents("ddim", 1000, "uniform", key)
-  latent_floor = float(np.mean(_rms(z_fine - z_ref)))
-  log(f"noise floors: pFD {pfd_floor:.4f} (independent DDIM-{ref_steps} sets), latent "
-      f"{latent_floor:.5f} (DDIM-{ref_steps} vs DDIM-1000)")
+  # Noise floors: DDIM-200 sets from independent noise for the pFD; for the latent
+  # distance, how far DDIM-200 itself is from DDIM-1000 (its own discretisation error).
+  others = [bench.features(bench.latents("ddim", ref_steps, "uniform",
+                                         jax.random.fold_in(key_other, j)))
+            for j in range(args.floor_sets)]
+  floors = [fid.fid_from_stats(ref_stats, other) for other in others]
+  pfd_floor, pfd_floor_sd = float(np.mean(floors)), float(np.std(floors, ddof=1))
+  latent_floor = None
+  if args.floor_steps:
+    z_fine = bench.latents("ddim", args.floor_steps, "uniform", key)
+    latent_floor = float(np.mean(_rms(z_fine - z_ref)))
+  log(f"noise floors: pFD {pfd_floor:.4f} +- {pfd_floor_sd:.4f} (DDIM-{ref_steps} vs "
+      f"{args.floor_sets} independent DDIM-{ref_steps} sets), latent "
+      f"{latent_floor} (DDIM-{ref_steps} vs DDIM-{args.floor_steps})")
 
   rows = []
   for spacing in args.spacings.split(","):
     for name in args.samplers.split(","):
       for steps in (int(s) for s in args.steps.split(",")):
         z = bench.latents(name, steps, spacing, key)
-        dist = _rms(z - z_ref)
+        dist, stats = _rms(z - z_ref), bench.features(z)
+        pfd_indep = float(np.mean([fid.fid_from_stats(stats, other) for other in others]))
         row = dict(sampler=name, spacing=spacing, steps=steps,
                    latent_dist=float(dist.mean()), latent_dist_sd=float(dist.std(ddof=1)),
                    latent_dist_rel=float(dist.mean() / ref_scale),
-                   pfd=fid.fid_from_stats(ref_stats, bench.features(z)),
+                   pfd=fid.fid_from_stats(ref_stats, stats), pfd_indep=pfd_indep,
+                   matches=bool(pfd_indep <= pfd_floor + 2 * pfd_floor_sd),
                    sec_per_image=bench.time_per_image(name, steps, spacing, key, args.repeats))
         rows.append(row)
-        log(f"{name} {spacing} {steps}: latent {row['latent_dist']:.4f}, pFD {row['pfd']:.3f}, "
+        log(f"{name} {spacing} {steps}: latent {row['latent_dist']:.4f}, pFD {row['pfd']:.3f} "
+            f"(independent {pfd_indep:.3f}), "
             f"{1e3 * row['sec_per_image']:.2f} ms/image")
   results = dict(config=args.config, workdir=str(args.workdir), num=args.num,
                  latent_shape=list(bench.shape[1:]), res=args.res, reference_steps=ref_steps,
                  reference_rms=ref_scale, reference_sec_per_image=ref_time,
-                 pfd_floor=pfd_floor, latent_floor=latent_floor,
+                 pfd_floor=pfd_floor, pfd_floor_sd=pfd_floor_sd, latent_floor=latent_floor,
                  device=f"{jax.device_count()} x {jax.devices()[0].device_kind}", rows=rows)
   (out / "sampler_quality.json").write_text(json.dumps(results, indent=1))
   plot(results, out / "sampler_quality.png")
