@@ -77,10 +77,15 @@ def base() -> ml_collections.ConfigDict:
   # Generation (REFERENCE.md 7): official tiling 256 + 8 context.
   # `window` = (top, left, height, width): render only that region of each size.
   # Sizes above `stream_above` pixels a side stream into pyramidal BigTIFFs.
+  # The latent sampler makes diffusion.sample_steps model calls: "ddim" (official;
+  # eta = diffusion.eta), or the ODE solvers "dpmpp_2m" (DPM-Solver++ 2M) and "unipc"
+  # (UniPC-2, B(h) = e^h - 1), which need far fewer steps (README "Few-step sampling").
+  # spacing picks the steps: "uniform" (DDIM's strides; the official), "logsnr"
+  # (uniform in log-SNR), "quadratic".
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=8, batch_size=8, sizes=(256, 1024), tile=256, pad=8,
       tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir="",
-      window=(), stream_above=16384))
+      window=(), stream_above=16384, sampler="ddim", spacing="uniform"))
 
   # Evaluation (REFERENCE.md 8) and scale consistency.
   c.eval = ml_collections.ConfigDict(dict(

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from infd_jax.diffusion import schedules
+from infd_jax.diffusion import samplers, schedules
 from infd_jax.models.autoencoder import INFDAutoencoder
 from infd_jax.models.discriminator import PatchDiscriminator
 from infd_jax.models.lpips import LPIPS
@@ -59,6 +59,21 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   d = config.diffusion
   return schedules.linear_schedule(d.beta_start, d.beta_end, d.num_train_steps)
+
+
+def sampler_args(config: ml_collections.ConfigDict) -> dict:
+  """Keyword arguments of `samplers.sample` from `config.sample` and `config.diffusion`."""
+  name, spacing, steps = (config.sample.sampler, config.sample.spacing,
+                          config.diffusion.sample_steps)
+  if name not in samplers.SAMPLERS:
+    raise UserError(f"config.sample.sampler={name!r}: use one of {', '.join(samplers.SAMPLERS)}")
+  if spacing not in samplers.SPACINGS:
+    raise UserError(f"config.sample.spacing={spacing!r}: use one of "
+                    f"{', '.join(samplers.SPACINGS)}")
+  if not 1 <= steps <= config.diffusion.num_train_steps:
+    raise UserError(f"config.diffusion.sample_steps={steps}: use 1.."
+                    f"{config.diffusion.num_train_steps}")
+  return dict(name=name, num_steps=steps, eta=config.diffusion.eta, spacing=spacing)
 
 
 def pipeline_config(data: ml_collections.ConfigDict, stage: str) -> dict:

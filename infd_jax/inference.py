@@ -190,11 +190,11 @@ def load_dm_params(config: ml_collections.ConfigDict, workdir: str | epath.PathL
 
 def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The one call site of the latent sampler: key -> latents [*shape] (DDIM, REFERENCE 6.3)."""
-  sched = builders.diffusion_schedule(config)
+  """The one call site of the latent sampler: key -> latents [*shape] with
+  `config.sample.sampler` (DDIM by default, REFERENCE 6.3)."""
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
-  return samplers.ddim_sample(apply_fn, dm_params, key, shape, sched,
-                              num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta)
+  return samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape,
+                         sched=builders.diffusion_schedule(config), **builders.sampler_args(config))
 
 
 def renderer(config: ml_collections.ConfigDict) -> tiling.TiledRenderer:

@@ -17,7 +17,8 @@ def _run(*args: str) -> str:
   return proc.stdout
 
 
-@pytest.mark.parametrize("name", ["data_pipeline", "prepare_speed", "render_memory"])
+@pytest.mark.parametrize("name", ["data_pipeline", "prepare_speed", "render_memory",
+                                  "sampler_quality"])
 def test_data_benchmarks_start(name):
   assert "usage:" in _run(f"bench.{name}", "--help")
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from infd_jax import checkpointing, jobs, sharding
+from infd_jax import builders, checkpointing, jobs, sharding
 from infd_jax.training import dm_task, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -68,6 +68,28 @@ def test_sample_job_writes_requested_sizes_including_non_square(trained):
     assert [f.name for f in files] == ["0.png", "1.png", "2.png"]
     image = Image.open(files[0])
     assert image.size == (w, h) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("sampler,spacing", [("dpmpp_2m", "uniform"), ("unipc", "logsnr")])
+def test_sample_job_runs_with_the_few_step_samplers(trained, tmp_path, sampler, spacing):
+  data, work = trained
+  c = _config(data, "sample")
+  c.sample.update(num_samples=2, batch_size=2, sizes=(32,), sampler=sampler, spacing=spacing,
+                  out_dir=str(tmp_path))
+  jobs.run(c, work)
+  images = [np.asarray(Image.open(tmp_path / "32" / f"{i}.png")) for i in range(2)]
+  assert all(image.shape == (32, 32, 3) for image in images)
+  assert np.abs(images[0].astype(int) - images[1]).mean() > 1  # two different samples
+
+
+@pytest.mark.parametrize("section,key,value", [("sample", "sampler", "euler"),
+                                               ("sample", "spacing", "cosine"),
+                                               ("diffusion", "sample_steps", 0)])
+def test_bad_sampler_settings_are_user_errors(section, key, value):
+  c = tiny.get_config()
+  c[section][key] = value
+  with pytest.raises(jobs.UserError, match=f"config.{section}.{key}={value!r}"):
+    builders.sampler_args(c)
 
 
 def test_eval_job_reports_reconstruction_and_scale_consistency(trained):

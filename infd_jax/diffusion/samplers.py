@@ -1,4 +1,8 @@
-"""DDIM sampling on a respaced schedule (REFERENCE 6.3), as one jit-able scan."""
+"""Samplers from noise to x0, each one jit-able scan, and the time-step spacings.
+
+`sample` dispatches on the sampler's name: "ddim" (REFERENCE 6.3, the official
+one), "dpmpp_2m" and "unipc" (few-step ODE solvers, `solvers.py`).
+"""
 
 from typing import Any, Callable
 
@@ -6,11 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infd_jax.diffusion import schedules
+from infd_jax.diffusion import schedules, solvers
 from infd_jax.diffusion.schedules import Schedule
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]  # (params, x_t, t) -> eps
+
+SAMPLERS = ("ddim", "dpmpp_2m", "unipc")
+SPACINGS = ("uniform", "logsnr", "quadratic")
+
+
+def _integer_stride(num_steps: int, num_train_steps: int) -> int | None:
+  for stride in range(1, num_train_steps):
+    if len(range(0, num_train_steps, stride)) == num_steps:
+      return stride
+  return None
 
 
 def ddim_timesteps(num_steps: int, num_train_steps: int = 1000) -> np.ndarray:
@@ -22,16 +36,64 @@ def ddim_timesteps(num_steps: int, num_train_steps: int = 1000) -> np.ndarray:
   Raises:
     ValueError: if no integer stride gives exactly num_steps steps.
   """
-  for stride in range(1, num_train_steps):
-    if len(range(0, num_train_steps, stride)) == num_steps:
-      return np.arange(0, num_train_steps, stride, dtype=np.int32)
-  raise ValueError(f"cannot take exactly {num_steps} of {num_train_steps} steps "
-                   "with an integer stride")
+  stride = _integer_stride(num_steps, num_train_steps)
+  if stride is None:
+    raise ValueError(f"cannot take exactly {num_steps} of {num_train_steps} steps "
+                     "with an integer stride")
+  return np.arange(0, num_train_steps, stride, dtype=np.int32)
+
+
+def _distinct(ts: np.ndarray, num_train_steps: int) -> np.ndarray:
+  """Rounded ascending steps made strictly increasing (collisions pushed upwards)."""
+  ts = np.round(ts).astype(np.int64)
+  for k in range(1, len(ts)):
+    ts[k] = max(ts[k], ts[k - 1] + 1)
+  for k in range(len(ts) - 2, -1, -1):  # and back below the top step
+    ts[k] = min(ts[k], ts[k + 1] - 1)
+  if ts[-1] > num_train_steps - 1 or ts[0] < 0:
+    raise ValueError("more steps than training steps")
+  return ts.astype(np.int32)
+
+
+def spaced_timesteps(sched: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """The `num_steps` distinct training steps a sampler calls the model at, ascending int32.
+
+  "uniform": the official DDIM respacing (`ddim_timesteps`, {0, 5, ..., 995} for
+    200) when an integer stride gives exactly `num_steps`, else steps round(k T / N);
+  "logsnr": uniform in lambda = log(alpha / sigma) from step T-1 down to step 0,
+    each rounded to the training step of nearest lambda;
+  "quadratic": round((T - 1) (k / (N - 1))^2), dense near the data.
+  All include step 0 (N >= 2); "logsnr" and "quadratic" also T - 1; one step is
+  always [T - 1]. Rounding collisions are moved to neighbouring free steps, so
+  there are always N distinct steps.
+
+  Raises:
+    ValueError: for an unknown spacing or num_steps outside 1..T.
+  """
+  t_max = sched.num_steps
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; use one of {SPACINGS}")
+  if not 1 <= num_steps <= t_max:
+    raise ValueError(f"num_steps={num_steps} must be in 1..{t_max}")
+  if num_steps == 1:  # one step: from pure noise at the last training step
+    return np.array([t_max - 1], np.int32)
+  if spacing == "uniform":
+    stride = _integer_stride(num_steps, t_max)
+    if stride is not None:
+      return np.arange(0, t_max, stride, dtype=np.int32)
+    return _distinct(np.arange(num_steps) * t_max / num_steps, t_max)
+  if spacing == "logsnr":
+    lam = schedules.log_snr(sched, np.arange(t_max))  # decreasing in t
+    targets = np.linspace(lam[0], lam[-1], num_steps)  # ascending t
+    nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    return _distinct(nearest.astype(np.float64), t_max)
+  return _distinct((t_max - 1) * np.linspace(0.0, 1.0, num_steps) ** 2, t_max)
 
 
 def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[int, ...],
                 sched: Schedule, *, num_steps: int = 200, eta: float = 1.0,
-                return_intermediates: int | None = None
+                spacing: str = "uniform", return_intermediates: int | None = None,
+                batch_sharding: jax.sharding.Sharding | None = None
                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   """DDIM from x ~ N(0, I) down to step 0, no clipping of x0.
 
@@ -52,7 +114,9 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
     sched: the full training schedule.
     num_steps: number of DDIM steps (respacing "ddim{num_steps}").
     eta: DDIM stochasticity (1.0 in INFD).
+    spacing: see `spaced_timesteps`; "uniform" is the official respacing.
     return_intermediates: K (dividing num_steps) to also return progress.
+    batch_sharding: if given, x is constrained to it (the batch over the mesh).
 
   Returns:
     The final sample [*shape] float32; with K also a dict with "x"
@@ -60,11 +124,10 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
     num_steps) and "pred_x0" [num_steps/K, *shape] (x0 predicted in steps 1,
     K+1, 2K+1, ...), as the official `ret_prog_chunks` visualisation keeps them.
   """
-  ts = ddim_timesteps(num_steps, sched.num_steps)
+  ts = spaced_timesteps(sched, num_steps, spacing)
   spaced = schedules.respace(sched, ts)
   ts = jnp.asarray(ts)
-  key_init, key_loop = jax.random.split(key)
-  x_init = jax.random.normal(key_init, shape, jnp.float32)
+  x_init, key_loop = solvers.initial_noise(key, shape, batch_sharding)
 
   def step(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = jnp.full((shape[0],), ts[k], dtype=jnp.int32)
@@ -76,7 +139,8 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
     mean = x0 * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
     noise = jax.random.normal(jax.random.fold_in(key_loop, k), shape, jnp.float32)
-    return mean + jnp.where(k > 0, sigma, 0.0) * noise, x0
+    x = mean + jnp.where(k > 0, sigma, 0.0) * noise
+    return solvers.constrain(x, batch_sharding), x0
 
   order = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)  # spaced indices, high to low
   if return_intermediates is None:
@@ -97,3 +161,26 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
 
   x, (xs, x0s) = jax.lax.scan(chunk, x_init, order.reshape(num_steps // every, every))
   return x, {"x": jnp.concatenate([x_init[None], xs]), "pred_x0": x0s}
+
+
+def sample(name: str, apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[int, ...],
+           sched: Schedule, *, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
+           batch_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+  """x0 [*shape] float32 from the sampler `name` with `num_steps` model calls.
+
+  Every sampler draws its initial noise x_T ~ N(0, I) from `split(key)[0]`, so
+  the same key starts all of them from the same noise. `eta` is DDIM's
+  stochasticity; "dpmpp_2m" and "unipc" solve the probability-flow ODE (eta is
+  not used). Trace under jit with all but `params` and `key` static.
+
+  Raises:
+    ValueError: for an unknown sampler or spacing.
+  """
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; use one of {SAMPLERS}")
+  if name == "ddim":
+    return ddim_sample(apply_fn, params, key, shape, sched, num_steps=num_steps, eta=eta,
+                       spacing=spacing, batch_sharding=batch_sharding)
+  solver = {"dpmpp_2m": solvers.dpmpp_2m_sample, "unipc": solvers.unipc_sample}[name]
+  return solver(apply_fn, params, key, shape, sched, spaced_timesteps(sched, num_steps, spacing),
+                batch_sharding=batch_sharding)

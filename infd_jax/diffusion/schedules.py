@@ -72,6 +72,12 @@ class Schedule:
     return _take(np.sqrt(1.0 / self.alphas_cumprod - 1.0), t)
 
 
+def log_snr(sched: Schedule, t: np.ndarray) -> np.ndarray:
+  """lambda_t = log(alpha_t / sigma_t) = log(sqrt(ab_t) / sqrt(1 - ab_t)) at int steps t, float64."""
+  ab = sched.alphas_cumprod[np.asarray(t)]
+  return 0.5 * (np.log(ab) - np.log1p(-ab))
+
+
 def linear_schedule(beta_start: float = 0.0015, beta_end: float = 0.0195,
                     num_steps: int = 1000) -> Schedule:
   """INFD's training schedule (alphas_cumprod[999] ~= 2.569e-5 at the defaults)."""
