@@ -6,12 +6,14 @@ test sees exactly what was written "remotely" and that nothing went to local dis
 """
 
 import contextlib
+import importlib
 from typing import Iterator
 
 from etils.epath import backend
 import fsspec
-from fsspec import registry
 from fsspec.implementations.memory import MemoryFileSystem
+
+registry = importlib.import_module("fsspec.registry")  # the module; fsspec.registry is a mapping
 
 
 class FakeGCS(MemoryFileSystem):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import tiny
 from infd_jax import builders, checkpointing, jobs, sharding
-from infd_jax.training import dm_task, loop
+from infd_jax.training import ae_task, dm_task, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -192,20 +192,24 @@ def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
 def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from infd_jax import builders, inference  # pylint: disable=g-import-not-at-top
   data, work = trained
   work = pathlib.Path(shutil.copytree(work, tmp_path / "work"))
   jobs.run(_config(data, "ae", ae_steps=4), work)  # the autoencoder trains on
-  jobs.run(_config(data, "dm", dm_steps=4), work)  # and stage 2 continues on it
+  c = _config(data, "dm", dm_steps=4)
+  c.data.eval_split = "train"  # the data settings of the first stage-2 run: only the AE changed
+  jobs.run(c, work)  # and stage 2 continues on it
   # The newest latents on disk must be the encodings of the step-4 autoencoder.
   newest = max((work / "latents").rglob("*.npy"), key=lambda f: f.stat().st_mtime_ns)
   cached = np.concatenate([np.load(f) for f in sorted(newest.parent.glob("*.npy"))])
-  c = _config(data, "dm")
   mesh = sharding.make_mesh(-1, 1)
-  params = inference.load_ae_params(c, work, mesh)
   images = np.concatenate([b["inp"] for b in pipeline.make_dm_dataset(
       builders.pipeline_config(c.data, "dm") | dict(shuffle=False, num_epochs=1),
       global_batch_size=1, seed=0)])
-  expected = dm_task.encode_latents(builders.autoencoder(c), params, images)
+  abstract, _, _ = loop.initial_state(ae_task.init_fn(c), mesh, (), 0)
+  encode = lambda step: np.asarray(dm_task.encode_latents(
+      builders.autoencoder(c), checkpointing.restore_params(
+          work / "checkpoints_ae", abstract, step=step).gen_params, images))
+  expected, stale = encode(4), encode(3)
+  assert np.abs(expected - stale).max() > 1e-2  # one more step moves the latents
   assert cached.shape == expected.shape
-  np.testing.assert_allclose(cached, np.asarray(expected), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)
