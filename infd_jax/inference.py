@@ -15,7 +15,6 @@ the Python API `infd_jax.load`, training visualisations):
 
 import dataclasses
 import logging
-import pathlib
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infd_jax import builders, checkpointing, sharding
 from infd_jax.diffusion import samplers

@@ -17,8 +17,8 @@ import tifffile
 from PIL import Image
 
 from configs import tiny
-from infd_jax import inference, jobs, sharding
-from infd_jax.evaluation import fid, pfid
+from infd_jax import jobs, sharding
+from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -172,3 +172,10 @@ def test_two_processes_write_the_same_samples_and_pfid_as_one(tiny_trained, tmp_
   for k, v in one["reference"].items():
     np.testing.assert_allclose(one["scores"][k], v, rtol=1e-6)
     np.testing.assert_allclose(two_a["scores"][k], v, rtol=1e-6)
+
+
+def test_import_infd_jax_is_light():
+  out = subprocess.run([sys.executable, "-c", "import sys, infd_jax; print(sorted(m for m in "
+                        "('jax', 'flax', 'orbax', 'tensorflow') if m in sys.modules))"],
+                       cwd=ROOT, env=_env(1), capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
