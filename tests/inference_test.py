@@ -69,6 +69,7 @@ def test_readme_python_api_example_runs_and_windows_equal_crops(tiny_trained):
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   model, z, images, crop = scope["model"], scope["z"], scope["images"], scope["crop"]
   assert z.shape == (4, 16, 16, 4) and images.shape == (4, 128, 128, 3)
+  assert -1 <= images.min() < images.max() <= 1
   np.testing.assert_array_equal(model.sample(4, seed=0), z)       # reproducible per seed
   assert np.abs(model.sample(4, seed=1) - z).min() > 0
   full = model.render(z, (256, 384))
