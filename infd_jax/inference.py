@@ -15,7 +15,6 @@ the Python API `infd_jax.load`, training visualisations):
 
 import dataclasses
 import logging
-import pathlib
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infd_jax import builders, checkpointing, sharding
 from infd_jax.diffusion import samplers
@@ -302,7 +300,7 @@ class Model:
 
   def render(self, z: np.ndarray, size: tuple[int, int] | int,
              window: tiling.Window | None = None) -> np.ndarray:
-    """Images [n, h, w, 3] float32 in about [-1, 1] of latents z [n, ...] at size (H, W).
+    """Images [n, h, w, 3] float32 of latents z [n, ...] at size (H, W), clipped to [-1, 1].
 
     window=(top, left, height, width) renders only that crop of the H x W image
     (equal to the same crop of the full render).
@@ -313,7 +311,7 @@ class Model:
     rows, images = self.render_local(phi, size, window)
     if jax.process_count() > 1:
       images = _gather_rows(rows, images, phi.shape[0])
-    return images[:len(z)]
+    return np.clip(images[:len(z)], -1.0, 1.0)
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """Latents [n, h, w, c] (before quantization) of images [n, H, W, 3] (uint8 or [-1, 1])."""

@@ -17,8 +17,8 @@ import tifffile
 from PIL import Image
 
 from configs import tiny
-from infd_jax import inference, jobs, sharding
-from infd_jax.evaluation import fid, pfid
+from infd_jax import jobs, sharding
+from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +69,7 @@ def test_readme_python_api_example_runs_and_windows_equal_crops(tiny_trained):
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   model, z, images, crop = scope["model"], scope["z"], scope["images"], scope["crop"]
   assert z.shape == (4, 16, 16, 4) and images.shape == (4, 128, 128, 3)
+  assert -1 <= images.min() < images.max() <= 1
   np.testing.assert_array_equal(model.sample(4, seed=0), z)       # reproducible per seed
   assert np.abs(model.sample(4, seed=1) - z).min() > 0
   full = model.render(z, (256, 384))
@@ -172,3 +173,10 @@ def test_two_processes_write_the_same_samples_and_pfid_as_one(tiny_trained, tmp_
   for k, v in one["reference"].items():
     np.testing.assert_allclose(one["scores"][k], v, rtol=1e-6)
     np.testing.assert_allclose(two_a["scores"][k], v, rtol=1e-6)
+
+
+def test_import_infd_jax_is_light():
+  out = subprocess.run([sys.executable, "-c", "import sys, infd_jax; print(sorted(m for m in "
+                        "('jax', 'flax', 'orbax', 'tensorflow') if m in sys.modules))"],
+                       cwd=ROOT, env=_env(1), capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
