@@ -104,7 +104,7 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
   The model is called with the original step t_k. Randomness: the initial
   noise and the noise of spaced step k come from split/fold_in of `key`, so a
   key fixes the sample. Jit with `apply_fn`, `shape`, `sched`, `num_steps`,
-  `eta` and `return_intermediates` static.
+  `eta`, `spacing`, `return_intermediates` and `batch_sharding` static.
 
   Args:
     apply_fn: (params, x [B, ...], t [B] int) -> eps [B, ...].
@@ -112,7 +112,7 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
     key: PRNG key.
     shape: sample shape, e.g. (B, 64, 64, 3).
     sched: the full training schedule.
-    num_steps: number of DDIM steps (respacing "ddim{num_steps}").
+    num_steps: number of DDIM steps (model calls).
     eta: DDIM stochasticity (1.0 in INFD).
     spacing: see `spaced_timesteps`; "uniform" is the official respacing.
     return_intermediates: K (dividing num_steps) to also return progress.
