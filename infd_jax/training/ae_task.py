@@ -92,9 +92,10 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   @jax.jit
   def eval_step(state: AEState, batch, lpips_params):
+    mask = batch["_mask"]
     batch = on_device.ae_batch(batch)
     out = ae.apply({"params": state.gen_params}, batch["inp"], batch["coord"], batch["cell"])
-    pred, gt, mask = out.pred.astype(jnp.float32), batch["gt"], batch["_mask"]
+    pred, gt = out.pred.astype(jnp.float32), batch["gt"]
     per_example = lambda x: jnp.mean(x, axis=tuple(range(1, x.ndim)))
     # Per-example values (means over equal-sized examples average to the batch
     # values), so padded rows drop out through the mask.
