@@ -224,6 +224,8 @@ class Model:
     self._sample_fn = jax.jit(self._sample, out_shardings=self._batch)
     self._decode_fn = jax.jit(self._decode, out_shardings=self._batch)
     self._encode_fn = jax.jit(self._encode, out_shardings=self._batch)
+    self._head_fn = jax.jit(lambda x, n: x[:n], static_argnums=1,
+                            out_shardings=sharding.replicated(self.mesh))
     self._row_fn = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1),
                            out_shardings=sharding.replicated(self.mesh))
 
@@ -308,6 +310,8 @@ class Model:
     size = parse_size(size)
     window = parse_window(window, size)
     phi = self.decode_global(z)
+    if len(z) < self.mesh.size:  # fewer images than devices: spread each call's tiles instead
+      phi = self._head_fn(phi, len(z))
     rows, images = self.render_local(phi, size, window)
     if jax.process_count() > 1:
       images = _gather_rows(rows, images, phi.shape[0])
