@@ -1,4 +1,4 @@
-"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval` or `all` (the demo).
+"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval`, `condition` or `all` (the demo).
 
 `run(config, workdir)` is the testable body of `python -m infd_jax.main`.
 """
@@ -15,7 +15,7 @@ from infd_jax.evaluation import writers
 from infd_jax.training import builders
 
 UserError = builders.UserError
-STAGES = ("ae", "dm", "sample", "eval", "all")
+STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -64,6 +64,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
       from infd_jax import generate  # pylint: disable=g-import-not-at-top
       out = generate.run(config, workdir, mesh)
       print(f"infd_jax: samples in {out}")
+    if config.stage == "condition":
+      from infd_jax.guidance import job as condition_job  # pylint: disable=g-import-not-at-top
+      out = condition_job.run(config, workdir, mesh)
+      print(f"infd_jax: guided samples in {out}")
     if config.stage == "eval":
       from infd_jax.evaluation import job  # pylint: disable=g-import-not-at-top
       job.run(config, workdir, mesh, writer)
