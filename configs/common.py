@@ -6,7 +6,8 @@ Experiment files (`ffhq.py`, `ffhq_mix6k.py`, `custom.py`, `demo.py`,
 
 The `stage` field picks the job: `ae` (train the autoencoder), `dm` (train the
 latent diffusion model), `sample` (generate images at any resolution), `eval`
-(pFID and reconstruction metrics), or `all` (ae -> dm -> sample, used by the
+(pFID and reconstruction metrics), `condition` (guided sampling: super-resolution,
+inpainting, text on regions), or `all` (ae -> dm -> sample, used by the
 demo).
 """
 
@@ -86,6 +87,14 @@ def base() -> ml_collections.ConfigDict:
       num_samples=8, batch_size=8, sizes=(256, 1024), tile=256, pad=8,
       tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir="",
       window=(), stream_above=16384, sampler="ddim", spacing="uniform"))
+
+  # Guided sampling (`stage=condition`, infd_jax/guidance/job.py documents `regions`):
+  # conditions on boxes of virtual images, DPS guidance on sampler iterations
+  # guide_start, +guide_every, ... < guide_stop (-1 = all; 0 = the noisiest).
+  c.condition = ml_collections.ConfigDict(dict(
+      regions="", sizes=(256,), num_samples=1, batch_size=1, seed=0,
+      guide_start=0, guide_stop=-1, guide_every=1,
+      clip_checkpoint="", clip_vocab="", out_dir=""))
 
   # Evaluation (REFERENCE.md 8) and scale consistency.
   c.eval = ml_collections.ConfigDict(dict(

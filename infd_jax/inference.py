@@ -41,7 +41,8 @@ ARCHITECTURE = {
            "data": ("inp_res",)},
 }
 # Which stages' architectures a job reads from checkpoints.
-_STAGES_READ = {"dm": ("ae", "dm"), "sample": ("ae", "dm"), "eval": ("ae",)}
+_STAGES_READ = {"dm": ("ae", "dm"), "sample": ("ae", "dm"), "condition": ("ae", "dm"),
+                "eval": ("ae",)}
 # The train-state fields holding the parameters (`training.state`).
 _PARAM_FIELDS = {"ae": "gen_params", "dm": "ema_params", "dm_raw": "params"}
 

@@ -1,4 +1,4 @@
-"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval` or `all` (the demo).
+"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval`, `condition` or `all` (the demo).
 
 `run(config, workdir)` is the testable body of `python -m infd_jax.main`.
 """
@@ -17,7 +17,7 @@ from infd_jax.evaluation import writers
 from infd_jax import builders, inference
 
 UserError = builders.UserError
-STAGES = ("ae", "dm", "sample", "eval", "all")
+STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -110,6 +110,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       from infd_jax import generate  # pylint: disable=g-import-not-at-top
       out = generate.run(config, workdir, mesh)
       print(f"infd_jax: samples in {out}")
+    if config.stage == "condition":
+      from infd_jax.guidance import job as condition_job  # pylint: disable=g-import-not-at-top
+      out = condition_job.run(config, workdir, mesh)
+      print(f"infd_jax: guided samples in {out}")
     if config.stage == "eval":
       from infd_jax.evaluation import job  # pylint: disable=g-import-not-at-top
       job.run(config, workdir, mesh, writer)

@@ -138,14 +138,38 @@ _ALLOWED_GLOBALS.update(
     {("torch", n): _StorageType(n, np.dtype(t)) for n, t in _STORAGE_DTYPES.items()})
 
 
+class ScriptObject:
+  """An object of a TorchScript archive's module tree: inert, only its attribute dict.
+
+  TorchScript pickles each module as `GLOBAL __torch__.<type>`, NEWOBJ with no
+  arguments, then BUILD with a dict of its attributes (parameters, buffers,
+  submodules, plain values); nothing of the type is looked up or run.
+  """
+  __slots__ = ("state",)
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise CheckpointFormatError(f"TorchScript object state is a {type(state).__name__}")
+    self.state = dict(state)
+
+
+def script_object_state(obj: Any) -> dict[str, Any] | None:
+  """The attributes of a `ScriptObject` (None for anything else)."""
+  return getattr(obj, "state", None) if isinstance(obj, ScriptObject) else None
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """Resolves only allow-listed globals; storages come from `load_storage`."""
 
-  def __init__(self, file, load_storage: Callable[[str, np.dtype, int], np.ndarray]):
+  def __init__(self, file, load_storage: Callable[[str, np.dtype, int], np.ndarray],
+               torchscript: bool = False):
     super().__init__(file, encoding="utf-8")
     self._load_storage = load_storage
+    self._torchscript = torchscript
 
   def find_class(self, module: str, name: str):
+    if self._torchscript and module.startswith("__torch__."):
+      return ScriptObject
     try:
       return _ALLOWED_GLOBALS[(module, name)]
     except KeyError:
@@ -213,11 +237,11 @@ class _ZipCheckpoint:
       self._storages[key, dtype] = arr if arr.dtype.isnative else arr.astype(dtype)
     return self._storages[key, dtype]
 
-  def load(self) -> Any:
+  def load(self, torchscript: bool = False) -> Any:
     """Unpickles data.pkl; the arrays keep the memory map alive after closing."""
     try:
       with self._zip.open(self._prefix + "data.pkl") as f:
-        return _RestrictedUnpickler(io.BytesIO(f.read()), self.storage).load()
+        return _RestrictedUnpickler(io.BytesIO(f.read()), self.storage, torchscript).load()
     except (AttributeError, TypeError, IndexError, EOFError) as e:
       # E.g. a BUILD opcode trying to set attributes on an allowed global.
       raise CheckpointFormatError(f"malformed checkpoint pickle: {e!r}") from e
@@ -226,11 +250,13 @@ class _ZipCheckpoint:
       self._file.close()
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> Any:
+def load_torch_state_dict(path: str | os.PathLike, torchscript: bool = False) -> Any:
   """Loads a `torch.save` file into nested Python containers of numpy arrays.
 
   Args:
     path: a `.pth` written by PyTorch >= 1.6 (zip serialization).
+    torchscript: also accept a TorchScript archive (`torch.jit.save`): its
+      modules come back as `ScriptObject`s (see `script_object_state`).
 
   Returns:
     The saved object (for INFD: {'model': {'name', 'args', 'sd'}, 'cfg',
@@ -248,4 +274,4 @@ def load_torch_state_dict(path: str | os.PathLike) -> Any:
     hint = (" It looks like PyTorch's legacy (pre-1.6) serialization; re-save it with "
             "torch.save(torch.load(p), p) on a recent PyTorch.") if head[:1] == b"\x80" else ""
     raise CheckpointFormatError(f"{path} is not a PyTorch zip checkpoint.{hint}")
-  return _ZipCheckpoint(path).load()
+  return _ZipCheckpoint(path).load(torchscript)
