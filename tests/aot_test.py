@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,15 +39,21 @@ def test_compiles_the_tiny_dm_step_once_and_skips_it_on_rerun(tmp_path):
   assert json.loads(results.read_text())["key"] == record["key"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--topology=v9x:2x2"], "--topology='v9x:2x2'"),
-    (["--topology=cpu", "--batch=6"], "--batch=6 does not divide over the 8 devices"),
+@pytest.mark.parametrize("topology,batch,message", [
+    ("v9x:2x2", 0, "--topology='v9x:2x2'"),
+    ("cpu", 6, "--batch=6 does not divide over the 8 devices"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+def test_bad_input_is_a_user_error(topology, batch, message, tmp_path):
+  with pytest.raises(builders.UserError, match=re.escape(message)):
+    aot.run(tiny.get_config(), config_path="configs/tiny.py", overrides=[], topology=topology,
+            batch=batch, results=epath.Path(tmp_path) / "r.jsonl")
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "infd_jax.aot", "--config=configs/tiny.py",
-       f"--results={tmp_path}/r.jsonl", *args], cwd=ROOT, capture_output=True, text=True,
+      [sys.executable, "-m", "infd_jax.aot", "--config=configs/tiny.py", "--topology=v5p-8",
+       f"--results={tmp_path}/r.jsonl"], cwd=ROOT, capture_output=True, text=True,
       timeout=120, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and message in lines[0], proc.stderr
+  assert len(lines) == 1 and "--topology='v5p-8'" in lines[0], proc.stderr
