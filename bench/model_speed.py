@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import sharding
+from infd_jax import configs, sharding
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import coords, tiling
 from infd_jax.training import ae_step, ae_task, builders, dm_task, loop, optim
@@ -33,7 +33,7 @@ from infd_jax.training.dm_step import dm_train_step
 
 
 def _config(path: str, dtype: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
+  spec = importlib.util.spec_from_file_location("bench_config", configs.resolve(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()

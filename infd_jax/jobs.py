@@ -10,12 +10,12 @@ import pathlib
 import jax
 import ml_collections
 
-from infd_jax import sharding
+from infd_jax import checks, sharding
 from infd_jax.evaluation import writers
 from infd_jax.training import builders
 
 UserError = builders.UserError
-STAGES = ("ae", "dm", "sample", "eval", "all")
+STAGES = checks.STAGES
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -35,13 +35,14 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
       prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"], source=d["source"],
                               workers=workers)
   except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, prepare.PrepareError) and e.report.skipped:
+      logging.warning("%s", e.report.summary())
     raise UserError(str(e)) from e
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   """Runs `config.stage` in `workdir` (created if needed)."""
-  if config.stage not in STAGES:
-    raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
+  checks.check_config(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)

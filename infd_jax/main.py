@@ -1,8 +1,12 @@
-"""Entry point: `python -m infd_jax.main --config=configs/ffhq.py --workdir=W`.
+"""Entry point: `infd --config=ffhq --workdir=W` (or `python -m infd_jax.main ...`).
 
-Kept thin on purpose: flags -> (multi-host init) -> `jobs.run(config, workdir)`.
-Config overrides use ml_collections syntax, e.g. `--config.train.ae_batch_size=16`
-or `--config.stage=dm`; a misspelt key stops at flag parsing with its name.
+Kept thin on purpose: flags -> config checks -> logging, compilation cache and
+(multi-host) init -> `jobs.run(config, workdir)`. `--config` is a file or a
+packaged config name (`ffhq`, `configs/ffhq.py`, `custom:size=small`; see
+`infd_jax.configs`). Config overrides use ml_collections syntax, e.g.
+`--config.train.ae_batch_size=16` or `--config.stage=dm`; a misspelt key stops at
+flag parsing with its name. Mistakes the user can fix end in one line on stderr
+and exit code 2. Library INFO logs are hidden unless `--verbosity=1`.
 """
 
 import os
@@ -12,8 +16,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from infd_jax import configs, logs
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/ffhq.py (optionally :arg).",
+    "config", None, "Experiment config: a file (my.py) or a packaged name "
+    f"({', '.join(configs.names())}), optionally with :arg (custom:size=small).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 _COORDINATOR = flags.DEFINE_string(
@@ -33,6 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors: a missing flag or a misspelt config key."""
+  argv = [_resolve_config(a) for a in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -41,6 +49,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     detail = re.sub(r"(\\n|\n)+", " ", str(e.args[0] if e.args else e)).replace("\\'", "'")
     message = f"bad config override: {detail}"
   print(f"infd_jax: error: {message} (see --helpfull)", file=sys.stderr)
+  sys.exit(2)
+
+
+def _resolve_config(arg: str) -> str:
+  """`--config=NAME[:arg]` / a missing `configs/NAME.py` -> the packaged file."""
+  for prefix in ("--config=", "-config="):
+    if arg.startswith(prefix):
+      return prefix + configs.resolve(arg[len(prefix):])
+  return arg
+
+
+def _error(message: str) -> None:
+  print(f"infd_jax: error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -64,18 +85,28 @@ def main(argv) -> None:
     _ = config.stage  # a missing or broken config file raises its loader's error here
   except Exception as e:  # pylint: disable=broad-except  (a broken or missing config file)
     reason = re.sub(r"\s+", " ", str(e))
-    print(f"infd_jax: error: cannot load --config={flags.FLAGS['config'].config_filename}: {reason}",
-          file=sys.stderr)
-    sys.exit(2)
+    _error(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
+  from infd_jax import checks, compile_cache  # pylint: disable=g-import-not-at-top
+  try:
+    checks.check_config(config)  # before any output, so a mistake is the only line
+  except checks.UserError as e:
+    _error(str(e))
+  logs.configure(flags.FLAGS.verbosity)
+  cache_dir = compile_cache.enable(config.compile_cache)
+  if cache_dir:
+    logging.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)
   _init_distributed()
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
     jobs.run(config, _WORKDIR.value)
   except jobs.UserError as e:
-    logging.error("%s", e)
-    print(f"infd_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _error(str(e))
+
+
+def run() -> None:
+  """The `infd` console script."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  run()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
+from infd_jax.configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
 
 
 @pytest.mark.parametrize("module", [ffhq, ffhq_mix6k, custom, demo, tiny])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import checkpointing, jobs, sharding
 from infd_jax.training import dm_task, loop
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 import skimage.data
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import sharding
 from infd_jax.data import pipeline
 from infd_jax.rendering import coords

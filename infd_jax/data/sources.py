@@ -167,6 +167,12 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.report = PrepareReport()
     super().__init__(file_format="array_record", **kwargs)
 
+  def _log_download_bytes(self) -> None:  # TFDS prints "Downloading and preparing ..."
+    logging.info("preparing %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,

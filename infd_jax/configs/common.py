@@ -33,6 +33,9 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "ae"
   c.seed = 0
+  # JAX's persistent compilation cache (infd_jax/compile_cache.py): "default"
+  # (~/.cache/infd_jax/jax, or $JAX_COMPILATION_CACHE_DIR), "off", or a folder.
+  c.compile_cache = "default"
 
   # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset).
   # An empty data_dir means `<workdir>/data`.

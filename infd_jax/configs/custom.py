@@ -9,7 +9,7 @@ steps; its high-resolution fine-tune phase (p_max 0.5 from step 800,001) is
 set with `--config.data.p_max=0.5` when resuming for that phase.
 """
 
-from configs import common
+from infd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

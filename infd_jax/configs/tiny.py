@@ -1,6 +1,6 @@
 """`demo.py` shrunk further for CPU tests: tiny widths, 32 px, a few steps."""
 
-from configs import common, demo
+from infd_jax.configs import common, demo
 
 
 def get_config(arg: str | None = None):

@@ -6,7 +6,7 @@ samples, and renders at 256, 512 and 1024. Images will be rough: the point is
 that every part of the real pipeline runs.
 """
 
-from configs import common
+from infd_jax.configs import common
 
 
 def get_config(arg: str | None = None):
