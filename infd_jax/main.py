@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from infd_jax import configs, logs
+from infd_jax import checks, configs, logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: a file (my.py) or a packaged name "
@@ -86,11 +86,11 @@ def main(argv) -> None:
   except Exception as e:  # pylint: disable=broad-except  (a broken or missing config file)
     reason = re.sub(r"\s+", " ", str(e))
     _error(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
-  from infd_jax import checks, compile_cache  # pylint: disable=g-import-not-at-top
   try:
-    checks.check_config(config)  # before any output, so a mistake is the only line
+    checks.check_config(config)  # before any output (and jax), so a mistake is the only line
   except checks.UserError as e:
     _error(str(e))
+  from infd_jax import compile_cache  # pylint: disable=g-import-not-at-top
   logs.configure(flags.FLAGS.verbosity)
   cache_dir = compile_cache.enable(config.compile_cache)
   if cache_dir:

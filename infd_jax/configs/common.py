@@ -36,6 +36,8 @@ def base() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache (infd_jax/compile_cache.py): "default"
   # (~/.cache/infd_jax/jax, or $JAX_COMPILATION_CACHE_DIR), "off", or a folder.
   c.compile_cache = "default"
+  # Stage `all` ends with <workdir>/contact_sheet.png and demo.json (the demo's summary).
+  c.contact_sheet = False
 
   # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset).
   # An empty data_dir means `<workdir>/data`.

@@ -171,7 +171,8 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:
     phi = sample(state.ema_params, ae_params, jax.random.PRNGKey(config.seed))
     images = renderer.render_image({"params": ae_params}, phi, (res, res))
-    writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4)[None]})
+    writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4,
+                                                                          min_side=128)[None]})
   return visualize
 
 

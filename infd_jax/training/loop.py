@@ -168,6 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
   stop = checkpointing.StopRequest()
   config_json = checkpointing.config_to_json(config)
   merged, last_saved = None, start
+  logging.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
+               task.name, task.total_steps - start, tc.log_every)
 
   def save(step: int) -> None:
     nonlocal last_saved
@@ -198,6 +200,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
         batch = sharding.shard_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch, *task.consts)
       merged = metrics if merged is None else merged.merge(metrics)  # on device, no sync
+      if step == start + 1:
+        jax.block_until_ready(state)
+        logging.info("[%s] step %d done; training", task.name, step)
       report(step)
       if step % tc.log_every == 0 or step == task.total_steps:
         check_and_log(step)
