@@ -12,6 +12,7 @@ and exit code 2. Library INFO logs are hidden unless `--verbosity=1`.
 import os
 import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,7 +41,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors: a missing flag or a misspelt config key."""
-  argv = [_resolve_config(a) for a in argv]
+  argv = _resolve_config(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -52,15 +53,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
-def _resolve_config(arg: str) -> str:
-  """`--config=NAME[:arg]` / a missing `configs/NAME.py` -> the packaged file."""
-  for prefix in ("--config=", "-config="):
-    if arg.startswith(prefix):
-      return prefix + configs.resolve(arg[len(prefix):])
-  return arg
+def _resolve_config(argv: list[str]) -> list[str]:
+  """`--config[=| ]NAME[:arg]` or a missing `configs/NAME.py` -> the packaged file."""
+  out = []
+  for arg in argv:
+    if out and out[-1] in ("--config", "-config"):
+      arg = configs.resolve(arg)
+    for prefix in ("--config=", "-config="):
+      if arg.startswith(prefix):
+        arg = prefix + configs.resolve(arg[len(prefix):])
+    out.append(arg)
+  return out
 
 
-def _error(message: str) -> None:
+def _error(message: str) -> NoReturn:
   print(f"infd_jax: error: {message}", file=sys.stderr)
   sys.exit(2)
 
@@ -90,8 +96,8 @@ def main(argv) -> None:
     checks.check_config(config)  # before any output (and jax), so a mistake is the only line
   except checks.UserError as e:
     _error(str(e))
+  logs.configure(flags.FLAGS.verbosity)  # before jax loads: it also sets the C++ log level
   from infd_jax import compile_cache  # pylint: disable=g-import-not-at-top
-  logs.configure(flags.FLAGS.verbosity)
   cache_dir = compile_cache.enable(config.compile_cache)
   if cache_dir:
     logging.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)

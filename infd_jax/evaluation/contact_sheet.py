@@ -85,8 +85,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           for crop, rec, zoom, d in zip(crops, render(base), _centre(big, base), down)]
   rows += _sample_rows(workdir / "samples", base, max(factors) * base)
   sheet = workdir / "contact_sheet.png"
-  Image.fromarray(np.concatenate(rows, axis=0)).save(sheet)
-  (workdir / "demo.json").write_text(json.dumps(numbers, indent=1))
+  if jax.process_index() == 0:
+    Image.fromarray(np.concatenate(rows, axis=0)).save(sheet)
+    (workdir / "demo.json").write_text(json.dumps(numbers, indent=1))
   logging.info("contact sheet %s: %s", sheet, numbers)
   return sheet, numbers
 
