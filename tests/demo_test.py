@@ -60,3 +60,16 @@ def test_demo_stage1_improves_training_and_held_out_psnr(tmp_path):
   after = held_out(state.gen_params)
   assert np.mean(train[-10:]) > np.mean(train[:5]) + 4.0, (train[:5], train[-10:])
   assert after > before + 4.0, (before, after)
+
+
+@pytest.mark.parametrize("bound,expected", [(0.0, 1.0 / 512), (1.0, 1.0)])
+def test_codebook_starts_uniform_within_the_bound(bound, expected):
+  """0 keeps the official U(-1/N, 1/N); the demo's wider start fills (-1, 1)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from infd_jax.models.quantizer import VectorQuantizer  # pylint: disable=g-import-not-at-top
+  params = VectorQuantizer(512, 3, init_bound=bound).init(jax.random.PRNGKey(0),
+                                                          np.zeros((1, 2, 2, 3), np.float32))
+  codes = np.asarray(nn.unbox(params)["params"]["embedding"])
+  assert codes.shape == (512, 3)
+  assert expected * 0.98 < np.abs(codes).max() < expected
+  assert abs(codes.mean()) < expected * 0.1

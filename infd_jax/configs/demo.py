@@ -23,7 +23,8 @@ def get_config(arg: str | None = None):
   c.data.update(name="demo", variant="", split="train", eval_split="", dm_variant="",
                 dm_split="train", dm_resize=0, patch=64, inp_res=64, gt_res_min=64,
                 gt_res_max=256, num_workers=0)
-  c.ae.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, num_codes=2048, renderer_hidden=32)
+  c.ae.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, num_codes=2048, renderer_hidden=32,
+              codebook_init=1.0)
   # (GroupNorm has 32 groups everywhere, so widths stay multiples of 32.)
   c.disc.update(ndf=8)
   c.loss.update(perc=0.0, gan_g=0.0, quant=0.25)

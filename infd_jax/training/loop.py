@@ -148,6 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, task: 
   rules = sharding.config_rules(config.mesh)
   ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / f"checkpoints_{task.name}",
                                     keep=tc.keep_checkpoints)
+  logging.info("[%s] compiling the initialiser and opening the data", task.name)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
   data_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
 
