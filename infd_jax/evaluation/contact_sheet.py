@@ -99,6 +99,6 @@ def _sample_rows(folder: pathlib.Path, base: int, big: int) -> list[np.ndarray]:
     large = np.asarray(Image.open(folder / str(big) / small_png.name))
     pairs.append(np.concatenate([np.asarray(Image.open(small_png)),
                                  _centre(large[None], base)[0]], axis=1))
-  if len(pairs) % 2:
+  if len(pairs) % 2:  # (none when only stage 1 has run)
     pairs.append(np.zeros_like(pairs[0]))
   return [np.concatenate(pairs[i:i + 2], axis=1) for i in range(0, len(pairs), 2)]
