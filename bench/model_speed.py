@@ -24,14 +24,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import aot, builders, inference, sharding
+from infd_jax import aot, builders, configs, inference, sharding
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task
 
 
 def _config(path: str, dtype: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
+  spec = importlib.util.spec_from_file_location("bench_config", configs.resolve(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()

@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from infd_jax import checks
 from infd_jax.diffusion import samplers, schedules
 from infd_jax.models.autoencoder import INFDAutoencoder
 from infd_jax.models.discriminator import PatchDiscriminator
 from infd_jax.models.lpips import LPIPS
 from infd_jax.models.unet import UNet
 
-
-class UserError(Exception):
-  """A problem the user can fix (paths, settings); reported in one line, no traceback."""
+UserError = checks.UserError  # (defined without jax, so config checks import fast)
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:

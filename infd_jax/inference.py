@@ -405,7 +405,7 @@ def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _default_config() -> ml_collections.ConfigDict:
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from infd_jax.configs import common  # pylint: disable=g-import-not-at-top
   return common.base()
 
 

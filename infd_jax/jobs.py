@@ -3,21 +3,22 @@
 `run(config, workdir)` is the testable body of `python -m infd_jax.main`.
 """
 
+import contextlib
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from etils import epath
 import jax
 import ml_collections
 import numpy as np
 
-from infd_jax import sharding
+from infd_jax import checks, sharding
 from infd_jax.evaluation import writers
 from infd_jax import builders, inference
 
 UserError = builders.UserError
-STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
+STAGES = checks.STAGES
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -64,6 +65,8 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
         prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"],
                                 source=d["source"], workers=workers)
     except (FileNotFoundError, ValueError) as e:
+      if isinstance(e, prepare.PrepareError) and e.report.skipped:
+        logging.warning("%s", e.report.summary())
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -74,6 +77,19 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
     raise UserError(str(error)) from error
 
 
+@contextlib.contextmanager
+def _stage_writer(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  stage: str) -> Iterator[writers.MetricWriter]:
+  """Log + TensorBoard writer of one stage: its own run in `<workdir>/<stage>/`."""
+  writer = writers.create_writer(workdir / stage, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                        if not isinstance(v, dict)} | {"config": config.to_json_best_effort()})
+  try:
+    yield writer
+  finally:
+    writer.close()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         overrides: Iterable[str] = ()) -> None:
   """Runs `config.stage` in `workdir` (created if needed; a local path or a URL such as gs://).
@@ -81,8 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   Later stages take the architecture of trained stages from their checkpoints;
   `overrides` (dotted keys set on the command line) that contradict them stop.
   """
-  if config.stage not in STAGES:
-    raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
+  checks.check_config(config)
   workdir = workdir_path(workdir)
   if config.stage == "sample":
     from infd_jax import generate  # pylint: disable=g-import-not-at-top
@@ -94,29 +109,33 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   logging.info("config:\n%s", config)
-  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
-                        if not isinstance(v, dict)} | {"config": config.to_json_best_effort()})
-  try:
-    if config.stage in ("ae", "dm", "all"):
-      _prepare_data(config, workdir)
-    if config.stage in ("ae", "all"):
-      from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
+  if config.stage in ("ae", "dm", "all"):
+    for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):
+      checks.check_resume_architecture(config, workdir, stage)
+    _prepare_data(config, workdir)
+  if config.stage in ("ae", "all"):
+    from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
+    with _stage_writer(config, workdir, "ae") as writer:
       loop.train(config, workdir, ae_task.make_task(config, mesh), mesh, writer)
-    if config.stage in ("dm", "all"):
-      from infd_jax.training import dm_task, loop  # pylint: disable=g-import-not-at-top
+  if config.stage in ("dm", "all"):
+    from infd_jax.training import dm_task, loop  # pylint: disable=g-import-not-at-top
+    with _stage_writer(config, workdir, "dm") as writer:
       loop.train(config, workdir, dm_task.make_task(config, workdir, mesh), mesh, writer)
-    if config.stage in ("sample", "all"):
-      from infd_jax import generate  # pylint: disable=g-import-not-at-top
-      out = generate.run(config, workdir, mesh)
-      print(f"infd_jax: samples in {out}")
-    if config.stage == "condition":
-      from infd_jax.guidance import job as condition_job  # pylint: disable=g-import-not-at-top
-      out = condition_job.run(config, workdir, mesh)
-      print(f"infd_jax: guided samples in {out}")
-    if config.stage == "eval":
-      from infd_jax.evaluation import job  # pylint: disable=g-import-not-at-top
+  if config.stage in ("sample", "all"):
+    from infd_jax import generate  # pylint: disable=g-import-not-at-top
+    out = generate.run(config, workdir, mesh)
+    print(f"infd_jax: samples in {out}")
+  if config.stage == "all" and config.contact_sheet:
+    from infd_jax.evaluation import contact_sheet  # pylint: disable=g-import-not-at-top
+    sheet, numbers = contact_sheet.run(config, workdir, mesh)
+    print(f"infd_jax: contact sheet {sheet}")
+    print("infd_jax: " + ", ".join(f"{k} {v:.2f} dB" for k, v in numbers.items()))
+  if config.stage == "condition":
+    from infd_jax.guidance import job as condition_job  # pylint: disable=g-import-not-at-top
+    out = condition_job.run(config, workdir, mesh)
+    print(f"infd_jax: guided samples in {out}")
+  if config.stage == "eval":
+    from infd_jax.evaluation import job  # pylint: disable=g-import-not-at-top
+    with _stage_writer(config, workdir, "eval") as writer:
       job.run(config, workdir, mesh, writer)
-  finally:
-    writer.close()
   print(f"infd_jax: {config.stage} done; checkpoints, TensorBoard events and outputs in {workdir}")

@@ -1,8 +1,12 @@
-"""Entry point: `python -m infd_jax.main --config=configs/ffhq.py --workdir=W`.
+"""Entry point: `infd --config=ffhq --workdir=W` (or `python -m infd_jax.main ...`).
 
-Kept thin on purpose: flags -> (multi-host init) -> `jobs.run(config, workdir)`.
-Config overrides use ml_collections syntax, e.g. `--config.train.ae_batch_size=16`
-or `--config.stage=dm`; a misspelt key stops at flag parsing with its name.
+Kept thin on purpose: flags -> config checks -> logging, compilation cache and
+(multi-host) init -> `jobs.run(config, workdir)`. `--config` is a file or a
+packaged config name (`ffhq`, `configs/ffhq.py`, `custom:size=small`; see
+`infd_jax.configs`). Config overrides use ml_collections syntax, e.g.
+`--config.train.ae_batch_size=16` or `--config.stage=dm`; a misspelt key stops at
+flag parsing with its name. Mistakes the user can fix end in one line on stderr
+and exit code 2. Library INFO logs are hidden unless `--verbosity=1`.
 """
 
 import importlib.util
@@ -10,12 +14,16 @@ import os
 import re
 import sys
 import urllib.request
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from infd_jax import checks, configs, logs
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/ffhq.py (optionally :arg).",
+    "config", None, "Experiment config: a file (my.py) or a packaged name "
+    f"({', '.join(configs.names())}), optionally with :arg (custom:size=small).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 _COORDINATOR = flags.DEFINE_string(
@@ -37,6 +45,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors: a missing flag or a misspelt config key."""
+  argv = _resolve_config(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -45,6 +54,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     detail = re.sub(r"(\\n|\n)+", " ", str(e.args[0] if e.args else e)).replace("\\'", "'")
     message = f"bad config override: {detail}"
   print(f"infd_jax: error: {message} (see --helpfull)", file=sys.stderr)
+  sys.exit(2)
+
+
+def _resolve_config(argv: list[str]) -> list[str]:
+  """`--config[=| ]NAME[:arg]` or a missing `configs/NAME.py` -> the packaged file."""
+  out = []
+  for arg in argv:
+    if out and out[-1] in ("--config", "-config"):
+      arg = configs.resolve(arg)
+    for prefix in ("--config=", "-config="):
+      if arg.startswith(prefix):
+        arg = prefix + configs.resolve(arg[len(prefix):])
+    out.append(arg)
+  return out
+
+
+def _error(message: str) -> NoReturn:
+  print(f"infd_jax: error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -100,19 +127,29 @@ def main(argv) -> None:
     _ = config.stage  # a missing or broken config file raises its loader's error here
   except Exception as e:  # pylint: disable=broad-except  (a broken or missing config file)
     reason = re.sub(r"\s+", " ", str(e))
-    print(f"infd_jax: error: cannot load --config={flags.FLAGS['config'].config_filename}: {reason}",
-          file=sys.stderr)
-    sys.exit(2)
+    _error(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
+  try:
+    checks.check_config(config)  # before any output (and jax), so a mistake is the only line
+  except checks.UserError as e:
+    _error(str(e))
+  logs.configure(flags.FLAGS.verbosity)  # before jax loads: it also sets the C++ log level
+  from infd_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  cache_dir = compile_cache.enable(config.compile_cache)
+  if cache_dir:
+    logging.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)
   _init_distributed()
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
     jobs.run(config, _WORKDIR.value,
              overrides=config_flags.get_override_values(flags.FLAGS["config"]).keys())
   except jobs.UserError as e:
-    logging.error("%s", e)
-    print(f"infd_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _error(str(e))
+
+
+def run() -> None:
+  """The `infd` console script."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  run()

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import aot
 from infd_jax import builders
 from infd_jax.training import dm_task

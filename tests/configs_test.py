@@ -2,16 +2,33 @@
 
 import pytest
 
-from configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
+from infd_jax.configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
 
 
-@pytest.mark.parametrize("module", [ffhq, ffhq_mix6k, custom, demo, tiny])
-def test_every_config_loads_with_known_data_keys(module):
+@pytest.mark.parametrize("module,arg", [(ffhq, None), (ffhq_mix6k, None), (custom, None),
+                                        (custom, "size=small,stage=all"), (demo, None),
+                                        (tiny, None)])
+def test_every_config_loads_with_known_data_keys_and_passes_the_checks(module, arg):
+  from infd_jax import checks  # pylint: disable=g-import-not-at-top
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from infd_jax import builders  # pylint: disable=g-import-not-at-top
-  c = module.get_config()
+  c = module.get_config(arg)
+  checks.check_config(c)
   for stage in ("ae", "dm"):
     assert set(builders.pipeline_config(c.data, stage)) <= set(pipeline.default_data_config())
+
+
+def test_configs_resolve_by_name_or_repository_path(tmp_path):
+  from infd_jax import configs  # pylint: disable=g-import-not-at-top
+  packaged = str(configs.PACKAGE_DIR / "custom.py")
+  assert configs.resolve("custom:size=small") == packaged + ":size=small"
+  assert configs.resolve("configs/custom.py") == packaged
+  own = tmp_path / "custom.py"
+  own.write_text("")
+  assert configs.resolve(f"{own}:x=1") == f"{own}:x=1"  # an existing file wins
+  assert configs.resolve("nope.py") == "nope.py"  # left for the loader to report
+  with pytest.raises(ValueError, match="size='huge'"):
+    custom.get_config("size=huge")
 
 
 def test_ffhq_carries_the_official_numbers():

@@ -30,7 +30,7 @@ def tiny_trained(tmp_path_factory):
   z_channels, codebook size, UNet channel multipliers and head width differ from
   `configs/tiny.py`, so later stages only work if they read the saved architecture.
   """
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
   data, work = tmp_path_factory.mktemp("tiny_data"), tmp_path_factory.mktemp("tiny_trained")
   for stage in ("ae", "dm"):

@@ -534,7 +534,7 @@ def test_lpips_scaling_buffers_must_match_constants():
 
 def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_path):
   """Official layout -> convert -> `--config.stage=sample` writes images."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
   _, _, meta, _, tmp = converted
   config = tiny.get_config()

@@ -17,7 +17,7 @@ SIDES = (40, 48, 57, 64, 72, 80, 96)
 
 
 def _photo(side: int, i: int) -> Image.Image:
-  img = Image.open(os.path.join(sources.demo_source_dir(), sources.DEMO_FILES[i % 9]))
+  img = Image.open(os.path.join(sources.demo_source_dir(), sources.DEMO_FILES[i % len(sources.DEMO_FILES)]))
   return img.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
 
 

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax.clip import convert, model as clip_model
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import conditions as cond_lib
 from infd_jax.guidance import regions, sampler
 from infd_jax.rendering import tiling
-from infd_jax.training import builders
+from infd_jax import builders
 
 CLIP_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "clip"
 TILE, PAD = 16, 4

@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import jobs, sharding
 from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import builders, checkpointing, jobs, sharding
 from infd_jax.training import ae_task, dm_task, loop
 
@@ -29,7 +29,7 @@ def _config(data_dir, stage, **train):
 def _scalar_tags(workdir: pathlib.Path) -> set[str]:
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   tags = set()
-  for events in workdir.glob("events.out.tfevents.*"):
+  for events in workdir.rglob("events.out.tfevents.*"):
     acc = event_accumulator.EventAccumulator(str(events))
     acc.Reload()
     tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
@@ -56,6 +56,10 @@ def test_stages_write_checkpoints_events_and_latent_cache(trained):
   assert {"train/l1_loss", "train/adaptive_g_w", "train/psnr", "train/codebook_usage",
           "train/disc_logits_real", "val/perc_loss", "val/psnr", "train/z_dm_loss",
           "val/z_dm_ema_loss", "steps_per_sec"} <= tags, sorted(tags)
+  # Each stage is its own TensorBoard run.
+  ae_tags, dm_tags = _scalar_tags(work / "ae"), _scalar_tags(work / "dm")
+  assert "train/psnr" in ae_tags and "train/psnr" not in dm_tags
+  assert "train/z_dm_loss" in dm_tags and "train/z_dm_loss" not in ae_tags
 
 
 def test_sample_job_writes_requested_sizes_including_non_square(trained):

@@ -10,7 +10,7 @@ import optax
 import pytest
 import skimage.data
 
-from configs import tiny
+from infd_jax.configs import tiny
 from infd_jax import sharding
 from infd_jax.data import on_device, pipeline
 from infd_jax.rendering import coords
@@ -174,3 +174,23 @@ def test_skip_nonfinite_keeps_the_state_and_advances_the_step(config):
   assert int(new.step) == int(state.step) + 1
   _assert_trees_close(new.params, state.params, rtol=0, atol=0)
   _assert_trees_close(new.ema_params, state.ema_params, rtol=0, atol=0)
+
+
+def test_zero_gan_and_lpips_weights_skip_their_work_with_the_same_update(config, ae_batch):
+  """loss.gan_g=0 / perc=0 (the demo) leave out the discriminator and LPIPS; the generator
+  update equals the full step's with the GAN gated off and an LPIPS weight of zero."""
+  from infd_jax.models.lpips import load_lpips_params
+  lp = load_lpips_params()
+  init = _with_sgd(ae_task.init_fn(config), ("gen_opt", "gen_params"),
+                  ("disc_opt", "disc_params"))
+  state = jax.tree.map(lambda x: getattr(x, "value", x), init(jax.random.PRNGKey(0)),
+                       is_leaf=lambda x: hasattr(x, "value"))
+  full, skipped = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  full.loss.update(gan_start_step=10**9, perc=1e-30)  # GAN gated at run time, LPIPS ~ 0
+  skipped.loss.update(gan_g=0.0, perc=0.0)
+  a, ma = jax.jit(_ae_step(full, SGD))(state, ae_batch, lp)
+  b, mb = jax.jit(_ae_step(skipped, SGD))(state, ae_batch, lp)
+  _assert_trees_close(a.gen_params, b.gen_params, rtol=1e-5, atol=1e-7)
+  _assert_trees_close(state.disc_params, b.disc_params, rtol=0, atol=0)
+  np.testing.assert_allclose(float(ma["l1_loss"]), float(mb["l1_loss"]), rtol=1e-6)
+  assert float(mb["perc_loss"]) == 0.0 and float(mb["disc_loss"]) == 0.0

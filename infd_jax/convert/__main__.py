@@ -1,6 +1,7 @@
 """CLI: convert an official INFD checkpoint to the infd_jax format.
 
-  python -m infd_jax.convert --input=last-model.pth --output=DIR [--parts=ae,dm_ema]
+  infd-convert --input=last-model.pth --output=DIR [--parts=ae,dm_ema]
+  (or python -m infd_jax.convert ...)
 
 Writes DIR/params (orbax) and DIR/meta.json; see `infd_jax.convert.mapping`.
 """
@@ -45,5 +46,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `infd-convert` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

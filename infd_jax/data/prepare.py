@@ -15,12 +15,62 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 from typing import Sequence
 
 import tensorflow_datasets as tfds
 
+from infd_jax import logs
 from infd_jax.data import image_io
 from infd_jax.data import sources
+
+
+class PrepareError(ValueError):
+  """No usable image where one was needed; `report` holds the per-file reasons."""
+
+  def __init__(self, message: str, report: sources.PrepareReport):
+    super().__init__(message)
+    self.report = report
+
+
+def _check_source(name: str, source: str | None) -> None:
+  """A missing, non-folder or image-free source is a one-line error."""
+  if name == "demo":
+    return
+  if not source:
+    raise FileNotFoundError(f"{name} needs --source=FOLDER (the input images)")
+  if not os.path.isdir(os.path.expanduser(source)):
+    raise FileNotFoundError(f"source folder {source!r} not found")
+  if not image_io.list_images(os.path.expanduser(source)):
+    raise PrepareError(f"source folder {source!r} holds no image files "
+                       f"({', '.join(sorted(image_io.IMAGE_EXTENSIONS))}, searched recursively)",
+                       sources.PrepareReport())
+
+
+def _check_written(name: str, config: str, data_dir: str, source: str | None,
+                   report: sources.PrepareReport) -> None:
+  """Raises PrepareError (and removes the empty dataset) if a split got no image."""
+  empty = sorted(split for split, n in report.written.items() if n == 0)
+  if not empty:
+    return
+  # The config's folder: the dataset, or TFDS's incomplete.* leftovers.
+  shutil.rmtree(os.path.dirname(sources.dataset_dir(data_dir, name, config)), ignore_errors=True)
+  first = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in report.skipped[:2])
+  raise PrepareError(
+      f"{name}/{config}: no usable image in {source!r} for split(s) {', '.join(empty)}: "
+      f"{len(report.skipped)} file(s) skipped" + (f" ({first}{', ...' if len(report.skipped) > 2 else ''})"
+                                                   if first else ""), report)
+
+
+def prepare_command(name: str, data_dir: str, variant: str | None = None) -> str:
+  """The complete prepare command line for (dataset, variant), with its required flags."""
+  cmd = f"python -m infd_jax.data.prepare --dataset={name} --source=FOLDER --data_dir={data_dir}"
+  if name == "ffhq":
+    configs = ",".join(configs_needed(name, variant))
+    cmd += f" --config={configs} --train_list=ffhqtrain.txt --val_list=ffhqvalidation.txt"
+  elif variant and variant != "default":
+    cmd += f" --config={variant}"
+  return cmd
 
 
 def configs_needed(name: str, variant: str | None) -> list[str]:
@@ -66,6 +116,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
       written in the same order whatever the number).
   """
   configs = list(configs or configs_needed(name, None))
+  _check_source(name, source)
   report = sources.PrepareReport()
   # Our own per-split tqdm bars replace TFDS's (which cannot know the total).
   tfds.disable_progress_bar()
@@ -82,7 +133,12 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
     elif name == "image_folder":
       kwargs.update(config=tfds.core.BuilderConfig(name=config))
     builder = sources.BUILDERS[name](**kwargs)
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except AssertionError:  # TFDS refuses to finalize a split without examples
+      if 0 not in builder.report.written.values():
+        raise
+    _check_written(name, config, data_dir, source, builder.report)
     report.merge(builder.report, f"{name}/{config}")
   return report
 
@@ -100,8 +156,9 @@ def ensure_prepared(name: str, data_dir: str, *, variant: str | None = None,
     return
   if name != "demo" and source is None:
     raise FileNotFoundError(
-        f"{name} configs {missing} are not prepared in {data_dir} and no source "
-        f"folder was given; run python -m infd_jax.data.prepare --dataset={name}")
+        f"{name} configs {missing} are not prepared in {data_dir} and no source folder was "
+        f"given: set --config.data.source=FOLDER or run "
+        f"{prepare_command(name, data_dir, variant)}")
   report = prepare(name, data_dir, configs=missing, source=source, **kwargs)
   logging.info("prepared %s %s:\n%s", name, missing, report.summary())
 
@@ -123,12 +180,15 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--overwrite", action="store_true", help="Rewrite prepared configs.")
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="Processes decoding and resizing images (default: one per CPU).")
+  p.add_argument("--verbosity", type=int, default=0, help="1: also the libraries' INFO logs.")
   return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> sources.PrepareReport:
+  """Prepares as the flags say and prints the report; raises on bad input."""
   args = _parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logs.configure(args.verbosity)
   limits = image_io.ImageLimits(args.min_side, args.max_side, args.max_pixels)
   report = prepare(args.dataset, args.data_dir,
                    configs=args.config.split(",") if args.config else None,
@@ -139,5 +199,16 @@ def main(argv: Sequence[str] | None = None) -> sources.PrepareReport:
   return report
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+  """The `infd-prepare` console script: bad input ends in one line and exit code 2."""
+  try:
+    main(argv)
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, PrepareError) and e.report.skipped:
+      print(e.report.summary(), file=sys.stderr)
+    print(f"infd-prepare: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

@@ -77,20 +77,23 @@ def _tile(images: np.ndarray, ncols: int, padding: int) -> np.ndarray:
   return np.pad(grid, ((0, padding), (0, padding), (0, 0)))
 
 
-def make_image_grid(images: Array, ncols: int, padding: int = 2) -> np.ndarray:
+def make_image_grid(images: Array, ncols: int, padding: int = 2, min_side: int = 0) -> np.ndarray:
   """Tiles images in [-1, 1] into one uint8 picture for `write_images`.
 
   Args:
     images: [N, H, W, C] float in [-1, 1] (values outside are clipped).
     ncols: images per row.
     padding: black border between and around images, in pixels.
+    min_side: enlarge each image by the smallest integer factor k (pixel
+      repetition) that makes min(k*H, k*W) >= min_side, so small tiles are visible.
 
   Returns:
-    [rows*(H+padding)+padding, ncols*(W+padding)+padding, C] uint8.
+    [rows*(kH+padding)+padding, ncols*(kW+padding)+padding, C] uint8.
   """
   x = np.asarray(images, np.float32)
   u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  return _tile(u8, ncols, padding)
+  k = max(1, -(-min_side // min(u8.shape[1:3])))
+  return _tile(u8.repeat(k, axis=1).repeat(k, axis=2), ncols, padding)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -161,12 +164,21 @@ class TensorboardXWriter(interface.MetricWriter):
     self._writer.close()
 
 
+class _LoggingWriter(logging_writer.LoggingWriter):
+  """Plain-log writer that leaves hyper-parameters out (the job logs the config once)."""
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    del hparams
+
+
 def create_writer(workdir: str, *, just_logging: bool) -> interface.MetricWriter:
   """Plain-log writer plus TensorBoard events in `workdir` (only the log when just_logging).
 
+  Jobs pass `<workdir>/<stage>` so each stage is its own TensorBoard run.
+
   Pass just_logging=jax.process_index() > 0 so only the first host writes events.
   """
-  writers: list[interface.MetricWriter] = [logging_writer.LoggingWriter()]
+  writers: list[interface.MetricWriter] = [_LoggingWriter()]
   if not just_logging:
     writers.append(TensorboardXWriter(workdir))
   return multi_writer.MultiWriter(writers)

@@ -122,13 +122,15 @@ class INFDAutoencoder(nn.Module):
   num_codes: int = 8192
   vq_beta: float = 0.25
   renderer_hidden: int = 256
+  codebook_init: float = 0.0  # 0: the official U(-1/N, 1/N); see VectorQuantizer
   dtype: Dtype = jnp.float32
 
   def setup(self):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 z_channels=self.z_channels, dtype=self.dtype)
     self.encoder = Encoder(**arch)
-    self.quantizer = VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta)
+    self.quantizer = VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
+                                     self.codebook_init)
     self.decoder = Decoder(**arch)
     self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
                                  hidden=self.renderer_hidden, dtype=self.dtype)

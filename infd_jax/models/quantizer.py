@@ -71,13 +71,18 @@ class VectorQuantizer(nn.Module):
     num_codes: codebook size N (8192).
     code_dim: code dimension D (3, the latent channels).
     beta: weight of the codebook term in the legacy loss (0.25).
+    init_bound: codes start uniform in (-b, b); 0 means the official b = 1/N.
+      The official bound is far below the encoder's output scale, so at first
+      only the few codes at the corners of the codebook's cloud are ever
+      nearest; a short run (the demo) uses a bound near that scale instead.
   """
   num_codes: int = 8192
   code_dim: int = 3
   beta: float = 0.25
+  init_bound: float = 0.0
 
   def setup(self):
-    bound = 1.0 / self.num_codes
+    bound = self.init_bound or 1.0 / self.num_codes
 
     def init(key, shape, dtype=jnp.float32):
       return jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -105,6 +105,8 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
 
   def nll_fn(pred):
     l1 = jnp.mean(jnp.abs(pred - gt))
+    if not loss.perc:  # weight 0 (a demo setting): LPIPS is not computed at all
+      return loss.l1 * l1, (l1, jnp.float32(0.0))
     perc = jnp.mean(lpips.apply(lpips_params, pred, gt, train=loss.lpips_train_dropout,
                                 rngs={"dropout": k_drop}))
     return loss.l1 * l1 + loss.perc * perc, (l1, perc)
@@ -115,8 +117,11 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
     return -jnp.mean(logits.astype(jnp.float32)), upd["batch_stats"]
 
   (nll, (l1, perc)), g_pred_nll = jax.value_and_grad(nll_fn, has_aux=True)(pred)
-  (gan_g, stats), g_pred_gan = jax.value_and_grad(gan_fn, has_aux=True)(pred)
   gp_nll, gh_nll = head_vjp(g_pred_nll)
+  if not loss.gan_g:  # GAN weight 0 (a demo setting): no discriminator work at all
+    return _without_gan(state, loss, gen_tx, gp_nll, gh_nll, gen_vjp, h, quant_loss, nll, l1,
+                        perc, pred, gt, indices, skip_nonfinite)
+  (gan_g, stats), g_pred_gan = jax.value_and_grad(gan_fn, has_aux=True)(pred)
   gp_gan, gh_gan = head_vjp(g_pred_gan)
   adaptive = (adaptive_weight(_get(gp_nll, LAST_LAYER), _get(gp_gan, LAST_LAYER))
               if loss.adaptive_gan_weight else jnp.float32(1.0))
@@ -153,11 +158,32 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
     finite = jnp.isfinite(total) & jnp.isfinite(d_loss)
     new_state = skip_unless_finite(finite, new_state, state)
 
+  scalars = _scalars(state, indices, pred, gt, loss=total, quant_loss=quant_loss, l1_loss=l1,
+                     perc_loss=perc, gan_g_loss=gan_g, adaptive_g_w=adaptive, disc_loss=d_loss,
+                     disc_logits_real=logit_real, disc_logits_fake=logit_fake)
+  return new_state, scalars
+
+
+def _scalars(state: AEState, indices, pred, gt, **values) -> dict[str, jax.Array]:
   num_codes = _get(state.gen_params, ("quantizer", "embedding")).shape[0]
   usage = metrics_lib.codebook_usage(indices, num_codes)
-  scalars = dict(
-      loss=total, quant_loss=quant_loss, l1_loss=l1, perc_loss=perc, gan_g_loss=gan_g,
-      adaptive_g_w=adaptive, psnr=jnp.mean(metrics_lib.psnr(pred, gt)),
-      disc_loss=d_loss, disc_logits_real=logit_real, disc_logits_fake=logit_fake,
-      codebook_perplexity=usage["perplexity"], codebook_usage=usage["fraction_used"])
-  return new_state, scalars
+  return values | dict(psnr=jnp.mean(metrics_lib.psnr(pred, gt)),
+                       codebook_perplexity=usage["perplexity"],
+                       codebook_usage=usage["fraction_used"])
+
+
+def _without_gan(state, loss, gen_tx, gp_nll, gh_nll, gen_vjp, h, quant_loss, nll, l1, perc, pred,
+                 gt, indices, skip_nonfinite):
+  """The generator update of `ae_train_step` when loss.gan_g == 0; the discriminator stays."""
+  (g_features,) = gen_vjp((gh_nll.astype(h.dtype), jnp.float32(loss.quant)))
+  grads = jax.tree.map(lambda a, b: a + b, g_features, gp_nll)
+  total = loss.quant * quant_loss + nll
+  updates, gen_opt = gen_tx.update(grads, state.gen_opt, state.gen_params)
+  new_state = state.replace(step=state.step + 1, gen_opt=gen_opt,
+                            gen_params=optax.apply_updates(state.gen_params, updates))
+  if skip_nonfinite:
+    new_state = skip_unless_finite(jnp.isfinite(total), new_state, state)
+  zero = jnp.float32(0.0)
+  return new_state, _scalars(state, indices, pred, gt, loss=total, quant_loss=quant_loss,
+                             l1_loss=l1, perc_loss=perc, gan_g_loss=zero, adaptive_g_w=zero,
+                             disc_loss=zero, disc_logits_real=zero, disc_logits_fake=zero)

@@ -161,6 +161,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     gt = transforms.to_float(samples["gt"])
     pairs = np.stack([np.asarray(pred), gt], axis=1).reshape(-1, r, r, 3)
     writer.write_images(step, {
-        "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4)[None],
-        f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4)[None]})
+        "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4, min_side=128)[None],
+        f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4,
+                                                          min_side=128)[None]})
   return visualize

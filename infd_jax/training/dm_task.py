@@ -188,5 +188,6 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:
     z = model.sample_global(np.arange(8), config.seed, dm_params=state.ema_params)
     images = model.render(z, (res, res))[:8]
-    writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4)[None]})
+    writer.write_images(step, {"dm/samples_ema": writers.make_image_grid(images, ncols=4,
+                                                                          min_side=128)[None]})
   return visualize

@@ -126,6 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   rules = sharding.config_rules(config.mesh)
   ckpt = checkpointing.Checkpointer(epath.Path(workdir) / f"checkpoints_{task.name}",
                                     keep=tc.keep_checkpoints)
+  logging.info("[%s] compiling the initialiser and opening the data", task.name)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
   host_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
   data_iter = prefetch.DevicePrefetch(host_iter, lambda b: sharding.shard_batch(b, mesh))
@@ -147,6 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   stop = checkpointing.StopRequest()
   config_json = checkpointing.config_to_json(config)
   merged, last_saved = None, start
+  logging.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
+               task.name, task.total_steps - start, tc.log_every)
 
   def save(step: int) -> None:
     nonlocal last_saved
@@ -177,6 +180,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
         batch = next(data_iter)
         state, metrics = step_fn(state, batch, *task.consts)
       merged = metrics if merged is None else merged.merge(metrics)  # on device, no sync
+      if step == start + 1:
+        jax.block_until_ready(state)
+        logging.info("[%s] step %d done; training", task.name, step)
       report(step)
       if step % tc.log_every == 0 or step == task.total_steps:
         check_and_log(step)

@@ -4,7 +4,7 @@
       --config.data.data_dir=DATA
 """
 
-from configs import common
+from infd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -34,6 +34,11 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "ae"
   c.seed = 0
+  # JAX's persistent compilation cache (infd_jax/compile_cache.py): "default"
+  # (~/.cache/infd_jax/jax, or $JAX_COMPILATION_CACHE_DIR), "off", or a folder.
+  c.compile_cache = "default"
+  # Stage `all` ends with <workdir>/contact_sheet.png and demo.json (the demo's summary).
+  c.contact_sheet = False
 
   # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset).
   # An empty data_dir means `<workdir>/data`.
@@ -47,7 +52,8 @@ def base() -> ml_collections.ConfigDict:
   # Stage 1 (REFERENCE.md 2.1, 3): VQ-f4 autoencoder + CLIF renderer.
   c.ae = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
-      vq_beta=0.25, renderer_hidden=256))
+      vq_beta=0.25, renderer_hidden=256,
+      codebook_init=0.0))  # 0: official U(-1/N, 1/N) codes; the demo starts them wider
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,

@@ -1,6 +1,6 @@
 """`demo.py` shrunk further for CPU tests: tiny widths, 32 px, a few steps."""
 
-from configs import common, demo
+from infd_jax.configs import common, demo
 
 
 def get_config(arg: str | None = None):
@@ -8,7 +8,11 @@ def get_config(arg: str | None = None):
   c = demo.get_config()
   c.stage = arg.stage
   c.data.update(patch=32, inp_res=32, gt_res_min=32, gt_res_max=64)
-  c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32)
+  c.loss = common.base().loss  # every loss term, unlike the demo
+  c.optim.update(ae_lr=2e-4, ae_b1=0.5, ae_b2=0.9)
+  c.contact_sheet = False
+  c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32,
+              codebook_init=0.0)
   c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
               num_head_channels=8)
   c.diffusion.sample_steps = 4

@@ -1,7 +1,7 @@
 """FFHQ 6K-Mix (REFERENCE.md 2.5, 5.2): half the AE samples from 70k LR images at 256,
 half from 6k HR images at 512..1024; no validation split; the DM uses all 70k at 256."""
 
-from configs import common
+from infd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -1,0 +1,33 @@
+"""Experiment configs shipped with the package, and how `--config` finds them.
+
+`--config` takes a file path (`my_config.py`, `configs/ffhq.py`) or the name of
+a packaged config (`ffhq`, `demo`, `custom:size=small`). A path that does not
+exist but names a packaged config (`configs/ffhq.py`, as the README writes it
+from the repository root) resolves to the packaged file, so the same command
+works from any folder once the package is installed.
+"""
+
+import pathlib
+
+PACKAGE_DIR = pathlib.Path(__file__).parent
+
+
+def names() -> list[str]:
+  """Packaged config names (files with a `get_config`)."""
+  return sorted(p.stem for p in PACKAGE_DIR.glob("*.py")
+                if not p.stem.startswith("_") and p.stem != "common")
+
+
+def resolve(spec: str) -> str:
+  """`path[:arg]` or `name[:arg]` -> an existing file path with the same `:arg`.
+
+  Unchanged when the path exists or names no packaged config (the loader then
+  reports the missing file).
+  """
+  path, sep, arg = spec.partition(":")
+  if pathlib.Path(path).expanduser().is_file():
+    return spec
+  stem = pathlib.PurePath(path).stem if path.endswith(".py") else path
+  if stem in names() and (path == stem or pathlib.PurePath(path).parent.name in ("configs", "")):
+    return str(PACKAGE_DIR / f"{stem}.py") + sep + arg
+  return spec

@@ -1,0 +1,40 @@
+"""The embedded demo: every stage on scikit-image's photos, sized for 2 CPU cores.
+
+Prepares the demo dataset (no download), trains a narrow autoencoder, trains a
+narrow diffusion model on its latents, samples at 256 and 1024, and ends with
+`<workdir>/contact_sheet.png` (held-out reconstructions at 1x and 4x, samples)
+and the headline numbers (reconstruction PSNR, scale consistency).
+
+Demo-only settings, chosen for a result in minutes on a CPU, not for quality at
+scale: narrow widths; stage 1 with L1 + VQ losses only (no LPIPS, no GAN: both
+slow a short CPU run and the GAN only pays off after long training) at a high
+learning rate; ground truth up to 4x the input; rendering tiles as large as the
+training patches (the renderer's GroupNorm statistics are per tile, so equal
+sizes avoid seams).
+"""
+
+from infd_jax.configs import common
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, stage="all")
+  c = common.base()
+  c.stage = arg.stage
+  c.data.update(name="demo", variant="", split="train", eval_split="", dm_variant="",
+                dm_split="train", dm_resize=0, patch=64, inp_res=64, gt_res_min=64,
+                gt_res_max=256, num_workers=0)
+  c.ae.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, num_codes=2048, renderer_hidden=32,
+              codebook_init=1.0)
+  # (GroupNorm has 32 groups everywhere, so widths stay multiples of 32.)
+  c.disc.update(ndf=8)
+  c.loss.update(perc=0.0, gan_g=0.0, quant=0.25)
+  c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
+              num_head_channels=16)
+  c.optim.update(ae_lr=1e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=3e-4, dm_ema=0.99)
+  c.diffusion.sample_steps = 20
+  c.train.update(ae_batch_size=4, ae_steps=600, dm_batch_size=8, dm_steps=1500,
+                 log_every=50, ckpt_every=300, vis_every=600, eval_every=0)
+  c.sample.update(num_samples=4, batch_size=4, sizes=(256, 1024), tile=64, pad=8)
+  c.eval.update(scale_consistency_base=256, scale_factors=(2, 4))
+  c.contact_sheet = True
+  return c
