@@ -172,8 +172,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     ckpt.close()
     return state
 
-  step_fn = jax.jit(_with_collection(task),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = sharding.compiled_everywhere(jax.jit(
+      _with_collection(task), out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0), f"{task.name} train step")
   report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
                                            every_steps=tc.log_every)
   stop = checkpointing.StopRequest()
