@@ -142,7 +142,8 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 def make_sampler(config: ml_collections.ConfigDict, num: int, mesh: jax.sharding.Mesh):
   """Jitted (UNet params, ae params, key) -> phi [num, H, W, C]: sample latents, quantize, decode.
 
-  The latents come from `config.sample.sampler` (DDIM by default). phi comes back replicated, so every host can render it.
+  The latents come from `config.sample.sampler` (DDIM by default). phi comes back
+  replicated, so every host can render it.
   """
   unet, ae = builders.unet(config), builders.autoencoder(config)
   sched = builders.diffusion_schedule(config)
