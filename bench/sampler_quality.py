@@ -135,8 +135,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
     draw.text((x0, 15), title + " (log-log)", fill="black")
     for s in steps:
       draw.text((xy(s, 1)[0] - 6, y1 + 6), str(s), fill="black")
-    for e in range(int(np.ceil(lo)), int(np.floor(hi)) + 1):
-      draw.text((x0 - 50, xy(steps[0], 10 ** e)[1] - 6), f"1e{e}", fill="black")
+    for v in sorted({min(values), max(values)} | {10.0 ** e for e in range(
+        int(np.ceil(lo)), int(np.floor(hi)) + 1)}):
+      draw.text((x0 - 50, xy(steps[0], v)[1] - 6), f"{v:.3g}", fill="black")
     if floor and floor > 0:
       ya = xy(steps[0], floor)[1]
       for xa in range(int(x0), int(x1), 12):

@@ -102,8 +102,7 @@ class Checkpointer:
         target.rmtree()
       source.rename(target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"set aside {source}")
+      ocp.multihost.sync_global_processes(f"infd set aside {source}")
     self._manager.reload()
     return target
 

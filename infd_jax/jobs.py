@@ -11,7 +11,6 @@ from typing import Iterable, Iterator
 from etils import epath
 import jax
 import ml_collections
-import numpy as np
 
 from infd_jax import checks, sharding
 from infd_jax.evaluation import writers
@@ -68,11 +67,14 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
       if isinstance(e, prepare.PrepareError) and e.report.skipped:
         logging.warning("%s", e.report.summary())
       error = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is None and failed.any():
-      raise UserError(f"preparing the dataset in {config.data.data_dir} failed on process 0")
+  sharding.barrier("dataset prepared")
+  if jax.process_index() > 0:
+    from infd_jax.data import sources  # pylint: disable=g-import-not-at-top
+    wanted = [builders.pipeline_config(config.data, stage) for stage in stages]
+    if not all(sources.is_prepared(d["data_dir"], d["name"], c) for d in wanted
+               for c in prepare.configs_needed(d["name"], d["variant"])):
+      raise UserError(f"the dataset in {config.data.data_dir} is not prepared: process 0 "
+                      "failed to prepare it (see its log)")
   if error is not None:
     raise UserError(str(error)) from error
 

@@ -9,7 +9,8 @@ falls back to replication, so odd shapes (e.g. 3 RGB output channels) never
 stop a run.
 """
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -116,3 +117,34 @@ def fraction_sharded(tree: PyTree) -> float:
   total = sum(x.size * x.dtype.itemsize for x in leaves)
   sharded = sum(x.size * x.dtype.itemsize for x in leaves if not x.sharding.is_fully_replicated)
   return sharded / max(total, 1)
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (the coordination service's barrier, not a device collective,
+  so a process that is minutes late, e.g. still compiling or preparing data, is waited for)."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.sync_global_processes(f"infd {name} {next(_BARRIERS)}")
+
+
+def compiled_everywhere(jitted, name: str) -> Callable[..., Any]:
+  """`jitted`, compiled at its first call and first run once every process has compiled it.
+
+  Processes compile at different speeds (one hits the persistent cache, another not);
+  without the barrier CPU collectives give up on a peer that is 30 s late. Later calls
+  reuse the executable, so their arguments must keep the first call's shapes.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  executable = []
+
+  def call(*args):
+    if not executable:
+      executable.append(jitted.lower(*args).compile())
+      barrier(f"{name} compiled")
+    return executable[0](*args)
+  return call

@@ -44,8 +44,9 @@ def _run(workdir, data_dir, stages, ae_steps, dm_steps, processes):
   finally:
     for p in procs:
       p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
+  assert all(p.returncode == 0 for p in procs), "\n".join(
+      f"process {i}: exit {p.returncode}\n{err[-3000:]}" for i, (p, (_, err)) in
+      enumerate(zip(procs, outs)))
   return outs[0][1]
 
 

@@ -4,7 +4,10 @@
 """
 
 import json
+import os
+import pathlib
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,10 @@ def _eps(params, x, t):
 
 
 def main(argv: list[str]) -> None:
+  # The test session's persistent compilation cache (tests/conftest.py), reused across runs.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "INFD_TEST_JAX_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "infd_jax_test_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if len(argv) > 1:
     jax.distributed.initialize(coordinator_address=argv[1], num_processes=int(argv[2]),
                                process_id=int(argv[3]), cluster_detection_method="deactivate")

@@ -114,6 +114,8 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         codebook_perplexity=jnp.full(mask.shape, usage["perplexity"]),
         codebook_usage=jnp.full(mask.shape, usage["fraction_used"]), mask=mask)
 
+  eval_step = sharding.compiled_everywhere(eval_step, "ae eval step")
+
   def evaluate(state: AEState, step: int, writer: writers.MetricWriter) -> None:
     examples, num_records = pipeline.split_examples(
         data, stage="ae", seed=config.seed, process_index=jax.process_index(),

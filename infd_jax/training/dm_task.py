@@ -15,7 +15,6 @@ from typing import Any
 
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -50,7 +49,8 @@ def init_fn(config: ml_collections.ConfigDict):
 
 def ae_fingerprint(ae_params: PyTree, mesh: jax.sharding.Mesh) -> str:
   """sha256 of the autoencoder's weights (names and bytes); the same on every process."""
-  whole = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(ae_params)
+  gather = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))
+  whole = sharding.compiled_everywhere(gather, "ae fingerprint")(ae_params)
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(whole)[0]:
     h.update(jax.tree_util.keystr(path).encode())
@@ -87,7 +87,8 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
     logging.info("latent cache %s", directory)
     return directory
   ae = builders.autoencoder(config)
-  encode = jax.jit(functools.partial(encode_latents, ae))
+  encode = sharding.compiled_everywhere(jax.jit(functools.partial(encode_latents, ae)),
+                                        "latent encoder")
   examples, num_records = pipeline.split_examples(
       data, stage="dm", seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -105,11 +106,11 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
 
   rows = latents_lib.write_share(directory, encoded(), process_index=jax.process_index(),
                                  rows_per_file=LATENT_FILE_ROWS)
-  multihost_utils.sync_global_devices(f"latents {directory}")
+  sharding.barrier(f"latents {directory}")
   if jax.process_index() == 0:
     latents_lib.write_meta(directory, num_records=num_records, process_count=jax.process_count(),
                            rows_per_file=LATENT_FILE_ROWS, ae_step=step, settings=settings)
-  multihost_utils.sync_global_devices(f"latents meta {directory}")
+  sharding.barrier(f"latents meta {directory}")
   logging.info("cached %d latents of this process in %s", rows, directory)
   return directory
 
@@ -167,6 +168,8 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
         z_dm_loss=gaussian.eps_loss(apply_fn, state.params, z0, k_t, k_eps, sched),
         z_dm_ema_loss=gaussian.eps_loss(apply_fn, state.ema_params, z0, k_t, k_eps_ema, sched),
         mask=batch["_mask"])
+
+  eval_step = sharding.compiled_everywhere(eval_step, "dm eval step")
 
   def evaluate(state: DMState, step: int, writer: writers.MetricWriter) -> None:
     examples, num_records = pipeline.split_examples(

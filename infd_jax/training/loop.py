@@ -108,7 +108,7 @@ def run_evaluation(examples: Iterable[dict[str, np.ndarray]], num_records: int,
     merged = m if merged is None else merged.merge(m)
   if merged is None:
     return {}
-  values = {k: float(v) for k, v in jax.device_get(merged.compute()).items()}
+  values = {k: float(v) for k, v in jax.device_get(merged).compute().items()}
   writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
   return values
 
@@ -141,8 +141,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     ckpt.close()
     return state
 
-  step_fn = jax.jit(_with_collection(task),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = sharding.compiled_everywhere(jax.jit(
+      _with_collection(task), out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0), f"{task.name} train step")
   report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
                                            every_steps=tc.log_every)
   stop = checkpointing.StopRequest()
@@ -160,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     nonlocal merged
     if merged is None:
       return
-    means = {k: float(v) for k, v in jax.device_get(merged.compute()).items()}
+    means = {k: float(v) for k, v in jax.device_get(merged).compute().items()}
     if not all(np.isfinite(v) for v in means.values()) and tc.on_nonfinite == "skip":
       # The steps themselves kept the previous state (see `state.skip_unless_finite`).
       logging.warning("[%s] non-finite metrics before step %d; those steps were skipped",
