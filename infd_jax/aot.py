@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from infd_jax import builders, inference, sharding
+from infd_jax import builders, configs, inference, sharding
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task, loop
 from infd_jax.builders import UserError
@@ -244,25 +244,30 @@ def run(config, *, config_path: str, overrides: list[str], topology: str, batch:
   return records
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config, e.g. configs/ffhq.py.", lock_config=True)
-_TOPO = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x2x2, v5e:4x8; or cpu.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0 = the config's batch for the stage).")
-_RESULTS = flags.DEFINE_string("results", "aot_results.jsonl", "JSON-lines file to append to.")
-flags.mark_flags_as_required(["config", "topology"])
+def _cli() -> None:
+  """`python -m infd_jax.aot`: flags are defined here, so importing the module defines none."""
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: a file or a packaged name (configs/ffhq.py, ffhq).",
+      lock_config=True)
+  topology = flags.DEFINE_string("topology", None,
+                                 "TPU topology, e.g. v5p:2x2x2, v5e:4x8; or cpu.")
+  batch = flags.DEFINE_integer("batch", 0, "Global batch (0 = the config's batch for the stage).")
+  results = flags.DEFINE_string("results", "aot_results.jsonl", "JSON-lines file to append to.")
+  flags.mark_flags_as_required(["config", "topology"])
 
+  def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+      run(config_flag.value, config_path=flags.FLAGS["config"].config_filename,
+          overrides=_overrides(sys.argv), topology=topology.value, batch=batch.value,
+          results=epath.Path(results.value))
+    except UserError as e:
+      print(f"infd_jax.aot: error: {e}", file=sys.stderr)
+      sys.exit(2)
 
-def main(argv: list[str]) -> None:
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  try:
-    run(_CONFIG.value, config_path=flags.FLAGS["config"].config_filename,
-        overrides=_overrides(sys.argv), topology=_TOPO.value, batch=_BATCH.value,
-        results=epath.Path(_RESULTS.value))
-  except UserError as e:
-    print(f"infd_jax.aot: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.resolve_argv(argv)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli()

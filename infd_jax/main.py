@@ -45,7 +45,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors: a missing flag or a misspelt config key."""
-  argv = _resolve_config(argv)
+  argv = configs.resolve_argv(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -55,19 +55,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = f"bad config override: {detail}"
   print(f"infd_jax: error: {message} (see --helpfull)", file=sys.stderr)
   sys.exit(2)
-
-
-def _resolve_config(argv: list[str]) -> list[str]:
-  """`--config[=| ]NAME[:arg]` or a missing `configs/NAME.py` -> the packaged file."""
-  out = []
-  for arg in argv:
-    if out and out[-1] in ("--config", "-config"):
-      arg = configs.resolve(arg)
-    for prefix in ("--config=", "-config="):
-      if arg.startswith(prefix):
-        arg = prefix + configs.resolve(arg[len(prefix):])
-    out.append(arg)
-  return out
 
 
 def _error(message: str) -> NoReturn:

@@ -31,3 +31,16 @@ def resolve(spec: str) -> str:
   if stem in names() and (path == stem or pathlib.PurePath(path).parent.name in ("configs", "")):
     return str(PACKAGE_DIR / f"{stem}.py") + sep + arg
   return spec
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+  """Command-line arguments with `--config[=| ]NAME[:arg]` resolved by `resolve`."""
+  out = []
+  for arg in argv:
+    if out and out[-1] in ("--config", "-config"):
+      arg = resolve(arg)
+    for prefix in ("--config=", "-config="):
+      if arg.startswith(prefix):
+        arg = prefix + resolve(arg[len(prefix):])
+    out.append(arg)
+  return out
