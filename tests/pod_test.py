@@ -15,7 +15,6 @@ import pytest
 from infd_jax.data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = 2e-4  # parameters after Adam steps on differently reduced (float32) gradients
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -59,10 +58,10 @@ def _val(workdir, tag):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   values = {}
   for events in workdir.glob("events.out.tfevents.*"):
-    acc = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+    acc = event_accumulator.EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
-    if tag in acc.Tags()["tensors"]:
-      values.update({e.step: float(e.tensor_proto.float_val[0]) for e in acc.Tensors(tag)})
+    if tag in acc.Tags()["scalars"]:
+      values.update({e.step: e.value for e in acc.Scalars(tag)})
   return values
 
 
@@ -88,11 +87,14 @@ def test_pod_run_with_resumes_across_process_counts_equals_straight_run(runs):
   assert "step 1 was written by 2 processes, this run has 1" in logs["resume 2->1"]
   assert "[dm] resumed from step 1" in logs["resume 1->2"]
   assert "step 1 was written by 1 processes, this run has 2" in logs["resume 1->2"]
-  for stage in ("ae", "dm"):
+  for stage, lr in (("ae", 2e-4), ("dm", 3e-4)):  # configs/demo.py learning rates
     a, b = _params(straight, stage), _params(pod, stage)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-      np.testing.assert_allclose(y, x, rtol=TOL, atol=TOL)
+    assert [x.shape for x in a] == [y.shape for y in b]
+    diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
+    # Adam moves a parameter whose gradient is float noise by up to lr per step either
+    # way, so a few elements may differ by that much; any other data, crops or state
+    # would move most elements.
+    assert diff.max() <= 2 * 2 * lr and np.mean(diff > 1e-5) < 0.1, stage
 
 
 def test_validation_counts_every_record_once_on_two_processes(runs):
