@@ -545,6 +545,6 @@ def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_
   config.sample.update(num_samples=2, batch_size=2, sizes=(32,))
   jobs.run(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "samples" / "32").glob("*.png")) == ["0.png", "1.png"]
-  config.ae.num_codes = 8
-  with pytest.raises(jobs.UserError, match="num_codes=8 \\(checkpoint 16\\)"):
-    jobs.run(config, tmp_path / "mismatch")
+  config.ae.num_codes = 8  # as --config.ae.num_codes=8 on the command line
+  with pytest.raises(jobs.UserError, match=r"ae.num_codes=8 contradicts .*\(ae.num_codes=16\)"):
+    jobs.run(config, tmp_path / "mismatch", overrides=["ae.num_codes"])

@@ -1,7 +1,5 @@
 """The demo's stage 1, shortened: its settings really train (train patches and held-out crops)."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from infd_jax.evaluation import contact_sheet
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import tiling
 from infd_jax import builders
-from infd_jax.training import ae_step, ae_task, optim
+from infd_jax.training import ae_task
 
 STEPS = 120
 
@@ -28,10 +26,7 @@ def test_demo_stage1_improves_training_and_held_out_psnr(tmp_path):
   c = demo.get_config()
   c.data.data_dir = str(tmp_path)
   ae = builders.autoencoder(c)
-  tx = optim.ae_optimizer(c.optim)
-  step = jax.jit(functools.partial(
-      ae_step.ae_train_step, ae=ae, disc=builders.discriminator(c), lpips=builders.lpips(c),
-      gen_tx=tx, disc_tx=tx, loss=ae_step.AELoss(**c.loss)), donate_argnums=0)
+  step = jax.jit(ae_task.make_step(c), donate_argnums=0)  # the training job's step
   state = jax.tree.map(lambda x: getattr(x, "value", x),
                        ae_task.init_fn(c)(jax.random.PRNGKey(0)),
                        is_leaf=lambda x: hasattr(x, "value"))

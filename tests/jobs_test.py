@@ -187,7 +187,7 @@ def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
     objects = set(fs.store)
     dirs = set(fs.pseudo_dirs)
   assert not list(tmp_path.iterdir())  # no local gs:/bucket/run
-  assert any(k.startswith("bucket/run/events.out.tfevents.") for k in objects), objects
+  assert any(k.startswith("bucket/run/dm/events.out.tfevents.") for k in objects), objects
   metas = [k for k in objects if k.startswith("bucket/run/latents/") and k.endswith("meta.json")]
   assert len(metas) == 1 and json.loads(fs.store[metas[0]].getvalue())["num_records"] == 9
   assert "bucket/run/checkpoints_dm" in dirs

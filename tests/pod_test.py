@@ -57,7 +57,7 @@ def _params(workdir, stage):
 def _val(workdir, tag):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   values = {}
-  for events in workdir.glob("events.out.tfevents.*"):
+  for events in workdir.glob("*/events.out.tfevents.*"):  # one run per stage: ae/, dm/
     acc = event_accumulator.EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     if tag in acc.Tags()["scalars"]:

@@ -12,7 +12,8 @@ import skimage.data
 
 from infd_jax.configs import tiny
 from infd_jax import sharding
-from infd_jax.data import on_device, pipeline
+from infd_jax.data import pipeline
+from infd_jax.training import on_device
 from infd_jax.rendering import coords
 from infd_jax import builders
 from infd_jax.training import ae_step, ae_task, dm_task, loop, optim

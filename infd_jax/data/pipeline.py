@@ -12,7 +12,7 @@ Batch contract (numpy, NHWC, B = global_batch_size // process_count):
   - inp  uint8 [B, inp_res, inp_res, 3]: LANCZOS of the whole square;
   - gt   uint8 [B, P, P, 3]: window of the image resized to r x r;
   - crop int32 [B, 3]: (r, ii, jj), the window's resolution and origin.
-  `data.on_device.ae_batch` turns it, inside the jitted step, into float32 inp
+  `training.on_device.ae_batch` turns it, inside the jitted step, into float32 inp
   and gt in [-1, 1], coord [B, P, P, 2] = (row, col) pixel centres of the
   window inside the r x r image, 2 * (ii + a + 0.5) / r - 1, and cell = 2 / r.
 - stage 2 (`make_dm_dataset`): inp only, float32 in [-1, 1].

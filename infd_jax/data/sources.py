@@ -41,7 +41,7 @@ FFHQ_CONFIGS = ("native", "lanczos256", "mix6k")
 LR_RES = 256
 
 DEMO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
-              "ihc.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+              "ihc.png", "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
 # Never trained on: the demo reports reconstructions of its crops (the other view
 # of the stereo pair whose left view is in DEMO_FILES).
 DEMO_HELD_OUT = ("motorcycle_right.png",)

@@ -3,7 +3,7 @@
 All resizing is PIL LANCZOS on uint8 RGB images. Stage 2 images are float32,
 HWC, in [-1, 1] (2 * uint8 / 255 - 1). Stage 1 examples stay uint8 and carry
 their crop (r, ii, jj): the official images are uint8 before ToTensor /
-Normalize too, so `data.on_device.ae_batch` rebuilds the same float images and
+Normalize too, so `training.on_device.ae_batch` rebuilds the same float images and
 grids inside the jitted step, and a quarter of the bytes cross to the device.
 Randomness comes only from the numpy Generator
 that grain passes to `random_map`.
@@ -125,7 +125,7 @@ class AeTransform(ImageTransform):
   Returns {"inp": uint8 [inp_res, inp_res, 3], "gt": uint8 [P, P, 3], "crop":
   int32 [3] = (r, ii, jj)}: the window at row ii, column jj of the image resized
   to r x r. Its coord and cell are `patch_coord(r, ii, jj, P)` and
-  `patch_cell(r, P)`, built on the device by `data.on_device.ae_batch`.
+  `patch_cell(r, P)`, built on the device by `training.on_device.ae_batch`.
   """
   patch: int = 256
   gt_res_min: int = 256

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 
 from infd_jax import sharding
-from infd_jax.data import on_device, pipeline, transforms
+from infd_jax.data import pipeline, transforms
+from infd_jax.training import on_device
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params

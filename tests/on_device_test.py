@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from infd_jax.data import on_device, transforms
+from infd_jax.data import transforms
+from infd_jax.training import on_device
 from infd_jax.rendering import coords
 
 
