@@ -11,7 +11,6 @@ and of bicubic upsampling of the same observation, against the ground truth.
 """
 
 import argparse
-import importlib
 import json
 import os
 import time
@@ -21,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from infd_jax import builders, inference, sharding
+from infd_jax import builders, inference
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics
 from infd_jax.guidance import conditions as cond_lib
 from infd_jax.guidance import sampler
 from infd_jax.models.lpips import LPIPS, load_lpips_params
-from infd_jax.rendering import tiling
 
 HELD_OUT = ("camera.png", "brick.png", "grass.png", "gravel.png")  # not in sources.DEMO_FILES
 
@@ -46,17 +44,14 @@ def photos(size: int) -> np.ndarray:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
-  p.add_argument("--config", default="demo", help="a module of configs/")
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--factors", default="4,8")
   p.add_argument("--scale", type=float, default=1.0)
   p.add_argument("--steps", type=int, default=0, help="DDIM steps (0: the config's)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
-  config = importlib.import_module(f"configs.{args.config}").get_config()
-  mesh = sharding.make_mesh(-1, 1)
-  ae_params = inference.load_ae_params(config, args.workdir, mesh)
-  dm_params = inference.load_dm_params(config, args.workdir, mesh)
+  model = inference.load(args.workdir)  # the architecture saved with the checkpoints
+  config, ae_params, dm_params = model.config, model.ae_params, model.dm_params
   ae, unet = builders.autoencoder(config), builders.unet(config)
   sc = config.sample
   steps = args.steps or config.diffusion.sample_steps
@@ -64,8 +59,7 @@ def main():
   size = (args.size, args.size)
   lp, lp_params = LPIPS(), load_lpips_params()
   lpips = jax.jit(lambda a, b: lp.apply(lp_params, a, b, train=False).reshape(-1))
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), sc.tile, sc.pad,
-                                  sc.tiles_per_call)
+  renderer = inference.renderer(config)
   rows = []
   for factor in (int(f) for f in args.factors.split(",")):
     obs = cond_lib.downsample(jnp.asarray(gt), (args.size // factor,) * 2)

@@ -15,7 +15,6 @@ no device memory statistics exist). Prints one JSON line per run.
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
@@ -30,11 +29,8 @@ from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task
 
 
-def _config(path: str, dtype: str):
-  spec = importlib.util.spec_from_file_location("bench_config", configs.resolve(path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def _config(spec: str, dtype: str):
+  config = configs.load(spec)
   config.train.compute_dtype = dtype
   return config
 

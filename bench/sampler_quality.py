@@ -1,6 +1,6 @@
 """Quality versus steps of the latent samplers, against DDIM-200 (eta 0) from the same noise.
 
-  python -m bench.sampler_quality --config=configs/demo.py --workdir=workdir/demo \
+  python -m bench.sampler_quality --workdir=workdir/demo \
       [--num=64] [--steps=5,10,15,20,25,50] [--samplers=ddim,dpmpp_2m,unipc] \
       [--spacings=uniform] [--res=128] [--out=workdir/bench/sampler_quality]
 
@@ -26,14 +26,12 @@ with PIL; no matplotlib needed) and prints a markdown table.
 
 import argparse
 import functools
-import importlib.util
 import json
 import pathlib
 import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -41,35 +39,24 @@ from infd_jax import builders, inference, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.evaluation import fid, pfid
 from infd_jax.generate import to_uint8
-from infd_jax.rendering import tiling
 
 COLOURS = {"ddim": (31, 119, 180), "dpmpp_2m": (214, 39, 40), "unipc": (44, 160, 44)}
-
-
-def _config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 class Bench:
   """The trained model, its latent samplers and the image path (decode, render, features)."""
 
-  def __init__(self, config, workdir: pathlib.Path, num: int, res: int):
-    self.config, self.num, self.res = config, num, res
-    self.mesh = sharding.make_mesh(-1, 1)
-    self.ae_params = inference.load_ae_params(config, workdir, self.mesh)
-    self.dm_params = inference.load_dm_params(config, workdir, self.mesh)
-    unet, self.ae = builders.unet(config), builders.autoencoder(config)
+  def __init__(self, workdir: pathlib.Path, num: int, res: int):
+    self.num, self.res = num, res
+    self.model = inference.load(workdir)  # the saved architecture; decode + tiled render
+    config, self.mesh = self.model.config, self.model.mesh
+    self.config, self.dm_params = config, self.model.dm_params
+    unet = builders.unet(config)
     self.apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
     self.sched = builders.diffusion_schedule(config)
     self.shape = (num, *builders.latent_shape(config))
     self.batch_sharding = (sharding.batch_sharding(self.mesh) if num % self.mesh.size == 0
                            else None)
-    self.renderer = tiling.TiledRenderer(tiling.module_render_fn(self.ae, "render"),
-                                         config.sample.tile, config.sample.pad,
-                                         config.sample.tiles_per_call)
     self.extractor = pfid.vgg16_extractor(batch_size=min(num, 64))
 
   @functools.lru_cache(maxsize=None)
@@ -91,18 +78,8 @@ class Bench:
       times.append(time.perf_counter() - start)
     return statistics.median(times) / self.num
 
-  @functools.cached_property
-  def _decode(self):
-    def decode(ae_params, z):
-      if self.config.sample.quantize:
-        z = self.ae.apply({"params": ae_params}, z, method="quantize").z_q
-      return self.ae.apply({"params": ae_params}, z, method="decode")
-    return jax.jit(decode)
-
   def features(self, z: np.ndarray) -> fid.FeatureStats:
-    phi = self._decode(self.ae_params, jnp.asarray(z, jnp.float32))
-    images = to_uint8(self.renderer.render_image({"params": self.ae_params}, phi,
-                                                 (self.res, self.res)))
+    images = to_uint8(self.model.render(z.astype(np.float32), (self.res, self.res)))
     # p = R: the whole image, so the crops are deterministic.
     return pfid.patch_stats(images, [self.res], self.extractor,
                             np.random.default_rng(0))[self.res]
@@ -175,7 +152,6 @@ def table(results: dict) -> str:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/demo.py")
   p.add_argument("--workdir", required=True, help="a trained workdir (read only)")
   p.add_argument("--num", type=int, default=64, help="latents per setting")
   p.add_argument("--steps", default="5,10,15,20,25,50")
@@ -193,13 +169,12 @@ def main() -> None:
   args = p.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  config = _config(args.config)
   started = time.perf_counter()
   def log(msg):
     print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
 
   log(f"loading {args.workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
-  bench = Bench(config, pathlib.Path(args.workdir), args.num, args.res)
+  bench = Bench(pathlib.Path(args.workdir), args.num, args.res)
   key, key_other = jax.random.split(jax.random.PRNGKey(args.seed))
   ref_steps = args.reference_steps
   z_ref = bench.latents("ddim", ref_steps, "uniform", key)
@@ -240,7 +215,7 @@ def main() -> None:
         log(f"{name} {spacing} {steps}: latent {row['latent_dist']:.4f}, pFD {row['pfd']:.3f} "
             f"(independent {pfd_indep:.3f}), "
             f"{1e3 * row['sec_per_image']:.2f} ms/image")
-  results = dict(config=args.config, workdir=str(args.workdir), num=args.num,
+  results = dict(workdir=str(args.workdir), num=args.num,
                  latent_shape=list(bench.shape[1:]), res=args.res, reference_steps=ref_steps,
                  reference_rms=ref_scale, reference_sec_per_image=ref_time,
                  pfd_floor=pfd_floor, pfd_floor_sd=pfd_floor_sd, latent_floor=latent_floor,

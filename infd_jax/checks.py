@@ -3,7 +3,6 @@
 Each failure is a `UserError` naming the setting and what would be valid.
 """
 
-import pathlib
 
 import ml_collections
 
@@ -49,30 +48,3 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if width % 32:
       raise UserError(f"config.{key}={width}: must be a multiple of 32 (GroupNorm has 32 groups)")
 
-
-# Settings that change parameter shapes, per trained stage; the rest may differ on resume.
-_ARCHITECTURE = {"ae": ("ae", "disc"), "dm": ("dm", "ae")}
-_NOT_ARCHITECTURE = {"attention_impl"}
-
-
-def check_resume_architecture(config: ml_collections.ConfigDict, workdir, stage: str) -> None:
-  """A resumed stage's architecture must equal its checkpoint's; else name the differing keys."""
-  from infd_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(workdir) / f"checkpoints_{stage}"
-  if not directory.is_dir():
-    return
-  ckpt = checkpointing.Checkpointer(directory)
-  try:
-    step = ckpt.latest_step()
-    saved = ckpt.restore_config(step) if step is not None else None
-  finally:
-    ckpt.close()
-  if saved is None:
-    return
-  current = checkpointing.config_to_json(config)
-  diff = [f"{family}.{k}={current[family][k]!r} (checkpoint {v!r})"
-          for family in _ARCHITECTURE[stage] for k, v in saved.get(family, {}).items()
-          if k not in _NOT_ARCHITECTURE and k in current[family] and current[family][k] != v]
-  if diff:
-    raise UserError(f"config differs from the checkpoint it would resume ({directory}, step "
-                    f"{step}) in {', '.join(diff)}: use those settings or another --workdir")

@@ -74,11 +74,7 @@ def saved_architecture(source: epath.Path, stage: str) -> dict[str, dict[str, An
   """
   folder = _orbax_dir(source, stage)
   if folder is not None:
-    ckpt = checkpointing.Checkpointer(folder, async_save=False)
-    try:
-      saved = ckpt.restore_config()
-    finally:
-      ckpt.close()
+    saved = _saved_config(folder)[1]
   elif _is_converted(source):
     from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
     saved = mapping.load_meta(source)
@@ -86,6 +82,38 @@ def saved_architecture(source: epath.Path, stage: str) -> dict[str, dict[str, An
     return None
   return {family: {k: _tupled(saved[family][k]) for k in keys if k in saved.get(family, {})}
           for family, keys in ARCHITECTURE[stage].items() if family in saved}
+
+
+def _saved_config(folder: epath.Path) -> tuple[int | None, dict[str, Any]]:
+  """(newest step, the config saved with it) of an orbax `checkpoints_<stage>` folder."""
+  ckpt = checkpointing.Checkpointer(folder, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    return step, ckpt.restore_config(step)
+  finally:
+    ckpt.close()
+
+
+# Settings a resumed training stage must keep (they set parameter or optimizer-state shapes).
+_RESUMED = {"ae": ("ae", "disc"), "dm": ("dm", "ae")}
+_NOT_ARCHITECTURE = {"attention_impl"}
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
+                 stage: str) -> None:
+  """A training stage resuming in `workdir` must have its checkpoint's architecture; a
+  difference is one UserError naming the differing keys."""
+  folder = _orbax_dir(epath.Path(workdir), stage)
+  if folder is None:
+    return
+  step, saved = _saved_config(folder)
+  current = checkpointing.config_to_json(config)
+  diff = [f"{family}.{k}={current[family][k]!r} (checkpoint {v!r})"
+          for family in _RESUMED[stage] for k, v in saved.get(family, {}).items()
+          if k not in _NOT_ARCHITECTURE and k in current[family] and current[family][k] != v]
+  if diff:
+    raise UserError(f"config differs from the checkpoint it would resume ({folder}, step "
+                    f"{step}) in {', '.join(diff)}: use those settings or another --workdir")
 
 
 def _tupled(value: Any) -> Any:
@@ -427,11 +455,7 @@ def load(path: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, **ov
   for stage in ("dm", "ae"):
     folder = _orbax_dir(path, stage)
     if folder is not None:
-      ckpt = checkpointing.Checkpointer(folder, async_save=False)
-      try:
-        config = config_from_json(ckpt.restore_config())
-      finally:
-        ckpt.close()
+      config = config_from_json(_saved_config(folder)[1])
       break
   if config is None:
     if not _is_converted(path):

@@ -113,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   logging.info("config:\n%s", config)
   if config.stage in ("ae", "dm", "all"):
     for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):
-      checks.check_resume_architecture(config, workdir, stage)
+      inference.check_resume(config, workdir, stage)
     _prepare_data(config, workdir)
   if config.stage in ("ae", "all"):
     from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,7 @@ from the repository root) resolves to the packaged file, so the same command
 works from any folder once the package is installed.
 """
 
+import importlib.util
 import pathlib
 
 PACKAGE_DIR = pathlib.Path(__file__).parent
@@ -44,3 +45,12 @@ def resolve_argv(argv: list[str]) -> list[str]:
         arg = prefix + resolve(arg[len(prefix):])
     out.append(arg)
   return out
+
+
+def load(spec: str):
+  """`path[:arg]` or `name[:arg]` -> the ConfigDict of its `get_config(arg)` (for scripts)."""
+  path, _, arg = resolve(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location("infd_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
