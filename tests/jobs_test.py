@@ -193,6 +193,49 @@ def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
   assert "bucket/run/checkpoints_dm" in dirs
 
 
+def test_sample_and_eval_read_and_write_a_gs_workdir(trained, tmp_path, monkeypatch):
+  """Samples, pFID statistics and eval.json go to a `gs://` workdir (an in-memory gcs
+  filesystem), the real images are read from `gs://`, and nothing lands on local disk."""
+  from infd_jax.evaluation import pfid  # pylint: disable=g-import-not-at-top
+  from tests import fake_gcs  # pylint: disable=g-import-not-at-top
+  data, work = trained
+  local = tmp_path / "local"
+  (local / "sub").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  names = ["a.png", "b.png", "sub/c.png", "sub/d.png", "e.png"]
+  for name in names:
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(local / name)
+  run_dir = tmp_path / "cwd"
+  run_dir.mkdir()
+  monkeypatch.chdir(run_dir)
+  with fake_gcs.installed() as fs:
+    for name in names:
+      fs().pipe(f"gs://bucket/real/{name}", (local / name).read_bytes())
+    c = _config(data, "sample")
+    c.ckpt.update(ae_checkpoint=str(work), dm_checkpoint=str(work))
+    c.sample.update(num_samples=3, batch_size=2, sizes=(32,))
+    jobs.run(c, "gs://bucket/run")
+    samples = {k: fs.store[k].getvalue() for k in fs.store if k.startswith("bucket/run/samples/")}
+    c = _config("", "eval")
+    c.ckpt.update(ae_checkpoint=str(work), dm_checkpoint=str(work))
+    c.eval.update(real_dir="gs://bucket/real", resolution=32, patch_sizes=(16,), batch_size=4)
+    jobs.run(c, "gs://bucket/run")
+    results = json.loads(fs.store["bucket/run/eval.json"].getvalue())
+    stats = [k for k in fs.store if k.startswith("bucket/run/fid_stats/real_")]
+  assert not list(run_dir.iterdir())  # no local gs:/bucket/...
+  assert sorted(samples) == [f"bucket/run/samples/32/{i}.png" for i in range(3)]
+  assert len(stats) == 1
+  # The same folders read from local disk give the same distance.
+  fake = tmp_path / "fake"
+  for key, png in samples.items():
+    (fake / key.split("/")[-1]).parent.mkdir(exist_ok=True)
+    (fake / key.split("/")[-1]).write_bytes(png)
+  expected = pfid.patch_fid_folders(str(local), str(fake), pfid.make_feature_extractor(None, 4),
+                                    seed=c.seed, patch_sizes=(16,))
+  assert set(results) == {"pfd_vgg16_16_32"}
+  np.testing.assert_allclose(results["pfd_vgg16_16_32"], expected["pfd_vgg16_16_32"], rtol=1e-6)
+
+
 def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -105,6 +105,7 @@ def base() -> ml_collections.ConfigDict:
   # Evaluation (REFERENCE.md 8) and scale consistency.
   c.eval = ml_collections.ConfigDict(dict(
       real_dir="", fake_dir="", resolution=1024, inception_weights="",
+      patch_sizes=(),  # pFID patch sizes; empty = the protocol's sizes for the resolution
       batch_size=32, max_images=0, recon_resolutions=(256, 512, 1024),
       scale_consistency_base=256, scale_factors=(2, 4)))
 

@@ -28,8 +28,10 @@ import contextlib
 import dataclasses
 import io
 import os
+import posixpath
 from typing import BinaryIO, Iterator
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -77,13 +79,16 @@ def is_image_file(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(root: str) -> list[str]:
-  """Image files under `root` (recursive), as sorted relative paths."""
-  found = []
-  for dirpath, _, filenames in os.walk(root):
+def list_images(root: str | os.PathLike) -> list[str]:
+  """Image files under `root` (a local or remote folder, recursive), as sorted relative paths."""
+  found, top = [], None
+  for dirpath, _, filenames in epath.Path(root).walk():
+    # Remote backends name the folders they walk without their protocol, so the
+    # relative paths are taken against the first (top) folder as they name it.
+    top = top if top is not None else str(dirpath)
     for name in filenames:
       if is_image_file(name):
-        found.append(os.path.relpath(os.path.join(dirpath, name), root))
+        found.append(posixpath.relpath(posixpath.join(str(dirpath), name), top))
   return sorted(found)
 
 

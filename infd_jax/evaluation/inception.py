@@ -18,6 +18,7 @@ import functools
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -273,12 +274,12 @@ def save_inception_params(variables: PyTree, path: str | os.PathLike) -> None:
 
 def load_inception_params(path: str | os.PathLike) -> PyTree:
   """Reads the .npz written by the --convert CLI into {'params', 'batch_stats'}."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(
         f"Inception weights {path!s} not found. Convert pytorch-fid's "
         "pt_inception-2015-12-05-6726825d.pth once with: python -m "
         "infd_jax.evaluation.inception --convert --input=<pth> --output=<npz>")
-  with np.load(path) as f:
+  with epath.Path(path).open("rb") as raw, np.load(raw) as f:
     flat = {tuple(k.split("/")): f[k] for k in f.files}
   expected = {p: s.shape for p, s in _flat(abstract_variables()).items()}
   got = {p: v.shape for p, v in flat.items()}

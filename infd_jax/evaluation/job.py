@@ -17,8 +17,8 @@ Results go to TensorBoard (through CLU, once) and `<workdir>/eval.json`.
 
 import json
 import logging
-import pathlib
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,7 +42,7 @@ def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.n
           for i in range(min(num, len(records)))]
 
 
-def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
                            mesh: jax.sharding.Mesh) -> dict[str, float]:
   """PSNR/LPIPS of AE reconstructions rendered at each resolution, and scale consistency."""
   ec = config.eval
@@ -75,31 +75,37 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: pathlib.P
   return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
-        writer: writers.MetricWriter) -> dict[str, float]:
-  """Runs every evaluation the config enables; returns {metric: value}."""
+def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
+        mesh: jax.sharding.Mesh, writer: writers.MetricWriter) -> dict[str, float]:
+  """Runs every evaluation the config enables; returns {metric: value}.
+
+  The workdir and folders may be remote (`gs://`): they are read and written
+  through etils.epath.
+  """
   ec = config.eval
+  workdir = epath.Path(workdir)
   results: dict[str, float] = {}
   if ec.real_dir:
-    fake_dir = ec.fake_dir or str(pathlib.Path(workdir) / "samples" / str(ec.resolution))
-    if not pathlib.Path(fake_dir).is_dir():
+    fake_dir = ec.fake_dir or str(workdir / "samples" / str(ec.resolution))
+    if not epath.Path(fake_dir).is_dir():
       raise builders.UserError(f"eval: no generated images in {fake_dir}; run --config.stage="
                                "sample first or set --config.eval.fake_dir")
-    if not pathlib.Path(ec.real_dir).is_dir():
+    if not epath.Path(ec.real_dir).is_dir():
       raise builders.UserError(f"eval: eval.real_dir={ec.real_dir} is not a folder")
     # A whole number of rows per local device.
     batch = -(-ec.batch_size // jax.local_device_count()) * jax.local_device_count()
     extractor = pfid.make_feature_extractor(ec.inception_weights or None, batch_size=batch)
     # Each process reads its share; the real-set statistics are cached in the workdir.
     results |= pfid.patch_fid_folders(ec.real_dir, fake_dir, extractor, seed=config.seed,
-                                      cache_dir=pathlib.Path(workdir) / "fid_stats")
+                                      patch_sizes=tuple(ec.patch_sizes) or None,
+                                      cache_dir=workdir / "fid_stats")
   if config.data.data_dir:
-    results |= reconstruction_metrics(config, pathlib.Path(workdir), mesh)
+    results |= reconstruction_metrics(config, workdir, mesh)
   if not results:
     raise builders.UserError("eval: nothing to evaluate; set eval.real_dir and/or data.data_dir")
   writer.write_scalars(0, {f"eval/{k}": v for k, v in results.items()})
   if jax.process_index() == 0:
-    (pathlib.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+    (workdir / "eval.json").write_text(json.dumps(results, indent=2))
   for k, v in sorted(results.items()):
     logging.info("eval %s = %.4f", k, v)
     print(f"{k:>28s} {v:10.4f}")

@@ -41,7 +41,7 @@ PATCH_SIZES = {256: (256,), 512: (256, 512), 1024: (256, 512, 1024)}
 
 
 def _load_rgb(path: str) -> np.ndarray:
-  with Image.open(path) as img:
+  with epath.Path(path).open("rb") as f, Image.open(f) as img:
     return np.asarray(img.convert("RGB"))
 
 
@@ -99,7 +99,7 @@ def _build(name: str, dim: int, batch_size: int, fn: Callable, params: PyTree,
   split = batch_size % len(devices) == 0
   batch_sharding = NamedSharding(mesh, P("data") if split else P())
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  weights_id = f"{os.path.basename(weights)}:{os.path.getsize(weights)}"
+  weights_id = f"{epath.Path(weights).name}:{epath.Path(weights).stat().length}"
   return FeatureExtractor(name, dim, batch_size, jax.jit(fn), params, batch_sharding, weights_id)
 
 
@@ -251,7 +251,8 @@ def folder_stats(files: Sequence[str], patch_sizes: Sequence[int], extractor: Fe
 
 def dataset_key(root: str, files: Sequence[str], protocol: dict[str, Any]) -> str:
   """A hash of the file list (names, sizes, modification times) and the protocol."""
-  listing = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  stats = [epath.Path(f).stat() for f in files]
+  listing = [(os.path.relpath(f, root), st.length, st.mtime) for f, st in zip(files, stats)]
   blob = json.dumps({"files": listing, "protocol": protocol}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
