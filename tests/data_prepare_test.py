@@ -283,3 +283,27 @@ def test_ordered_map_keeps_order_across_worker_processes():
   assert os.getpid() not in {pid for _, pid in out}
   assert list(parallel.ordered_map(_item_and_pid, range(3), None, ahead=8)) == [
       (x, os.getpid()) for x in range(3)]
+
+
+def test_prepare_reads_a_gs_source_and_checks_a_gs_data_dir(tmp_path):
+  """Source images on `gs://` (an in-memory gcs filesystem) are listed and read remotely;
+  a dataset prepared under a `gs://` data_dir is recognised there."""
+  from tests import fake_gcs  # pylint: disable=g-import-not-at-top
+  expected = {"a.png": _photo(40, 40), "wide.png": _photo(60, 40, "astronaut.png")}
+  with fake_gcs.installed() as fs:
+    for i, (name, img) in enumerate(expected.items()):
+      buf = io.BytesIO()
+      img.save(buf, format="PNG")
+      fs().pipe(f"gs://bucket/src/{'sub/' * i}{name}", buf.getvalue())
+    prepare.prepare("image_folder", str(tmp_path), source="gs://bucket/src", limits=LIMITS)
+    assert not sources.is_prepared("gs://bucket/data", "image_folder", "default")
+    info = f"gs://bucket/data/image_folder/default/{sources.VERSION}/dataset_info.json"
+    fs().pipe(info, b"{}")
+    assert sources.is_prepared("gs://bucket/data", "image_folder", "default")
+  recs = sources.open_split(str(tmp_path), "image_folder", "default", "train")
+  stored = {recs[i]["name"].decode(): recs[i] for i in range(len(recs))}
+  assert set(stored) == {"a.png", "sub/wide.png"}
+  np.testing.assert_array_equal(_pixels(stored["a.png"]), np.asarray(expected["a.png"]))
+  # The centre square of the 60 x 40 image, cropped in numpy.
+  np.testing.assert_array_equal(_pixels(stored["sub/wide.png"]),
+                                np.asarray(expected["wide.png"])[:, 10:50])

@@ -165,7 +165,7 @@ def prepare_image(src: str | bytes | BinaryIO,
   """
   raw = src if isinstance(src, bytes) else None
   if isinstance(src, str):
-    with open(src, "rb") as f:
+    with epath.Path(src).open("rb") as f:
       raw = f.read()
   elif raw is None:
     raw = src.read()

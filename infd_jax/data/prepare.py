@@ -14,10 +14,10 @@ reason, changed files with what was done, and listed names that were missing.
 import argparse
 import logging
 import os
-import shutil
 import sys
 from typing import Sequence
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from infd_jax import logs
@@ -39,7 +39,7 @@ def _check_source(name: str, source: str | None) -> None:
     return
   if not source:
     raise FileNotFoundError(f"{name} needs --source=FOLDER (the input images)")
-  if not os.path.isdir(os.path.expanduser(source)):
+  if not epath.Path(os.path.expanduser(source)).is_dir():
     raise FileNotFoundError(f"source folder {source!r} not found")
   if not image_io.list_images(os.path.expanduser(source)):
     raise PrepareError(f"source folder {source!r} holds no image files "
@@ -54,7 +54,7 @@ def _check_written(name: str, config: str, data_dir: str, source: str | None,
   if not empty:
     return
   # The config's folder: the dataset, or TFDS's incomplete.* leftovers.
-  shutil.rmtree(os.path.dirname(sources.dataset_dir(data_dir, name, config)), ignore_errors=True)
+  epath.Path(sources.dataset_dir(data_dir, name, config)).parent.rmtree(missing_ok=True)
   first = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in report.skipped[:2])
   raise PrepareError(
       f"{name}/{config}: no usable image in {source!r} for split(s) {', '.join(empty)}: "
@@ -125,7 +125,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
       if not overwrite:
         logging.info("%s/%s already prepared in %s", name, config, data_dir)
         continue
-      shutil.rmtree(sources.dataset_dir(data_dir, name, config))
+      epath.Path(sources.dataset_dir(data_dir, name, config)).rmtree()
     kwargs = dict(source=source, limits=limits, data_dir=data_dir, workers=workers)
     if name == "ffhq":
       kwargs.update(train_list=train_list, val_list=val_list,

@@ -29,6 +29,7 @@ import logging
 import os
 from typing import Iterator, Sequence
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
@@ -96,8 +97,7 @@ def dataset_dir(data_dir: str, name: str, config: str) -> str:
 
 
 def is_prepared(data_dir: str, name: str, config: str) -> bool:
-  return os.path.exists(os.path.join(dataset_dir(data_dir, name, config),
-                                     "dataset_info.json"))
+  return (epath.Path(dataset_dir(data_dir, name, config)) / "dataset_info.json").exists()
 
 
 def open_split(data_dir: str, name: str, config: str, split: str):
@@ -127,7 +127,7 @@ def seeded_split(names: Sequence[str], seed: int) -> tuple[list[str], list[str]]
 
 
 def read_name_list(path: str) -> list[str]:
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     return [os.path.basename(line.strip()) for line in f if line.strip()]
 
 
@@ -209,7 +209,7 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.report.written[split] = written
 
   def _require_source(self) -> str:
-    if not self._source or not os.path.isdir(self._source):
+    if not self._source or not epath.Path(self._source).is_dir():
       raise FileNotFoundError(f"{self.name}: source folder {self._source!r} not found")
     return self._source
 
