@@ -20,6 +20,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from infd_jax import paths
+
 PyTree = Any
 
 
@@ -31,9 +33,7 @@ class Checkpointer:
   """Saves and restores {state, data_iter, config} under `directory`."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-    # orbax needs absolute paths; users pass relative workdirs.
-    self.directory = epath.Path(os.path.abspath(directory)) if "://" not in str(directory) \
-        else epath.Path(directory)
+    self.directory = paths.absolute(directory)  # orbax needs absolute paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)

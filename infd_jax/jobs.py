@@ -12,18 +12,12 @@ from etils import epath
 import jax
 import ml_collections
 
-from infd_jax import checks, sharding
+from infd_jax import checks, paths, sharding
 from infd_jax.evaluation import writers
 from infd_jax import builders, inference
 
 UserError = builders.UserError
 STAGES = checks.STAGES
-
-
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-  """The workdir as an `epath.Path`: local paths made absolute, URLs (gs://...) kept as given."""
-  path = epath.Path(workdir)
-  return path if "://" in os.fspath(workdir) else epath.Path(os.path.abspath(path.expanduser()))
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
@@ -100,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   `overrides` (dotted keys set on the command line) that contradict them stop.
   """
   checks.check_config(config)
-  workdir = workdir_path(workdir)
+  workdir = paths.absolute(workdir)
   if config.stage == "sample":
     from infd_jax import generate  # pylint: disable=g-import-not-at-top
     generate.check_settings(config)  # sizes and windows refused before any model work

@@ -548,3 +548,17 @@ def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_
   config.ae.num_codes = 8  # as --config.ae.num_codes=8 on the command line
   with pytest.raises(jobs.UserError, match=r"ae.num_codes=8 contradicts .*\(ae.num_codes=16\)"):
     jobs.run(config, tmp_path / "mismatch", overrides=["ae.num_codes"])
+
+
+def test_converted_checkpoint_metadata_is_read_from_gs():
+  """A converted checkpoint under `gs://` (an in-memory gcs filesystem) is recognised and its
+  meta.json read remotely (kwargs lists back as tuples)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from tests import fake_gcs  # pylint: disable=g-import-not-at-top
+  meta = {"parts": ["ae"], "ae": {"ch": 32, "ch_mult": [1, 2]}}
+  with fake_gcs.installed() as fs:
+    assert not mapping.is_converted_checkpoint("gs://bucket/converted")
+    fs().pipe("gs://bucket/converted/meta.json", json.dumps(meta).encode())
+    fs().pipe("gs://bucket/converted/params/_METADATA", b"{}")
+    assert mapping.is_converted_checkpoint("gs://bucket/converted")
+    assert mapping.load_meta("gs://bucket/converted")["ae"] == {"ch": 32, "ch_mult": (1, 2)}

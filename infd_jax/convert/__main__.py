@@ -8,9 +8,11 @@ Writes DIR/params (orbax) and DIR/meta.json; see `infd_jax.convert.mapping`.
 
 import argparse
 import json
-import os
 import sys
 
+from etils import epath
+
+from infd_jax import paths
 from infd_jax.convert import mapping
 from infd_jax.convert.architecture import ConversionError
 from infd_jax.convert.torch_pickle import CheckpointFormatError, UnsafeCheckpointError
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
   unknown = sorted(set(parts or ()) - set(mapping.PARTS))
   if unknown:
     parser.error(f"unknown parts {unknown}; choose from {mapping.PARTS}")
-  if os.path.exists(os.path.join(args.output, "params")):
+  if (epath.Path(args.output) / "params").exists():
     parser.error(f"{args.output}/params already exists; choose a fresh --output")
   try:
     meta = mapping.convert_checkpoint(args.input, args.output, parts)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"found {family}: {meta[family]}")
   for part, n in meta["param_counts"].items():
     print(f"  {part:7s} {n:>13,d} values")
-  print(f"wrote {os.path.abspath(args.output)}")
+  print(f"wrote {paths.absolute(args.output)}")
   return 0
 
 

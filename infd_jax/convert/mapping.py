@@ -41,14 +41,15 @@ and cross-checked against the official args; other architectures are refused.
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from infd_jax import paths
 from infd_jax.convert.architecture import ConversionError, find_architecture
 from infd_jax.models import autoencoder, discriminator, lpips, unet
 
@@ -354,13 +355,12 @@ def save_converted(directory: str | os.PathLike, trees: dict[str, PyTree],
                    meta: dict[str, Any]) -> None:
   """Writes DIR/params (orbax) and DIR/meta.json; the directory must not hold params yet."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = paths.absolute(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "params"), trees)
+  ckptr.save(directory / "params", trees)
   ckptr.wait_until_finished()
-  with open(os.path.join(directory, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2, default=str)
+  (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -369,8 +369,7 @@ def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
   E.g. `INFDAutoencoder(**meta['ae'])`, `PatchDiscriminator(**meta['disc'])`,
   `UNet(**meta['dm'])` (each key present only if that part was converted).
   """
-  with open(os.path.join(directory, "meta.json")) as f:
-    meta = json.load(f)
+  meta = json.loads((epath.Path(directory) / "meta.json").read_text())
   for family in ("ae", "disc", "dm"):
     if family in meta:
       meta[family] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta[family].items()}
@@ -387,7 +386,7 @@ def load_converted(directory: str | os.PathLike,
       all or some parts; None restores every part as host-local arrays.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(directory), "params")
+  path = paths.absolute(directory) / "params"
   ckptr = ocp.StandardCheckpointer()
   if abstract is None:
     return ckptr.restore(path)
@@ -406,7 +405,7 @@ def convert_checkpoint(src: str | os.PathLike, directory: str | os.PathLike,
   model = ckpt["model"]
   trees, arch = convert_state_dict(model["sd"], model, parts)
   meta = dict(model_name=model.get("name"), model_args=model.get("args"), parts=list(trees),
-              iter=ckpt.get("iter"), source=os.path.abspath(src),
+              iter=ckpt.get("iter"), source=str(paths.absolute(src)),
               param_counts={p: param_count(t) for p, t in trees.items()}, **arch)
   save_converted(directory, trees, meta)
   return meta
@@ -414,5 +413,5 @@ def convert_checkpoint(src: str | os.PathLike, directory: str | os.PathLike,
 
 def is_converted_checkpoint(directory: str | os.PathLike) -> bool:
   """True if `directory` holds the output of `python -m infd_jax.convert`."""
-  path = pathlib.Path(directory)
+  path = epath.Path(directory)
   return (path / "meta.json").is_file() and (path / "params").is_dir()
