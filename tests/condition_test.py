@@ -82,11 +82,12 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   assert z.shape == (N, *builders.latent_shape(model.config))
   np.testing.assert_array_equal(stream.to_uint8(images), job)  # the job wrote the API's samples
   # Reference: RMSE over the known pixels in float64. Guidance (scale 10, 4 DDIM steps)
-  # brings every sample closer than the same noise unguided, and the returned losses are
-  # that RMSE (renders are clipped to [-1, 1], hence atol 1e-2).
+  # brings every sample to at most 90% of the same noise unguided, below 0.35 (measured
+  # 0.329-0.333 against 0.377-0.382), and the returned losses are that RMSE (measured
+  # within 5e-3: the renders here are clipped to [-1, 1]).
   guided, plain = _masked_rmse(images, pixels, mask), _masked_rmse(unguided, pixels, mask)
-  assert np.all(guided <= 0.95 * plain), (guided, plain)
-  assert np.all(guided < 0.36), guided
+  assert np.all(guided <= 0.9 * plain), (guided, plain)
+  assert np.all(guided < 0.35), guided
   np.testing.assert_allclose(losses[:, 0], guided, atol=1e-2)
   np.testing.assert_allclose(losses0[:, 0], plain, atol=1e-2)
 
