@@ -24,7 +24,7 @@ from infd_jax import builders, inference
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics
 from infd_jax.guidance import conditions as cond_lib
-from infd_jax.guidance import sampler
+from infd_jax.guidance import sampler, task
 from infd_jax.models.lpips import LPIPS, load_lpips_params
 
 HELD_OUT = ("camera.png", "brick.png", "grass.png", "gravel.png")  # not in sources.DEMO_FILES
@@ -51,37 +51,27 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   model = inference.load(args.workdir)  # the architecture saved with the checkpoints
-  config, ae_params, dm_params = model.config, model.ae_params, model.dm_params
-  ae, unet = builders.autoencoder(config), builders.unet(config)
-  sc = config.sample
-  steps = args.steps or config.diffusion.sample_steps
+  config = model.config.copy_and_resolve_references()
+  config.diffusion.sample_steps = args.steps or config.diffusion.sample_steps
+  unet, sc = builders.unet(config), config.sample
   gt = photos(args.size)
   size = (args.size, args.size)
   lp, lp_params = LPIPS(), load_lpips_params()
   lpips = jax.jit(lambda a, b: lp.apply(lp_params, a, b, train=False).reshape(-1))
-  renderer = inference.renderer(config)
+  objective = cond_lib.Objective(model.ae, (cond_lib.Condition("low_res", size, (0, 0, *size),
+                                                               args.scale),),
+                                 tile=sc.tile, pad=sc.pad, quantize=sc.quantize)
+  shape = (len(gt), *builders.latent_shape(config))
+  sample = jax.jit(lambda dm_params, ae_params, inputs, key: task.guided_latents(
+      config, unet, dm_params, ae_params, objective, inputs, key, shape)[0])
   rows = []
   for factor in (int(f) for f in args.factors.split(",")):
     obs = cond_lib.downsample(jnp.asarray(gt), (args.size // factor,) * 2)
     bicubic = jax.image.resize(obs, gt.shape, "cubic")
-    objective = cond_lib.Objective(ae, (cond_lib.Condition("low_res", size, (0, 0, *size),
-                                                           args.scale),),
-                                   tile=sc.tile, pad=sc.pad, quantize=sc.quantize)
-
-    @jax.jit
-    def sample(dm_params, ae_params, obs, key):
-      z, _ = sampler.guided_ddim_sample(
-          lambda p, x, t: unet.apply({"params": p}, x, t), dm_params, key,
-          (len(gt), *builders.latent_shape(config)), builders.diffusion_schedule(config),
-          lambda z0: objective.weighted(ae_params, None, z0, [{"image": obs}]),
-          num_steps=steps, eta=config.diffusion.eta)
-      if sc.quantize:
-        z = ae.apply({"params": ae_params}, z, method="quantize").z_q
-      return ae.apply({"params": ae_params}, z, method="decode")
-
+    inputs = (None, [{"image": obs}], sampler.guided_steps(config.diffusion.sample_steps))
     started = time.perf_counter()
-    phi = sample(dm_params, ae_params, obs, jax.random.PRNGKey(args.seed))
-    guided = np.clip(renderer.render_image({"params": ae_params}, phi, size), -1, 1)
+    z = sample(model.dm_params, model.ae_params, inputs, jax.random.PRNGKey(args.seed))
+    guided = model.render(np.asarray(z), size)
     seconds = time.perf_counter() - started
     for name, pred in (("bicubic", np.clip(np.asarray(bicubic), -1, 1)), ("infd_guided", guided)):
       rows.append(dict(factor=factor, method=name,

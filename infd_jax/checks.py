@@ -4,7 +4,10 @@ Each failure is a `UserError` naming the setting and what would be valid.
 """
 
 
+from typing import Any
+
 import ml_collections
+import numpy as np
 
 
 
@@ -48,3 +51,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if width % 32:
       raise UserError(f"config.{key}={width}: must be a multiple of 32 (GroupNorm has 32 groups)")
 
+
+def parse_size(size: Any, name: str = "size") -> tuple[int, int]:
+  """256 -> (256, 256); "480x640" or (480, 640) -> (480, 640); anything else: UserError."""
+  if isinstance(size, (tuple, list)) and len(size) == 2:
+    h, w = size
+  elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    h = w = size
+  elif isinstance(size, str) and size.strip():
+    parts = size.strip().lower().split("x")
+    if len(parts) == 1:
+      parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+      raise UserError(f"{name}={size!r} is not N or HxW (e.g. 1024 or 720x1280)")
+    h, w = (int(p) for p in parts)
+  else:
+    raise UserError(f"{name}={size!r} is not N or HxW (e.g. 1024 or 720x1280)")
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (h, w)):
+    raise UserError(f"{name}={size!r}: height and width must be integers")
+  if h <= 0 or w <= 0:
+    raise UserError(f"{name}={size!r}: height and width must be positive")
+  return int(h), int(w)

@@ -10,7 +10,8 @@ the Python API `infd_jax.load`, training visualisations):
   orbax restore of the train state), sharded by the config's rules;
 - `Model` samples latents (sample i's noise depends only on (seed, i), so the
   batch layout and the number of hosts do not change it), decodes them and
-  renders them with the official tiling, batch-sharded over the mesh.
+  renders them with the official tiling, batch-sharded over the mesh; guided
+  sampling (`Model.condition`, the `condition` job) goes through it too.
 """
 
 import dataclasses
@@ -25,7 +26,9 @@ import numpy as np
 from etils import epath
 
 from infd_jax import builders, checkpointing, sharding
+from infd_jax.checks import parse_size
 from infd_jax.diffusion import samplers
+from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import tiling
 
 PyTree = Any
@@ -233,7 +236,7 @@ def renderer(config: ml_collections.ConfigDict) -> tiling.TiledRenderer:
 
 @dataclasses.dataclass
 class Model:
-  """A trained INFD model on a mesh: sample latents, decode, render, encode.
+  """A trained INFD model on a mesh: sample latents (plain or guided), decode, render, encode.
 
   Attributes:
     config: the config (architecture as saved with the checkpoints).
@@ -253,6 +256,8 @@ class Model:
     self._sample_fn = jax.jit(self._sample, out_shardings=self._batch)
     self._decode_fn = jax.jit(self._decode, out_shardings=self._batch)
     self._encode_fn = jax.jit(self._encode, out_shardings=self._batch)
+    self._condition_fn = jax.jit(self._condition, static_argnums=0,
+                                 out_shardings=(self._batch, self._batch))
     self._head_fn = jax.jit(lambda x, n: x[:n], static_argnums=1,
                             out_shardings=sharding.replicated(self.mesh))
     self._row_fn = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1),
@@ -273,6 +278,17 @@ class Model:
 
   def _encode(self, ae_params: PyTree, images: jax.Array) -> jax.Array:
     return self.ae.apply({"params": ae_params}, images, method="encode")
+
+  def _condition(self, objective, dm_params: PyTree, ae_params: PyTree, inputs: tuple,
+                 keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = (1, *builders.latent_shape(self.config))
+    unet = builders.unet(self.config)
+
+    def one(key):
+      z, losses = task_lib.guided_latents(self.config, unet, dm_params, ae_params, objective,
+                                          inputs, key, shape)
+      return z[0], losses[:, 0]
+    return jax.vmap(one)(keys)
 
   def generation_program(self):
     """Jitted (dm_params, ae_params, keys [n, 2]) -> phi [n, ...] batch-sharded: sampling and
@@ -303,9 +319,22 @@ class Model:
     dm_params = self.dm_params if dm_params is None else dm_params
     if dm_params is None:
       raise UserError("this model has no stage-2 (diffusion) parameters")
+    return self._sample_fn(dm_params, self._keys(ids, seed))
+
+  def _keys(self, ids: np.ndarray, seed: int) -> jax.Array:
     keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
         np.asarray(ids, np.uint32)))
-    return self._sample_fn(dm_params, self.put_batch(keys))
+    return self.put_batch(keys)
+
+  def condition_global(self, ids: np.ndarray, seed: int, task: task_lib.Task
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Guided latents of samples `ids` (padded to the device count) and their final losses
+    [n, conditions], batch-sharded; sample i depends only on (seed, i), as in `sample_global`."""
+    if self.dm_params is None:
+      raise UserError("this model has no stage-2 (diffusion) parameters")
+    inputs = jax.device_put(task.inputs, sharding.replicated(self.mesh))
+    return self._condition_fn(task.objective, self.dm_params, self.ae_params, inputs,
+                              self._keys(ids, seed))
 
   def decode_global(self, z: jax.Array) -> jax.Array:
     """Latents (quantized if `sample.quantize`) -> phi, batch-sharded."""
@@ -357,6 +386,29 @@ class Model:
     """Encode, quantize, decode and render the images at `size`."""
     return self.render(self.encode(images), size)
 
+  def condition(self, regions: Any, n: int = 1, seed: int = 0, **settings: Any
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Guided sampling: n latents [n, h, w, c] that satisfy `regions`, and each one's final
+    loss per region [n, regions]; render them with `render` at any size.
+
+    Args:
+      regions: list of {kind, size, box, image, mask, prompt, scale} (as the
+        `condition` job's `regions`; `infd_jax.guidance.task` documents them).
+      n, seed: how many; sample i depends only on (seed, i) (guided DDIM).
+      **settings: `condition` settings for this call: guide_start, guide_stop,
+        guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab.
+    """
+    check_count(n, "n")
+    unknown = set(settings) - set(task_lib.SETTINGS)
+    if unknown:
+      raise UserError(f"Model.condition: unknown settings {sorted(unknown)} (known: "
+                      f"{', '.join(task_lib.SETTINGS)})")
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    config.condition.update(settings)
+    task = task_lib.from_config(config, regions, name="regions")
+    z, losses = self.condition_global(np.arange(n), seed, task)
+    return _gather(z)[:n], _gather(losses)[:n]
+
 
 def _gather(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
@@ -371,28 +423,6 @@ def _gather_rows(rows: np.ndarray, images: np.ndarray, total: int) -> np.ndarray
   full[rows] = images
   # Each row is non-zero on exactly one process.
   return np.asarray(multihost_utils.process_allgather(full)).sum(axis=0)
-
-
-def parse_size(size: Any, name: str = "size") -> tuple[int, int]:
-  """256 -> (256, 256); "480x640" or (480, 640) -> (480, 640); anything else: UserError."""
-  if isinstance(size, (tuple, list)) and len(size) == 2:
-    h, w = size
-  elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-    h = w = size
-  elif isinstance(size, str) and size.strip():
-    parts = size.strip().lower().split("x")
-    if len(parts) == 1:
-      parts = parts * 2
-    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-      raise UserError(f"{name}={size!r} is not N or HxW (e.g. 1024 or 720x1280)")
-    h, w = (int(p) for p in parts)
-  else:
-    raise UserError(f"{name}={size!r} is not N or HxW (e.g. 1024 or 720x1280)")
-  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (h, w)):
-    raise UserError(f"{name}={size!r}: height and width must be integers")
-  if h <= 0 or w <= 0:
-    raise UserError(f"{name}={size!r}: height and width must be positive")
-  return int(h), int(w)
 
 
 def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> tiling.Window | None:

@@ -94,7 +94,7 @@ def base() -> ml_collections.ConfigDict:
       tiles_per_call=16, use_ema=True, quantize=True, seed=0, out_dir="",
       window=(), stream_above=16384, sampler="ddim", spacing="uniform"))
 
-  # Guided sampling (`stage=condition`, infd_jax/guidance/job.py documents `regions`):
+  # Guided sampling (`stage=condition`, infd_jax/guidance/task.py documents `regions`):
   # conditions on boxes of virtual images, DPS guidance on sampler iterations
   # guide_start, +guide_every, ... < guide_stop (-1 = all; 0 = the noisiest).
   c.condition = ml_collections.ConfigDict(dict(
