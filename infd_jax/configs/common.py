@@ -64,13 +64,18 @@ def base() -> ml_collections.ConfigDict:
       model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
       attention_resolutions=(8, 4, 2), num_head_channels=32,
       attention_impl="xla"))      # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
+  # latent_scale: the DM trains on latent_scale * z and sampled latents are divided by
+  # it before decoding (LDM's `scale_factor`). 1.0 = the official INFD (no scaling);
+  # 0 = 1 / std of the cached stage-2 training latents, computed when stage 2 starts
+  # and saved with its checkpoint (later stages read it from there).
   c.diffusion = ml_collections.ConfigDict(dict(
       num_train_steps=1000, beta_start=0.0015, beta_end=0.0195,
-      sample_steps=200, eta=1.0))
+      sample_steps=200, eta=1.0, latent_scale=1.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,
-      dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999))
+      dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999,
+      ae_decay_steps=0, dm_decay_steps=0))  # 0: constant rates (official); N: cosine to 0 in N
 
   c.train = ml_collections.ConfigDict(dict(
       ae_batch_size=8, ae_steps=1_000_000,

@@ -1,0 +1,108 @@
+"""Demo-only options, off in the official configs: diffusion.latent_scale (LDM's
+scale_factor: train on s * z, divide samples by s) and cosine learning-rate decay."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+
+from infd_jax import inference
+from infd_jax.configs import tiny
+from infd_jax.data import latents as latents_lib
+from infd_jax.diffusion import schedules
+from infd_jax.training import dm_step, optim
+from infd_jax.training.state import DMState
+
+SCHED = schedules.linear_schedule()
+DATA = np.random.default_rng(0).normal(0.0, 0.3, size=(3, 4, 4, 3))  # "training latents", std 0.3
+
+
+class ExactDenoiser(nn.Module):
+  """The exact eps-prediction of the empirical distribution of `data` (a closed form)."""
+  data: np.ndarray
+
+  @nn.compact
+  def __call__(self, x, t):
+    self.param("unused", nn.initializers.zeros, (1,))
+    ab = jnp.asarray(SCHED.alphas_cumprod, jnp.float32)[t][:, None, None, None, None]
+    data = jnp.asarray(self.data, jnp.float32)[None]
+    d2 = jnp.sum((x[:, None] - jnp.sqrt(ab) * data) ** 2, axis=(2, 3, 4))
+    w = jax.nn.softmax(-d2 / (2.0 * (1.0 - ab[:, :, 0, 0, 0])), axis=1)
+    x0 = jnp.einsum("bn,nhwc->bhwc", w, data[0])
+    return (x - jnp.sqrt(ab[:, 0]) * x0) / jnp.sqrt(1.0 - ab[:, 0])
+
+
+class Identity(nn.Module):
+  """eps_hat = x_t (one unused parameter, so the optimizer has something to update)."""
+
+  @nn.compact
+  def __call__(self, x, t):
+    del t
+    return x + 0.0 * self.param("unused", nn.initializers.zeros, (1,))
+
+
+def _config(scale: float):
+  c = tiny.get_config()
+  c.diffusion.update(sample_steps=20, eta=1.0, latent_scale=scale)
+  return c
+
+
+def test_sampled_latents_come_back_at_the_data_scale():
+  """A UNet trained on s * z (here exact) samples s * z; sample_latents returns z."""
+  key = jax.random.PRNGKey(0)
+  for scale in (1.0, 1.0 / 0.3):
+    module = ExactDenoiser(DATA * scale)
+    z = np.asarray(inference.sample_latents(_config(scale), module, {"unused": jnp.zeros(1)}, key,
+                                            (4, *DATA.shape[1:])), np.float64)
+    dist = np.sqrt(((z[:, None] - DATA[None]) ** 2).mean(axis=(2, 3, 4))).min(axis=1)
+    assert np.all(dist < 0.02 * DATA.std()), (scale, dist)
+
+
+def test_train_step_learns_the_scaled_latents():
+  """The loss equals the float64 eps-MSE of an identity model on x_t of s * z."""
+  scale, z = 2.5, DATA.astype(np.float32)
+  params = {"unused": jnp.zeros(1)}
+  tx = optax.adamw(1e-3)
+  state = DMState(step=jnp.int32(3), params=params, ema_params=params, opt=tx.init(params),
+                  rng=jax.random.PRNGKey(7))
+  _, out = dm_step.dm_train_step(state, {"z": jnp.asarray(z)}, None, unet=Identity(), ae=None,
+                                 tx=tx, sched=SCHED, ema_decay=0.9, latent_scale=scale)
+  # The step's documented draws: t ~ U{0..T-1} and eps ~ N(0, I) from fold_in(rng, step).
+  k_t, k_eps = jax.random.split(jax.random.fold_in(state.rng, 3))
+  t = np.asarray(jax.random.randint(k_t, (len(z),), 0, SCHED.num_steps))
+  eps = np.asarray(jax.random.normal(k_eps, z.shape), np.float64)
+  ab = SCHED.alphas_cumprod[t][:, None, None, None]
+  x_t = np.sqrt(ab) * scale * z.astype(np.float64) + np.sqrt(1.0 - ab) * eps
+  np.testing.assert_allclose(float(out["z_dm_loss"]), np.mean((eps - x_t) ** 2), rtol=1e-5)
+
+
+def test_auto_scale_is_one_over_the_std_of_every_cached_latent(tmp_path):
+  """Two writers' shares over several files (an uneven split), against np.std in float64."""
+  rows = np.random.default_rng(1).normal(0.2, 0.27, size=(7, 4, 4, 3)).astype(np.float32)
+  directory = epath.Path(tmp_path)
+  for p in (0, 1):
+    latents_lib.write_share(directory, iter([rows[p::2]]), process_index=p, rows_per_file=2)
+  latents_lib.write_meta(directory, num_records=7, process_count=2, rows_per_file=2)
+  np.testing.assert_allclose(latents_lib.latent_std(directory), np.std(rows.astype(np.float64)),
+                             rtol=1e-6)
+
+
+def test_cosine_decay_reaches_zero_and_constant_is_the_default():
+  """Adam on a constant gradient moves each step by exactly the step's rate (m/sqrt(v) = 1)."""
+  c = tiny.get_config()
+  assert (c.optim.ae_decay_steps, c.optim.dm_decay_steps) == (0, 0)
+  n, lr = 8, 0.01
+  expected = {0: np.full(n + 2, lr),
+              n: lr * 0.5 * (1 + np.cos(np.pi * np.minimum(np.arange(n + 2), n) / n))}
+  for decay, rates in expected.items():
+    c.optim.update(ae_lr=lr, dm_lr=lr, dm_weight_decay=0.0, ae_decay_steps=decay,
+                   dm_decay_steps=decay)
+    for tx in (optim.ae_optimizer(c.optim), optim.dm_optimizer(c.optim)):
+      p, g = jnp.zeros(1), jnp.full(1, 0.3)
+      opt, moves = tx.init(p), []
+      for _ in range(n + 2):
+        u, opt = tx.update(g, opt, p)
+        moves.append(-float(u[0]))
+      np.testing.assert_allclose(moves, rates, rtol=1e-5, atol=1e-9)
