@@ -106,3 +106,34 @@ def test_cosine_decay_reaches_zero_and_constant_is_the_default():
         u, opt = tx.update(g, opt, p)
         moves.append(-float(u[0]))
       np.testing.assert_allclose(moves, rates, rtol=1e-5, atol=1e-9)
+
+
+def test_inp_crop_trains_on_random_windows_of_the_photo():
+  """Pixels that encode their own (row, col) reveal the window; inp is that window resized."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from infd_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  s, p = 200, 32
+  rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+  img = Image.fromarray(np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
+  png = io.BytesIO()
+  img.save(png, format="PNG")
+  sides = {}
+  for crop in (0.0, 0.5):
+    # p_max = 1 and a large gt_res_max: gt is an exact P x P crop of the window at its own size.
+    t = transforms.AeTransform(inp_res=16, patch=p, gt_res_min=p, gt_res_max=1000, p_max=1.0,
+                               inp_crop=crop)
+    for seed in range(30):
+      out = t({"image": png.getvalue()}, np.random.default_rng(seed))
+      side, ii, jj = (int(v) for v in out["crop"])
+      top, left = int(out["gt"][0, 0, 0]) - ii, int(out["gt"][0, 0, 1]) - jj
+      assert 0 <= top <= s - side and 0 <= left <= s - side
+      np.testing.assert_array_equal(out["gt"][..., 0], rows[top + ii:top + ii + p, :p])
+      np.testing.assert_array_equal(out["gt"][..., 1],
+                                    cols[:p, left + jj:left + jj + p])
+      ref = img.crop((left, top, left + side, top + side)).resize((16, 16),
+                                                                  Image.Resampling.LANCZOS)
+      np.testing.assert_array_equal(out["inp"], np.asarray(ref))
+      sides.setdefault(crop, []).append(side)
+  assert set(sides[0.0]) == {s}  # off: the whole image, as the official pipeline
+  assert 100 <= min(sides[0.5]) < 125 and max(sides[0.5]) > 175

@@ -47,7 +47,7 @@ def base() -> ml_collections.ConfigDict:
       dm_variant="lanczos256", dm_split="train", source="",
       inp_res=256, patch=256, gt_res_min=256, gt_res_max=1024, p_whole=0.0, p_max=0.0,
       p_lr=0.5, resize=0, dm_resize=0, fast_crop=True, read_threads=4, num_workers=4,
-      prefetch_buffer=2))
+      prefetch_buffer=2, inp_crop=0.0))  # inp_crop > 0: demo-only stage-1 windows
 
   # Stage 1 (REFERENCE.md 2.1, 3): VQ-f4 autoencoder + CLIF renderer.
   c.ae = ml_collections.ConfigDict(dict(
