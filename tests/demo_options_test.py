@@ -137,3 +137,46 @@ def test_inp_crop_trains_on_random_windows_of_the_photo():
       sides.setdefault(crop, []).append(side)
   assert set(sides[0.0]) == {s}  # off: the whole image, as the official pipeline
   assert 100 <= min(sides[0.5]) < 125 and max(sides[0.5]) > 175
+
+
+def _group_norm_groups(module: nn.Module, *inputs) -> list[int]:
+  """num_groups of every GroupNorm that runs in module.init(*inputs)."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__":
+      seen.append(context.module.num_groups)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))
+  return seen
+
+
+def test_norm_groups_reaches_every_group_norm_and_32_stays_the_default():
+  from infd_jax import builders  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  assert (c.ae.norm_groups, c.dm.norm_groups) == (32, 32)
+  ae_in = (jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 8, 8, 2)))
+  dm_in = (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32))
+  counts = {}
+  for groups in (32, 8):
+    c.ae.norm_groups = c.dm.norm_groups = groups
+    for name, module, inputs in (("ae", builders.autoencoder(c), ae_in),
+                                 ("dm", builders.unet(c), dm_in)):
+      seen = _group_norm_groups(module, *inputs)
+      assert set(seen) == {groups}, (name, groups, seen)
+      counts.setdefault(name, set()).add(len(seen))
+  assert all(len(n) == 1 for n in counts.values()), counts  # the same norms, other groups
+
+
+def test_group_norm_with_8_groups_matches_numpy():
+  from infd_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(2).normal(1.0, 2.0, size=(2, 5, 6, 32))
+  norm = layers.group_norm(1e-6, num_groups=8)
+  params = norm.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 6, 32)))
+  got = np.asarray(norm.apply(params, jnp.asarray(x, jnp.float32)))
+  g = x.reshape(2, 5, 6, 8, 4)  # contiguous groups of 4 channels
+  ref = ((g - g.mean(axis=(1, 2, 4), keepdims=True))
+         / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+  np.testing.assert_allclose(got, ref, atol=2e-5)

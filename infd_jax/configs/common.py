@@ -53,7 +53,8 @@ def base() -> ml_collections.ConfigDict:
   c.ae = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
       vq_beta=0.25, renderer_hidden=256,
-      codebook_init=0.0))  # 0: official U(-1/N, 1/N) codes; the demo starts them wider
+      codebook_init=0.0,   # 0: official U(-1/N, 1/N) codes; the demo starts them wider
+      norm_groups=32))     # GroupNorm groups (32: official; the demo's narrow nets use fewer)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,
@@ -63,7 +64,8 @@ def base() -> ml_collections.ConfigDict:
   c.dm = ml_collections.ConfigDict(dict(
       model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
       attention_resolutions=(8, 4, 2), num_head_channels=32,
-      attention_impl="xla"))      # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
+      attention_impl="xla",       # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
+      norm_groups=32))            # GroupNorm groups (32: official)
   # latent_scale: the DM trains on latent_scale * z and sampled latents are divided by
   # it before decoding (LDM's `scale_factor`). 1.0 = the official INFD (no scaling);
   # 0 = 1 / std of the cached stage-2 training latents, computed when stage 2 starts
