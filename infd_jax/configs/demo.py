@@ -38,10 +38,10 @@ def get_config(arg: str | None = None):
   c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
               num_head_channels=16, norm_groups=8)
   c.diffusion.update(sample_steps=20, latent_scale=0.0)
-  c.train.update(ae_batch_size=4, ae_steps=500, dm_batch_size=8, dm_steps=800,
-                 log_every=50, ckpt_every=500, vis_every=100_000, eval_every=0)  # grids at the end
+  c.train.update(ae_batch_size=4, ae_steps=1000, dm_batch_size=8, dm_steps=2000,
+                 log_every=50, ckpt_every=1000, vis_every=100_000, eval_every=0)  # grids at the end
   # The learning rates decay to 0 at the last step (also after --config.train.*_steps=N).
-  c.optim.update(ae_lr=2e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=1e-3, dm_ema=0.99,
+  c.optim.update(ae_lr=2e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=2e-3, dm_ema=0.99,
                  ae_decay_steps=c.train.get_ref("ae_steps"),
                  dm_decay_steps=c.train.get_ref("dm_steps"))
   c.sample.update(num_samples=4, batch_size=4, sizes=(256, 1024), tile=64, pad=8)
