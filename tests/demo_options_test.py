@@ -1,5 +1,8 @@
-"""Demo-only options, off in the official configs: diffusion.latent_scale (LDM's
-scale_factor: train on s * z, divide samples by s) and cosine learning-rate decay."""
+"""Demo-only options, off (official) by default: diffusion.latent_scale (LDM's scale_factor:
+train on s * z, divide samples by s), cosine learning-rate decay, stage-1 input windows
+(data.inp_crop) and GroupNorm groups (ae/dm.norm_groups)."""
+
+import io
 
 import flax.linen as nn
 import jax
@@ -7,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from PIL import Image
 
-from infd_jax import inference
+from infd_jax import builders, inference
 from infd_jax.configs import tiny
 from infd_jax.data import latents as latents_lib
+from infd_jax.data import transforms
 from infd_jax.diffusion import schedules
+from infd_jax.models import layers
 from infd_jax.training import dm_step, optim
 from infd_jax.training.state import DMState
 
@@ -92,14 +98,13 @@ def test_auto_scale_is_one_over_the_std_of_every_cached_latent(tmp_path):
 def test_cosine_decay_reaches_zero_and_constant_is_the_default():
   """Adam on a constant gradient moves each step by exactly the step's rate (m/sqrt(v) = 1)."""
   c = tiny.get_config()
-  assert (c.optim.ae_decay_steps, c.optim.dm_decay_steps) == (0, 0)
+  assert not c.optim.cosine_decay
   n, lr = 8, 0.01
-  expected = {0: np.full(n + 2, lr),
-              n: lr * 0.5 * (1 + np.cos(np.pi * np.minimum(np.arange(n + 2), n) / n))}
+  expected = {False: np.full(n + 2, lr),
+              True: lr * 0.5 * (1 + np.cos(np.pi * np.minimum(np.arange(n + 2), n) / n))}
   for decay, rates in expected.items():
-    c.optim.update(ae_lr=lr, dm_lr=lr, dm_weight_decay=0.0, ae_decay_steps=decay,
-                   dm_decay_steps=decay)
-    for tx in (optim.ae_optimizer(c.optim), optim.dm_optimizer(c.optim)):
+    c.optim.update(ae_lr=lr, dm_lr=lr, dm_weight_decay=0.0, cosine_decay=decay)
+    for tx in (optim.ae_optimizer(c.optim, n), optim.dm_optimizer(c.optim, n)):
       p, g = jnp.zeros(1), jnp.full(1, 0.3)
       opt, moves = tx.init(p), []
       for _ in range(n + 2):
@@ -107,12 +112,8 @@ def test_cosine_decay_reaches_zero_and_constant_is_the_default():
         moves.append(-float(u[0]))
       np.testing.assert_allclose(moves, rates, rtol=1e-5, atol=1e-9)
 
-
 def test_inp_crop_trains_on_random_windows_of_the_photo():
   """Pixels that encode their own (row, col) reveal the window; inp is that window resized."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from infd_jax.data import transforms  # pylint: disable=g-import-not-at-top
   s, p = 200, 32
   rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
   img = Image.fromarray(np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
@@ -154,7 +155,6 @@ def _group_norm_groups(module: nn.Module, *inputs) -> list[int]:
 
 
 def test_norm_groups_reaches_every_group_norm_and_32_stays_the_default():
-  from infd_jax import builders  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   assert (c.ae.norm_groups, c.dm.norm_groups) == (32, 32)
   ae_in = (jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 8, 8, 2)))
@@ -171,7 +171,6 @@ def test_norm_groups_reaches_every_group_norm_and_32_stays_the_default():
 
 
 def test_group_norm_with_8_groups_matches_numpy():
-  from infd_jax.models import layers  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(2).normal(1.0, 2.0, size=(2, 5, 6, 32))
   norm = layers.group_norm(1e-6, num_groups=8)
   params = norm.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 6, 32)))

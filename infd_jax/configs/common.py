@@ -77,7 +77,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,
       dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999,
-      ae_decay_steps=0, dm_decay_steps=0))  # 0: constant rates (official); N: cosine to 0 in N
+      cosine_decay=False))  # False: constant rates (official); True: cosine to 0 at each stage's end
 
   c.train = ml_collections.ConfigDict(dict(
       ae_batch_size=8, ae_steps=1_000_000,

@@ -40,10 +40,7 @@ def get_config(arg: str | None = None):
   c.diffusion.update(sample_steps=20, latent_scale=0.0)
   c.train.update(ae_batch_size=4, ae_steps=1000, dm_batch_size=8, dm_steps=2000,
                  log_every=50, ckpt_every=1000, vis_every=100_000, eval_every=0)  # grids at the end
-  # The learning rates decay to 0 at the last step (also after --config.train.*_steps=N).
-  c.optim.update(ae_lr=2e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=2e-3, dm_ema=0.99,
-                 ae_decay_steps=c.train.get_ref("ae_steps"),
-                 dm_decay_steps=c.train.get_ref("dm_steps"))
+  c.optim.update(ae_lr=2e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=2e-3, dm_ema=0.99, cosine_decay=True)
   c.sample.update(num_samples=4, batch_size=4, sizes=(256, 1024), tile=64, pad=8)
   c.eval.update(scale_consistency_base=256, scale_factors=(2, 4))
   c.contact_sheet = True

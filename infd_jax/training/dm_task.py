@@ -36,7 +36,7 @@ LATENT_FILE_ROWS = 1024  # latents per cache file (FFHQ 256: 48 MiB)
 
 def init_fn(config: ml_collections.ConfigDict):
   """key -> boxed DMState; the EMA starts as a copy of the initial parameters."""
-  unet, tx = builders.unet(config), optim.dm_optimizer(config.optim)
+  unet, tx = builders.unet(config), optim.dm_optimizer(config.optim, config.train.dm_steps)
   h, w, c = builders.latent_shape(config)
 
   def init(key: jax.Array) -> DMState:
@@ -122,7 +122,8 @@ def make_step(config: ml_collections.ConfigDict):
                              "use a positive scale (0 is resolved by the dm stage itself)")
   return functools.partial(
       dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
-      tx=optim.dm_optimizer(config.optim), sched=builders.diffusion_schedule(config),
+      tx=optim.dm_optimizer(config.optim, config.train.dm_steps),
+      sched=builders.diffusion_schedule(config),
       ema_decay=config.optim.dm_ema, latent_scale=config.diffusion.latent_scale,
       skip_nonfinite=config.train.on_nonfinite == "skip")
 
