@@ -37,10 +37,10 @@ UserError = builders.UserError
 # Config keys that fix a trained stage's parameter shapes or meaning, per stage.
 ARCHITECTURE = {
     "ae": {"ae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "num_codes",
-                  "renderer_hidden")},
+                  "renderer_hidden", "norm_groups")},
     "dm": {"dm": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                  "num_head_channels"),
-           "diffusion": ("num_train_steps", "beta_start", "beta_end"),
+                  "num_head_channels", "norm_groups"),
+           "diffusion": ("num_train_steps", "beta_start", "beta_end", "latent_scale"),
            "data": ("inp_res",)},
 }
 # Which stages' architectures a job reads from checkpoints.
@@ -221,10 +221,16 @@ def load_dm_params(config: ml_collections.ConfigDict, workdir: str | epath.PathL
 def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The one call site of the latent sampler: key -> latents [*shape] with
-  `config.sample.sampler` (DDIM by default, REFERENCE 6.3)."""
+  `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
+  `diffusion.latent_scale` (the scale the UNet was trained at)."""
+  scale = config.diffusion.get("latent_scale", 1.0)  # configs saved before it existed: 1.0
+  if not scale > 0:
+    raise UserError(f"config.diffusion.latent_scale={scale}: the stage-2 checkpoint records no "
+                    "scale; set the one it was trained with (1.0 unless it was changed)")
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
-  return samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape,
-                         sched=builders.diffusion_schedule(config), **builders.sampler_args(config))
+  z = samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape,
+                      sched=builders.diffusion_schedule(config), **builders.sampler_args(config))
+  return z if scale == 1.0 else z / scale
 
 
 def renderer(config: ml_collections.ConfigDict) -> tiling.TiledRenderer:

@@ -47,13 +47,14 @@ def base() -> ml_collections.ConfigDict:
       dm_variant="lanczos256", dm_split="train", source="",
       inp_res=256, patch=256, gt_res_min=256, gt_res_max=1024, p_whole=0.0, p_max=0.0,
       p_lr=0.5, resize=0, dm_resize=0, fast_crop=True, read_threads=4, num_workers=4,
-      prefetch_buffer=2))
+      prefetch_buffer=2, inp_crop=0.0))  # inp_crop > 0: demo-only stage-1 windows
 
   # Stage 1 (REFERENCE.md 2.1, 3): VQ-f4 autoencoder + CLIF renderer.
   c.ae = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
       vq_beta=0.25, renderer_hidden=256,
-      codebook_init=0.0))  # 0: official U(-1/N, 1/N) codes; the demo starts them wider
+      codebook_init=0.0,   # 0: official U(-1/N, 1/N) codes; the demo starts them wider
+      norm_groups=32))     # GroupNorm groups (32: official; the demo's narrow nets use fewer)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,
@@ -63,14 +64,20 @@ def base() -> ml_collections.ConfigDict:
   c.dm = ml_collections.ConfigDict(dict(
       model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
       attention_resolutions=(8, 4, 2), num_head_channels=32,
-      attention_impl="xla"))      # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
+      attention_impl="xla",       # or "cudnn" (fused flash attention; GPU, bfloat16 compute)
+      norm_groups=32))            # GroupNorm groups (32: official)
+  # latent_scale: the DM trains on latent_scale * z and sampled latents are divided by
+  # it before decoding (LDM's `scale_factor`). 1.0 = the official INFD (no scaling);
+  # 0 = 1 / std of the cached stage-2 training latents, computed when stage 2 starts
+  # and saved with its checkpoint (later stages read it from there).
   c.diffusion = ml_collections.ConfigDict(dict(
       num_train_steps=1000, beta_start=0.0015, beta_end=0.0195,
-      sample_steps=200, eta=1.0))
+      sample_steps=200, eta=1.0, latent_scale=1.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,
-      dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999))
+      dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999,
+      cosine_decay=False))  # False: constant rates (official); True: cosine to 0 at each stage's end
 
   c.train = ml_collections.ConfigDict(dict(
       ae_batch_size=8, ae_steps=1_000_000,

@@ -96,6 +96,18 @@ class LatentSource:
     self.__init__(state["directory"])
 
 
+def latent_std(directory: str | os.PathLike) -> float:
+  """Standard deviation of every value of a complete cache (float64 sums, one pass)."""
+  source = LatentSource(directory)
+  total = total_sq = 0.0
+  for i in range(len(source)):
+    z = source[i].astype(np.float64)
+    total, total_sq = total + z.sum(), total_sq + np.square(z).sum()
+  count = len(source) * source[0].size
+  mean = total / count
+  return float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
 def latent_dataset(directory: str | os.PathLike, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    data: Mapping[str, Any] | None = None) -> grain.IterDataset:

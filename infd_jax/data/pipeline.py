@@ -62,6 +62,7 @@ def default_data_config() -> dict[str, Any]:
       gt_res_min=256,         # resize_gt_lb
       gt_res_max=1024,        # resize_gt_ub
       p_whole=0.0,
+      inp_crop=0.0,           # demo-only: random square windows >= inp_crop * side (0 = off)
       p_max=0.0,              # 0.5 (custom) / 0.9 (mix6k) during hrft
       p_lr=0.5,               # mix6k: P(LR pool); 0 for its hrft (HR pool only)
       resize=None,            # square resize after loading (image_folder)
@@ -159,7 +160,7 @@ def _ae_source(c: dict[str, Any]) -> tuple[grain.MapDataset, Any]:
   transform = transforms.AeTransform(
       inp_res=c["inp_res"], resize=c["resize"], patch=c["patch"],
       gt_res_min=c["gt_res_min"], gt_res_max=c["gt_res_max"],
-      p_whole=c["p_whole"], p_max=c["p_max"], fast=c["fast_crop"])
+      p_whole=c["p_whole"], p_max=c["p_max"], fast=c["fast_crop"], inp_crop=c["inp_crop"])
   if c["name"] == "ffhq" and c["variant"] == "mix6k":
     lr = _records(c, "lanczos256", "train+val")
     hr = _records(c, "mix6k", "hr")

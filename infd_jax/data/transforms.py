@@ -84,6 +84,14 @@ def fast_patch(img: Image.Image, r: int, ii: int, jj: int, patch: int) -> Image.
   return img.resize((patch, patch), LANCZOS, box=box)
 
 
+def random_square(img: Image.Image, rng: np.random.Generator, min_side: int) -> Image.Image:
+  """A window of the square image: side uniform in [min_side, S], origin uniform."""
+  s = img.size[0]
+  side = int(rng.integers(min(min_side, s), s, endpoint=True))
+  top, left = (int(v) for v in rng.integers(0, s - side, size=2, endpoint=True))
+  return img.crop((left, top, left + side, top + side))
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
   """Decodes a record and applies the optional square resize.
@@ -126,6 +134,11 @@ class AeTransform(ImageTransform):
   int32 [3] = (r, ii, jj)}: the window at row ii, column jj of the image resized
   to r x r. Its coord and cell are `patch_coord(r, ii, jj, P)` and
   `patch_cell(r, P)`, built on the device by `training.on_device.ae_batch`.
+
+  `inp_crop` > 0 (demo-only; 0 is the official whole image) first takes a random
+  square window of side uniform in [max(inp_crop * S, gt_res_min), S] of the S x S
+  image, and everything above applies to that window: few photos then still give
+  the encoder varied inputs.
   """
   patch: int = 256
   gt_res_min: int = 256
@@ -133,6 +146,7 @@ class AeTransform(ImageTransform):
   p_whole: float = 0.0
   p_max: float = 0.0
   fast: bool = True
+  inp_crop: float = 0.0
 
   def __post_init__(self):
     if self.gt_res_min < self.patch:
@@ -140,6 +154,8 @@ class AeTransform(ImageTransform):
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
     img = self.load(record)
+    if self.inp_crop > 0:
+      img = random_square(img, rng, max(round(self.inp_crop * img.size[0]), self.gt_res_min))
     r = sample_resolution(rng, img.size[0], patch=self.patch,
                           gt_res_min=self.gt_res_min, gt_res_max=self.gt_res_max,
                           p_whole=self.p_whole, p_max=self.p_max)

@@ -42,17 +42,20 @@ class Encoder(nn.Module):
   num_res_blocks: int = 2
   z_channels: int = 3
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = layers.conv(self.ch, 3, in_features=x.shape[-1], dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * mult, dtype=self.dtype, name=f"down_{level}_block_{i}")(h)
+        h = ResnetBlock(self.ch * mult, dtype=self.dtype, norm_groups=self.norm_groups,
+                        name=f"down_{level}_block_{i}")(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(dtype=self.dtype, name=f"down_{level}_downsample")(h)
-    h = _middle(h, self.dtype)
-    h = swish(layers.group_norm(GN_EPS, dtype=self.dtype, name="norm_out")(h))
+    h = _middle(h, self.dtype, self.norm_groups)
+    h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                name="norm_out")(h))
     # The two output convs are tiny; float32 keeps z (the VQ argmin input and the
     # diffusion model's data) at full precision under bfloat16 compute.
     h = layers.conv(self.z_channels, 3, in_features=h.shape[-1], dtype=jnp.float32,
@@ -72,6 +75,7 @@ class Decoder(nn.Module):
   num_res_blocks: int = 2
   z_channels: int = 3
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -79,23 +83,23 @@ class Decoder(nn.Module):
                     name="post_quant_conv")(z)
     h = layers.conv(self.ch * self.ch_mult[-1], 3, in_features=self.z_channels,
                     dtype=self.dtype, name="conv_in")(h)
-    h = _middle(h, self.dtype)
+    h = _middle(h, self.dtype, self.norm_groups)
     # `up` is indexed by level; the lowest resolution (last level) runs first.
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = ResnetBlock(self.ch * self.ch_mult[level], dtype=self.dtype,
-                        name=f"up_{level}_block_{i}")(h)
+                        norm_groups=self.norm_groups, name=f"up_{level}_block_{i}")(h)
       if level != 0:
         h = Upsample(dtype=self.dtype, name=f"up_{level}_upsample")(h)
     return h
 
 
-def _middle(h: jax.Array, dtype: Dtype) -> jax.Array:
+def _middle(h: jax.Array, dtype: Dtype, groups: int) -> jax.Array:
   """The `mid` stage shared by encoder and decoder: ResnetBlock, AttnBlock, ResnetBlock."""
   c = h.shape[-1]
-  h = ResnetBlock(c, dtype=dtype, name="mid_block_1")(h)
-  h = AttnBlock(dtype=dtype, name="mid_attn_1")(h)
-  return ResnetBlock(c, dtype=dtype, name="mid_block_2")(h)
+  h = ResnetBlock(c, dtype=dtype, norm_groups=groups, name="mid_block_1")(h)
+  h = AttnBlock(dtype=dtype, norm_groups=groups, name="mid_attn_1")(h)
+  return ResnetBlock(c, dtype=dtype, norm_groups=groups, name="mid_block_2")(h)
 
 
 @flax.struct.dataclass
@@ -123,17 +127,19 @@ class INFDAutoencoder(nn.Module):
   vq_beta: float = 0.25
   renderer_hidden: int = 256
   codebook_init: float = 0.0  # 0: the official U(-1/N, 1/N); see VectorQuantizer
+  norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
   dtype: Dtype = jnp.float32
 
   def setup(self):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                z_channels=self.z_channels, dtype=self.dtype)
+                z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups)
     self.encoder = Encoder(**arch)
     self.quantizer = VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
                                      self.codebook_init)
     self.decoder = Decoder(**arch)
     self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
-                                 hidden=self.renderer_hidden, dtype=self.dtype)
+                                 hidden=self.renderer_hidden, dtype=self.dtype,
+                                 norm_groups=self.norm_groups)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""

@@ -4,7 +4,8 @@ Naming rule: every child is named after the PyTorch attribute it replaces, so a
 converter maps `<prefix>.<child>.weight` to `<prefix>/<child>/kernel` (REFERENCE
 10.2/10.3): ResnetBlock has `norm1, conv1, norm2, conv2[, nin_shortcut]`,
 AttnBlock has `norm, q, k, v, proj_out`, Downsample/Upsample have `conv`.
-All GroupNorms are GN(32, eps 1e-6); all convs carry a bias.
+All GroupNorms are GN(32, eps 1e-6) (`norm_groups`: 32 is the official; the demo uses
+fewer); all convs carry a bias.
 """
 
 from typing import Any
@@ -30,14 +31,17 @@ class ResnetBlock(nn.Module):
   """
   features: int
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C_in] -> [B, H, W, features]."""
     c_in = x.shape[-1]
-    h = swish(layers.group_norm(GN_EPS, dtype=self.dtype, name="norm1")(x))
+    h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                name="norm1")(x))
     h = layers.conv(self.features, 3, in_features=c_in, dtype=self.dtype, name="conv1")(h)
-    h = swish(layers.group_norm(GN_EPS, dtype=self.dtype, name="norm2")(h))
+    h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                name="norm2")(h))
     # Dropout is p=0 everywhere in INFD, so it is left out.
     h = layers.conv(self.features, 3, in_features=self.features, dtype=self.dtype,
                     name="conv2")(h)
@@ -57,13 +61,14 @@ class AttnBlock(nn.Module):
   """
   dtype: Dtype = jnp.float32
   query_chunk: int = 1024
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, H, W, C]."""
     b, hh, ww, c = x.shape
     t, n = hh * ww, self.query_chunk
-    h = layers.group_norm(GN_EPS, dtype=self.dtype, name="norm")(x)
+    h = layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype, name="norm")(x)
     proj = lambda name: layers.conv(c, 1, in_features=c, dtype=self.dtype, name=name)
     # Row-major (h, w) flattening, the same token order as PyTorch's view(b, c, h*w).
     q, k, v = (proj(name)(h).reshape(b, t, 1, c) for name in ("q", "k", "v"))

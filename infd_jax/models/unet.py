@@ -61,16 +61,19 @@ class ResBlock(nn.Module):
   """GN-SiLU-conv, + Linear(SiLU(emb)), GN-SiLU-conv(zero init), + skip. [B,H,W,Ci] -> [B,H,W,Co]."""
   out_channels: int
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     ch, out = x.shape[-1], self.out_channels
-    h = nn.silu(layers.group_norm(_GN_EPS, dtype=self.dtype, name="in_layers_0")(x))
+    h = nn.silu(layers.group_norm(_GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                  name="in_layers_0")(x))
     h = layers.conv(out, 3, in_features=ch, dtype=self.dtype, name="in_layers_2")(h)
     e = layers.dense(out, in_features=emb.shape[-1], dtype=self.dtype,
                      name="emb_layers_1")(nn.silu(emb))
     h = h + e[:, None, None, :]
-    h = nn.silu(layers.group_norm(_GN_EPS, dtype=self.dtype, name="out_layers_0")(h))
+    h = nn.silu(layers.group_norm(_GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                  name="out_layers_0")(h))
     h = layers.conv(out, 3, in_features=out, dtype=self.dtype, kernel_init=_zeros,
                     bias_init=_zeros, name="out_layers_3")(h)
     if ch != out:
@@ -89,13 +92,15 @@ class AttentionBlock(nn.Module):
   num_head_channels: int = 32
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None  # jax.nn.dot_product_attention `implementation`
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     d = self.num_head_channels
     heads = c // d
-    h = layers.group_norm(_GN_EPS, dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
+    h = layers.group_norm(_GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                          name="norm")(x).reshape(b, hgt * wid, c)
     qkv = layers.dense(3 * c, in_features=c, dtype=self.dtype, name="qkv")(h)
     qkv = qkv.reshape(b, hgt * wid, heads, 3, d)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -146,6 +151,7 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   remat: bool = False
+  norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
@@ -156,11 +162,11 @@ class UNet(nn.Module):
     attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
 
     def res(out, name):
-      return res_cls(out, dtype=dt, name=name)
+      return res_cls(out, dtype=dt, norm_groups=self.norm_groups, name=name)
 
     def attn(name):
       return attn_cls(self.num_head_channels, dtype=dt, attention_impl=self.attention_impl,
-                      name=name)
+                      norm_groups=self.norm_groups, name=name)
 
     emb = timestep_embedding(t, mc)
     emb = layers.dense(4 * mc, in_features=mc, dtype=dt, name="time_embed_0")(emb)
@@ -201,7 +207,7 @@ class UNet(nn.Module):
           ds //= 2
         block += 1
 
-    h = nn.silu(layers.group_norm(_GN_EPS, dtype=dt, name="out_0")(h))
+    h = nn.silu(layers.group_norm(_GN_EPS, num_groups=self.norm_groups, dtype=dt, name="out_0")(h))
     h = layers.conv(self.out_channels, 3, in_features=h.shape[-1], dtype=dt, kernel_init=_zeros,
                     bias_init=_zeros, name="out_2")(h)
     return h.astype(jnp.float32)

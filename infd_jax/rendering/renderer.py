@@ -40,13 +40,15 @@ class CLIFRenderer(nn.Module):
   out_channels: int = 3
   num_blocks: int = 2
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   def setup(self):
     self.model_0 = layers.conv(self.hidden, 3, in_features=self.feat_channels + 4,
                                dtype=self.dtype)
-    self.blocks = [ResnetBlock(self.hidden, dtype=self.dtype, name=f"model_{i}")
+    self.blocks = [ResnetBlock(self.hidden, dtype=self.dtype, norm_groups=self.norm_groups,
+                               name=f"model_{i}")
                    for i in range(1, self.num_blocks + 1)]
-    self.norm_out = layers.group_norm(GN_EPS, dtype=self.dtype)
+    self.norm_out = layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype)
     self.conv_out = layers.conv(self.out_channels, 3, in_features=self.hidden, dtype=self.dtype)
 
   def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ PyTree = Any
 def init_fn(config: ml_collections.ConfigDict):
   """key -> boxed AEState (parameters carry logical axis names)."""
   ae, disc = builders.autoencoder(config), builders.discriminator(config)
-  tx = optim.ae_optimizer(config.optim)
+  tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
   r, p = config.data.inp_res, config.data.patch
 
   def init(key: jax.Array) -> AEState:
@@ -43,7 +43,7 @@ def init_fn(config: ml_collections.ConfigDict):
 def make_step(config: ml_collections.ConfigDict):
   """The stage-1 training step `(state, batch, lpips_params) -> (state, scalars)` on the
   pipeline's compact batches (uint8 images and crops, expanded on the device)."""
-  tx = optim.ae_optimizer(config.optim)
+  tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
   step = functools.partial(
       ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
       lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),

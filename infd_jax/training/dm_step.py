@@ -22,7 +22,7 @@ def encode_latents(ae: nn.Module, ae_params: PyTree, images: jax.Array) -> jax.A
 
 def dm_train_step(state: DMState, batch: dict[str, jax.Array], ae_params: PyTree | None, *,
                   unet: nn.Module, ae: nn.Module, tx: optax.GradientTransformation,
-                  sched: Schedule, ema_decay: float,
+                  sched: Schedule, ema_decay: float, latent_scale: float = 1.0,
                   skip_nonfinite: bool = False) -> tuple[DMState, dict[str, jax.Array]]:
   """One DDPM step on a global batch.
 
@@ -32,12 +32,15 @@ def dm_train_step(state: DMState, batch: dict[str, jax.Array], ae_params: PyTree
       which the frozen encoder turns into z inside the step.
     ae_params: the frozen stage-1 parameters (unused when the batch carries `z`).
     unet, ae: modules; tx: AdamW; sched: the diffusion tables; ema_decay: 0.9999.
+    latent_scale: the UNet learns the distribution of latent_scale * z (1.0: official).
     skip_nonfinite: if True, a step with a non-finite loss leaves the state unchanged.
 
   Returns:
     (new state, scalar metrics).
   """
   z0 = batch["z"] if "z" in batch else encode_latents(ae, ae_params, batch["inp"])
+  if latent_scale != 1.0:
+    z0 = z0 * latent_scale
   k_t, k_eps = jax.random.split(jax.random.fold_in(state.rng, state.step))
 
   def loss_fn(params):

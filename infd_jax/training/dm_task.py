@@ -36,7 +36,7 @@ LATENT_FILE_ROWS = 1024  # latents per cache file (FFHQ 256: 48 MiB)
 
 def init_fn(config: ml_collections.ConfigDict):
   """key -> boxed DMState; the EMA starts as a copy of the initial parameters."""
-  unet, tx = builders.unet(config), optim.dm_optimizer(config.optim)
+  unet, tx = builders.unet(config), optim.dm_optimizer(config.optim, config.train.dm_steps)
   h, w, c = builders.latent_shape(config)
 
   def init(key: jax.Array) -> DMState:
@@ -117,10 +117,15 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
 
 def make_step(config: ml_collections.ConfigDict):
   """The stage-2 training step `(state, batch, ae_params) -> (state, scalars)`."""
+  if not config.diffusion.latent_scale > 0:
+    raise builders.UserError(f"config.diffusion.latent_scale={config.diffusion.latent_scale}: "
+                             "use a positive scale (0 is resolved by the dm stage itself)")
   return functools.partial(
       dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
-      tx=optim.dm_optimizer(config.optim), sched=builders.diffusion_schedule(config),
-      ema_decay=config.optim.dm_ema, skip_nonfinite=config.train.on_nonfinite == "skip")
+      tx=optim.dm_optimizer(config.optim, config.train.dm_steps),
+      sched=builders.diffusion_schedule(config),
+      ema_decay=config.optim.dm_ema, latent_scale=config.diffusion.latent_scale,
+      skip_nonfinite=config.train.on_nonfinite == "skip")
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -128,9 +133,17 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
   tc = config.train
   ae_params = inference.load_ae_params(config, workdir, mesh)
-  step = make_step(config)
+  if not config.diffusion.latent_scale and not tc.latent_cache:
+    raise builders.UserError("config.diffusion.latent_scale=0 (1 / std of the training latents) "
+                             "needs config.train.latent_cache=True")
   if tc.latent_cache:
     cached = cache_latents(config, workdir, ae_params, mesh)
+    if not config.diffusion.latent_scale:  # saved with the stage-2 checkpoints' config
+      config.diffusion.latent_scale = 1.0 / latents_lib.latent_std(cached)
+      logging.info("diffusion.latent_scale = %.6g (1 / std of the cached latents)",
+                   config.diffusion.latent_scale)
+  step = make_step(config)
+  if tc.latent_cache:
     make_dataset = lambda index, count: latents_lib.latent_dataset(
         cached, global_batch_size=tc.dm_batch_size, seed=config.seed, process_index=index,
         process_count=count, data=builders.pipeline_config(config.data, "dm"))
@@ -162,7 +175,7 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 
   @jax.jit
   def eval_step(state: DMState, batch, key):
-    z0 = encode_latents(ae, ae_params, batch["inp"])
+    z0 = encode_latents(ae, ae_params, batch["inp"]) * config.diffusion.latent_scale
     k_t, k_eps, k_eps_ema = jax.random.split(key, 3)
     return metrics_lib.DMEvalMetrics.single_from_model_output(
         z_dm_loss=gaussian.eps_loss(apply_fn, state.params, z0, k_t, k_eps, sched),
