@@ -66,7 +66,8 @@ class Bench:
         spacing=spacing, batch_sharding=self.batch_sharding))
 
   def latents(self, name: str, steps: int, spacing: str, key: jax.Array) -> np.ndarray:
-    return np.asarray(self.sampler(name, steps, spacing)(self.dm_params, key), np.float64)
+    z = np.asarray(self.sampler(name, steps, spacing)(self.dm_params, key), np.float64)
+    return z / builders.latent_scale(self.model.config)
 
   def time_per_image(self, name: str, steps: int, spacing: str, key: jax.Array,
                      repeats: int) -> float:

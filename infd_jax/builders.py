@@ -60,6 +60,16 @@ def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   return schedules.linear_schedule(d.beta_start, d.beta_end, d.num_train_steps)
 
 
+def latent_scale(config: ml_collections.ConfigDict) -> float:
+  """The scale the UNet was trained at (it models latent_scale * z; sampled latents are divided
+  by it). Configs saved before the setting existed mean 1.0 (the official)."""
+  scale = config.diffusion.get("latent_scale", 1.0)
+  if not scale > 0:
+    raise UserError(f"config.diffusion.latent_scale={scale}: the stage-2 checkpoint records no "
+                    "scale; set the one it was trained with (1.0 unless it was changed)")
+  return float(scale)
+
+
 def sampler_args(config: ml_collections.ConfigDict) -> dict:
   """Keyword arguments of `samplers.sample` from `config.sample` and `config.diffusion`."""
   name, spacing, steps = (config.sample.sampler, config.sample.spacing,

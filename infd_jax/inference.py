@@ -223,10 +223,7 @@ def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params
   """The one call site of the latent sampler: key -> latents [*shape] with
   `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
   `diffusion.latent_scale` (the scale the UNet was trained at)."""
-  scale = config.diffusion.get("latent_scale", 1.0)  # configs saved before it existed: 1.0
-  if not scale > 0:
-    raise UserError(f"config.diffusion.latent_scale={scale}: the stage-2 checkpoint records no "
-                    "scale; set the one it was trained with (1.0 unless it was changed)")
+  scale = builders.latent_scale(config)
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
   z = samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape,
                       sched=builders.diffusion_schedule(config), **builders.sampler_args(config))

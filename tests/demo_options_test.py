@@ -179,3 +179,42 @@ def test_group_norm_with_8_groups_matches_numpy():
   ref = ((g - g.mean(axis=(1, 2, 4), keepdims=True))
          / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
   np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+class PullTo:
+  """A condition objective: w * squared distance of the predicted latent z0 to `target`."""
+
+  def __init__(self, target: np.ndarray, weight: float):
+    self.target, self.weight = jnp.asarray(target, jnp.float32), weight
+
+  def _sq(self, z):
+    return jnp.sum((z - self.target) ** 2, axis=(1, 2, 3))
+
+  def weighted(self, ae_params, clip_params, z0, targets):
+    del ae_params, clip_params, targets
+    sq = self._sq(z0)
+    return self.weight * jnp.sum(sq), sq[None]
+
+  def losses(self, ae_params, clip_params, z, targets):
+    del ae_params, clip_params, targets
+    return self._sq(z)[None]
+
+
+def test_guided_latents_condition_the_unscaled_latent():
+  """With latent_scale s the UNet samples s * z; conditions are stated on z: guidance
+  towards each training latent in turn ends at that latent, and the returned losses are
+  the float64 squared distances of the returned z."""
+  from infd_jax.guidance import task  # pylint: disable=g-import-not-at-top
+  scale = 1.0 / 0.3
+  module = ExactDenoiser(DATA * scale)
+  key = jax.random.PRNGKey(1)
+  shape = (1, *DATA.shape[1:])
+  ends = []
+  for k in range(len(DATA)):
+    z, losses = task.guided_latents(_config(scale), module, {"unused": jnp.zeros(1)}, None,
+                                    PullTo(DATA[k], 0.05), (None, None, None), key, shape)
+    z = np.asarray(z, np.float64)
+    ends.append(int(np.argmin(((z - DATA) ** 2).sum(axis=(1, 2, 3)))))
+    np.testing.assert_allclose(np.asarray(losses)[0], ((z - DATA[k]) ** 2).sum(axis=(1, 2, 3)),
+                               rtol=1e-4, atol=1e-6)
+  assert ends == list(range(len(DATA)))

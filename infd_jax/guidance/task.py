@@ -171,11 +171,16 @@ def from_config(config: ml_collections.ConfigDict, regions: Any = None,
 def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTree,
                    ae_params: PyTree, objective: cond_lib.Objective, inputs: tuple,
                    key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Guided DDIM latents [*shape] (before quantization) and their losses [conditions, B]."""
+  """Guided DDIM latents [*shape] (before quantization) and their losses [conditions, B].
+
+  The UNet works on latent_scale * z; the conditions see (and this returns) z itself.
+  """
   clip_params, targets, guide = inputs
-  z, _ = sampler.guided_ddim_sample(
+  scale = builders.latent_scale(config)
+  x, _ = sampler.guided_ddim_sample(
       lambda p, x, t: unet.apply({"params": p}, x, t), dm_params, key, shape,
       builders.diffusion_schedule(config),
-      lambda z0: objective.weighted(ae_params, clip_params, z0, targets),
+      lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
       num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta, guide=guide)
+  z = x / scale
   return z, objective.losses(ae_params, clip_params, z, targets)
