@@ -61,12 +61,14 @@ def diffusion_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 def latent_scale(config: ml_collections.ConfigDict) -> float:
-  """The scale the UNet was trained at (it models latent_scale * z; sampled latents are divided
-  by it). Configs saved before the setting existed mean 1.0 (the official)."""
+  """The scale the UNet trains and samples at (it models latent_scale * z; sampled latents are
+  divided by it). Configs saved before the setting existed mean 1.0 (the official). The config
+  value 0 (1 / std of the cached latents) must have been resolved by the dm stage before."""
   scale = config.diffusion.get("latent_scale", 1.0)
   if not scale > 0:
-    raise UserError(f"config.diffusion.latent_scale={scale}: the stage-2 checkpoint records no "
-                    "scale; set the one it was trained with (1.0 unless it was changed)")
+    raise UserError(f"config.diffusion.latent_scale={scale}: use a positive scale (0 is resolved "
+                    "only by a dm stage on cached latents; to sample, set the scale the stage-2 "
+                    "checkpoint was trained with, 1.0 unless it was changed)")
   return float(scale)
 
 

@@ -117,14 +117,11 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
 
 def make_step(config: ml_collections.ConfigDict):
   """The stage-2 training step `(state, batch, ae_params) -> (state, scalars)`."""
-  if not config.diffusion.latent_scale > 0:
-    raise builders.UserError(f"config.diffusion.latent_scale={config.diffusion.latent_scale}: "
-                             "use a positive scale (0 is resolved by the dm stage itself)")
   return functools.partial(
       dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
       tx=optim.dm_optimizer(config.optim, config.train.dm_steps),
       sched=builders.diffusion_schedule(config),
-      ema_decay=config.optim.dm_ema, latent_scale=config.diffusion.latent_scale,
+      ema_decay=config.optim.dm_ema, latent_scale=builders.latent_scale(config),
       skip_nonfinite=config.train.on_nonfinite == "skip")
 
 
