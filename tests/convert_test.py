@@ -319,7 +319,7 @@ def test_full_size_official_layout_maps_exactly():
   arch = mapping.find_architecture(shapes, {"name": "infd", "args": official_args()}, parts)
   assert arch == {
       "ae": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
-                 vq_beta=0.25, renderer_hidden=256),
+                 vq_beta=0.25, renderer_hidden=256, renderer_normalize=True),
       "disc": dict(ndf=64, n_layers=3),
       "dm": dict(model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(8, 4, 2), num_head_channels=32, in_channels=3,
@@ -327,6 +327,15 @@ def test_full_size_official_layout_maps_exactly():
   targets = {p: mapping.target_shapes(p, arch.get("dm" if p == "dm_ema" else p, {}))
              for p in parts}
   entries = mapping.plan(shapes, targets)  # Raises on any unmapped/unfilled/mismatched leaf.
+  # A renderer net built with the official `normalize=False` has no GroupNorm weights.
+  bare = {k: v for k, v in ae.items() if not (k.startswith("renderer.") and ".norm" in k)}
+  bare_ae = mapping.find_architecture(bare, {"name": "infd", "args": official_args()},
+                                      ["ae"])["ae"]
+  assert bare_ae == {**arch["ae"], "renderer_normalize": False}
+  leaves = jax.tree.leaves(mapping.target_shapes("ae", bare_ae)["params"],
+                           is_leaf=lambda x: isinstance(x, tuple))
+  assert sum(int(np.prod(s)) for s in leaves) == sum(
+      _n(bare, p) for p in ("encoder", "quantizer", "decoder", "renderer"))
   dropped = [k for k in shapes if k.endswith("num_batches_tracked") or "scaling_layer" in k]
   assert len(entries) == len(shapes) - len(dropped) == 1014 - 5
   flax_total = sum(int(np.prod(s)) for t in targets.values() for coll in t.values()
@@ -368,7 +377,7 @@ def test_cli_writes_every_part_and_found_config(converted):
   sd, trees, meta, src, tmp = converted
   assert sorted(trees) == ["ae", "disc", "dm", "dm_ema"]
   assert meta["ae"] == dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, num_codes=16,
-                            vq_beta=0.25, renderer_hidden=32)
+                            vq_beta=0.25, renderer_hidden=32, renderer_normalize=True)
   assert meta["dm"]["num_head_channels"] == _TINY_HEAD and meta["dm"]["channel_mult"] == (1, 2)
   assert meta["iter"] == 1234 and meta["model_args"]["n_embed"] == 16
   # Every torch value lands somewhere: totals agree part by part.

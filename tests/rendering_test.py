@@ -149,6 +149,25 @@ class TiledRenderTest(absltest.TestCase):
     with self.assertRaises(ValueError):
       self.renderer.render_image(self.params, self.phi, self.out_hw, (50, 0, 10, 5))
 
+  def test_without_groupnorm_tiles_equal_one_pass(self):
+    # normalize=False (the official switch) leaves a 13 x 13 receptive field and
+    # nothing grid-wide: with context >= its radius 6 the tiles add up to one
+    # pass; with less context the zero padding shows at the tile borders.
+    model = CLIFRenderer(feat_channels=_FEAT_C, hidden=32, normalize=False)
+    params = model.init(jax.random.key(1), self.phi, *coords.make_coord_cell_grid((4, 4), batch=2))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    self.assertTrue([p for p in paths if "['conv_out']['kernel']" in p])
+    self.assertEqual([p for p in paths if "norm" in p], [])
+    c, ce = coords.make_coord_cell_grid(self.out_hw, batch=2)
+    whole = np.asarray(jax.jit(model.apply)(params, self.phi, c, ce))
+    for pad, same in ((6, True), (5, False)):
+      tiled = tiling.TiledRenderer(tiling.module_render_fn(model), _TILE, pad, 2).render_image(
+          params, self.phi, self.out_hw)
+      if same:
+        np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
+      else:
+        self.assertGreater(np.max(np.abs(tiled - whole)), 1e-4)
+
   def test_window_grid_is_global_crop(self):
     # A pointwise render_fn has no dependence on the grid extent, so a
     # single-call window must equal the crop of the single-call full render.

@@ -54,7 +54,8 @@ def base() -> ml_collections.ConfigDict:
       ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
       vq_beta=0.25, renderer_hidden=256,
       codebook_init=0.0,   # 0: official U(-1/N, 1/N) codes; the demo starts them wider
-      norm_groups=32))     # GroupNorm groups (32: official; the demo's narrow nets use fewer)
+      norm_groups=32,      # GroupNorm groups (32: official; the demo's narrow nets use fewer)
+      renderer_normalize=True))  # the renderer's GroupNorms (official); the demo drops them
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,

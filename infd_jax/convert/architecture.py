@@ -70,7 +70,8 @@ def infer_ae(shapes: Mapping[str, tuple[int, ...]], args: Mapping[str, Any]) -> 
       z_channels=_need(shapes, "encoder.1.weight")[0],
       num_codes=_need(shapes, "quantizer.embedding.weight")[0],
       vq_beta=float(args.get("vq_beta", 0.25)),
-      renderer_hidden=_need(shapes, "renderer.net.model.0.weight")[0])
+      renderer_hidden=_need(shapes, "renderer.net.model.0.weight")[0],
+      renderer_normalize="renderer.net.norm_out.weight" in shapes)  # the net's `normalize`
   checks = {  # official arg -> the value the weights imply
       ("n_embed",): kwargs["num_codes"],
       ("renderer", "args", "z_dec_channels"): ch * mult[0],

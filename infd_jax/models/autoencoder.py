@@ -128,6 +128,7 @@ class INFDAutoencoder(nn.Module):
   renderer_hidden: int = 256
   codebook_init: float = 0.0  # 0: the official U(-1/N, 1/N); see VectorQuantizer
   norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
+  renderer_normalize: bool = True  # False: no GroupNorm in the renderer (tile-independent)
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -139,7 +140,8 @@ class INFDAutoencoder(nn.Module):
     self.decoder = Decoder(**arch)
     self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
                                  hidden=self.renderer_hidden, dtype=self.dtype,
-                                 norm_groups=self.norm_groups)
+                                 norm_groups=self.norm_groups,
+                                 normalize=self.renderer_normalize)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""

@@ -27,21 +27,24 @@ def swish(x: jax.Array) -> jax.Array:
 class ResnetBlock(nn.Module):
   """Pre-activation residual block: GN, swish, conv3x3, GN, swish, conv3x3.
 
-  A 1x1 `nin_shortcut` projects the skip path when channels change.
+  A 1x1 `nin_shortcut` projects the skip path when channels change. With
+  `normalize=False` both GroupNorms are identities (the official switch).
   """
   features: int
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
+  normalize: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C_in] -> [B, H, W, features]."""
     c_in = x.shape[-1]
-    h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
-                                name="norm1")(x))
+    norm = lambda name: (layers.group_norm(GN_EPS, num_groups=self.norm_groups,
+                                           dtype=self.dtype, name=name)
+                         if self.normalize else lambda v: v.astype(self.dtype))
+    h = swish(norm("norm1")(x))
     h = layers.conv(self.features, 3, in_features=c_in, dtype=self.dtype, name="conv1")(h)
-    h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
-                                name="norm2")(h))
+    h = swish(norm("norm2")(h))
     # Dropout is p=0 everywhere in INFD, so it is left out.
     h = layers.conv(self.features, 3, in_features=self.features, dtype=self.dtype,
                     name="conv2")(h)

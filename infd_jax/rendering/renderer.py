@@ -34,6 +34,9 @@ class CLIFRenderer(nn.Module):
     feat_channels: channels C of phi (the decoder's ch * ch_mult[0] = 128).
     hidden: width of the net (256).
     num_blocks: ResnetBlocks after the input conv (2).
+    normalize: the official net's `normalize` switch. False drops every
+      GroupNorm, so a pixel depends only on its 13 x 13 neighbourhood and tiled
+      rendering equals one pass over the whole grid (no seams at any tile size).
   """
   feat_channels: int = 128
   hidden: int = 256
@@ -41,14 +44,16 @@ class CLIFRenderer(nn.Module):
   num_blocks: int = 2
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
+  normalize: bool = True
 
   def setup(self):
     self.model_0 = layers.conv(self.hidden, 3, in_features=self.feat_channels + 4,
                                dtype=self.dtype)
     self.blocks = [ResnetBlock(self.hidden, dtype=self.dtype, norm_groups=self.norm_groups,
-                               name=f"model_{i}")
+                               normalize=self.normalize, name=f"model_{i}")
                    for i in range(1, self.num_blocks + 1)]
-    self.norm_out = layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype)
+    self.norm_out = (layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype)
+                     if self.normalize else lambda v: v)
     self.conv_out = layers.conv(self.out_channels, 3, in_features=self.hidden, dtype=self.dtype)
 
   def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
