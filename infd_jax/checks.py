@@ -36,7 +36,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     f"choose one of {', '.join(DTYPES)}")
   _positive(config, "data.inp_res", "data.patch", "data.gt_res_min", "data.gt_res_max",
             "train.ae_batch_size", "train.dm_batch_size", "train.log_every", "train.ckpt_every",
-            "ae.ch", "ae.num_codes")
+            "ae.ch")
+  if not isinstance(config.ae.num_codes, int) or config.ae.num_codes < 0:
+    raise UserError(f"config.ae.num_codes={config.ae.num_codes!r}: must be a codebook size, "
+                    "or 0 for no quantizer")
   d = config.data
   factor = 2 ** (len(config.ae.ch_mult) - 1)
   if d.inp_res % factor:
@@ -46,10 +49,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not d.patch <= d.gt_res_min <= d.gt_res_max:
     raise UserError(f"config.data: need patch <= gt_res_min <= gt_res_max, got patch={d.patch}, "
                     f"gt_res_min={d.gt_res_min}, gt_res_max={d.gt_res_max}")
-  for key, width in (("ae.ch", config.ae.ch), ("ae.renderer_hidden", config.ae.renderer_hidden),
-                     ("dm.model_channels", config.dm.model_channels)):
-    if width % 32:
-      raise UserError(f"config.{key}={width}: must be a multiple of 32 (GroupNorm has 32 groups)")
+  for key, width, groups in (
+      ("ae.ch", config.ae.ch, config.ae.norm_groups),
+      ("ae.renderer_hidden", config.ae.renderer_hidden, config.ae.norm_groups),
+      ("dm.model_channels", config.dm.model_channels, config.dm.norm_groups)):
+    if width % groups:
+      raise UserError(f"config.{key}={width}: must be a multiple of {groups} (GroupNorm has "
+                      f"{groups} groups, config.{key.split('.')[0]}.norm_groups)")
 
 
 def parse_size(size: Any, name: str = "size") -> tuple[int, int]:

@@ -195,3 +195,30 @@ def test_zero_gan_and_lpips_weights_skip_their_work_with_the_same_update(config,
   _assert_trees_close(state.disc_params, b.disc_params, rtol=0, atol=0)
   np.testing.assert_allclose(float(ma["l1_loss"]), float(mb["l1_loss"]), rtol=1e-6)
   assert float(mb["perc_loss"]) == 0.0 and float(mb["disc_loss"]) == 0.0
+
+
+def test_without_quantizer_the_step_trains_the_continuous_latent(config, ae_batch):
+  """ae.num_codes=0 (the official quantizer=False): no codebook parameters, z goes to the
+  decoder unchanged, and one SGD step is exactly a gradient step on the L1 loss of
+  encode -> decode -> render."""
+  from infd_jax.models.lpips import load_lpips_params
+  c = config.copy_and_resolve_references()
+  c.ae.num_codes = 0
+  c.loss.update(gan_g=0.0, perc=0.0)
+  ae = builders.autoencoder(c)
+  init = _with_sgd(ae_task.init_fn(c), ("gen_opt", "gen_params"), ("disc_opt", "disc_params"))
+  state = jax.tree.map(lambda x: getattr(x, "value", x), init(jax.random.PRNGKey(0)),
+                       is_leaf=lambda x: hasattr(x, "value"))
+  assert "quantizer" not in state.gen_params and "encoder" in state.gen_params
+  new, m = jax.jit(_ae_step(c, SGD))(state, ae_batch, load_lpips_params())
+  assert float(m["quant_loss"]) == 0.0 and float(m["codebook_usage"]) == 1.0
+
+  def l1(p):
+    phi = ae.apply({"params": p}, ae.apply({"params": p}, ae_batch["inp"], method="encode"),
+                   method="decode")
+    pred = ae.apply({"params": p}, phi, ae_batch["coord"], ae_batch["cell"], method="render")
+    return jnp.mean(jnp.abs(pred - ae_batch["gt"]))
+
+  grads = jax.jit(jax.grad(l1))(state.gen_params)
+  want = jax.tree.map(lambda p, g: p - 1e-2 * g, state.gen_params, grads)
+  _assert_trees_close(new.gen_params, want, rtol=1e-4, atol=1e-6)

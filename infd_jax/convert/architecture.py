@@ -68,7 +68,7 @@ def infer_ae(shapes: Mapping[str, tuple[int, ...]], args: Mapping[str, Any]) -> 
   kwargs = dict(
       ch=ch, ch_mult=mult, num_res_blocks=len(blocks),
       z_channels=_need(shapes, "encoder.1.weight")[0],
-      num_codes=_need(shapes, "quantizer.embedding.weight")[0],
+      num_codes=shapes.get("quantizer.embedding.weight", (0,))[0],  # 0: quantizer=False
       vq_beta=float(args.get("vq_beta", 0.25)),
       renderer_hidden=_need(shapes, "renderer.net.model.0.weight")[0],
       renderer_normalize="renderer.net.norm_out.weight" in shapes)  # the net's `normalize`

@@ -123,7 +123,7 @@ class INFDAutoencoder(nn.Module):
   ch_mult: Sequence[int] = (1, 2, 4)
   num_res_blocks: int = 2
   z_channels: int = 3
-  num_codes: int = 8192
+  num_codes: int = 8192  # 0: no quantizer (the official quantizer=False); z goes straight on
   vq_beta: float = 0.25
   renderer_hidden: int = 256
   codebook_init: float = 0.0  # 0: the official U(-1/N, 1/N); see VectorQuantizer
@@ -135,8 +135,8 @@ class INFDAutoencoder(nn.Module):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups)
     self.encoder = Encoder(**arch)
-    self.quantizer = VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
-                                     self.codebook_init)
+    self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
+                                      self.codebook_init) if self.num_codes else None)
     self.decoder = Decoder(**arch)
     self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
                                  hidden=self.renderer_hidden, dtype=self.dtype,
@@ -148,7 +148,11 @@ class INFDAutoencoder(nn.Module):
     return self.encoder(x)
 
   def quantize(self, z: jax.Array) -> VQOutput:
-    """Nearest codes with straight-through gradient and the legacy VQ loss."""
+    """Nearest codes with straight-through gradient and the legacy VQ loss; without a
+    quantizer, z itself (float32) with loss 0 and every index 0."""
+    if self.quantizer is None:
+      return VQOutput(z_q=z.astype(jnp.float32), loss=jnp.zeros((), jnp.float32),
+                      indices=jnp.zeros(z.shape[:-1], jnp.int32))
     return self.quantizer(z)
 
   def decode(self, z_q: jax.Array) -> jax.Array:

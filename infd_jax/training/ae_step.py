@@ -165,7 +165,8 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
 
 
 def _scalars(state: AEState, indices, pred, gt, **values) -> dict[str, jax.Array]:
-  num_codes = _get(state.gen_params, ("quantizer", "embedding")).shape[0]
+  quantizer = state.gen_params.get("quantizer")  # absent with num_codes 0: usage reads 1 code
+  num_codes = quantizer["embedding"].shape[0] if quantizer else 1
   usage = metrics_lib.codebook_usage(indices, num_codes)
   return values | dict(psnr=jnp.mean(metrics_lib.psnr(pred, gt)),
                        codebook_perplexity=usage["perplexity"],

@@ -107,7 +107,7 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     logits = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, pred,
                         train=False)
     gan_g = -per_example(logits.astype(jnp.float32))
-    usage = metrics_lib.codebook_usage(out.indices, config.ae.num_codes, mask)
+    usage = metrics_lib.codebook_usage(out.indices, max(config.ae.num_codes, 1), mask)
     return metrics_lib.AEEvalMetrics.single_from_model_output(
         loss=weights.quant * quant + weights.l1 * l1 + weights.perc * perc
         + weights.gan_g * gan_g, quant_loss=quant, l1_loss=l1, perc_loss=perc,
