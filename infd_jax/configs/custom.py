@@ -36,6 +36,8 @@ def get_config(arg: str | None = None):
     c.train.ae_steps = 1_200_000
     return c
   c.data.update(resize=512, num_workers=2)
+  c.ae.update(num_codes=2048, codebook_init=1.0)  # keeps the VQ the demo's short run drops
+  c.loss.quant = 0.25
   c.train.update(ae_steps=20_000, dm_steps=50_000, ae_batch_size=8, dm_batch_size=32,
                  log_every=100, ckpt_every=2_000, vis_every=2_000)
   c.sample.update(num_samples=16, batch_size=16, sizes=(256, 1024))
