@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   c.diffusion.latent_scale = 1.0
   c.contact_sheet = False
   c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32,
-              codebook_init=0.0, norm_groups=32)
+              codebook_init=0.0, norm_groups=32, renderer_normalize=True)
   c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
               num_head_channels=8, norm_groups=32)
   c.diffusion.sample_steps = 4
