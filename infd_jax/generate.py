@@ -25,15 +25,10 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from infd_jax import builders, inference
+from infd_jax import builders, checks, inference
 from infd_jax.rendering import stream
 
 to_uint8 = stream.to_uint8
-
-
-def parse_size(size: int | str) -> tuple[int, int]:
-  """256 -> (256, 256); "480x640" -> (480, 640); others: one-line UserError."""
-  return inference.parse_size(size, name="config.sample.sizes")
 
 
 def check_settings(config: ml_collections.ConfigDict
@@ -47,7 +42,7 @@ def check_settings(config: ml_collections.ConfigDict
                              "e.g. '(256, 1024, \"720x1280\")'")
   plan = []
   for s in sc.sizes:
-    size = parse_size(s)
+    size = checks.parse_size(s, name="config.sample.sizes")
     window = inference.parse_window(tuple(sc.window), size, name="config.sample.window")
     if _streamed(config, size, window) and sc.tile % 16:
       raise builders.UserError(f"config.sample.tile={sc.tile}: a streamed BigTIFF needs a "

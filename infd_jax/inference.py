@@ -25,8 +25,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from infd_jax import builders, checkpointing, sharding
-from infd_jax.checks import parse_size
+from infd_jax import builders, checkpointing, checks, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import tiling
@@ -368,7 +367,7 @@ class Model:
     window=(top, left, height, width) renders only that crop of the H x W image
     (equal to the same crop of the full render).
     """
-    size = parse_size(size)
+    size = checks.parse_size(size)
     window = parse_window(window, size)
     phi = self.decode_global(z)
     if len(z) < self.mesh.size:  # fewer images than devices: spread each call's tiles instead

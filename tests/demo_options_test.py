@@ -112,6 +112,7 @@ def test_cosine_decay_reaches_zero_and_constant_is_the_default():
         moves.append(-float(u[0]))
       np.testing.assert_allclose(moves, rates, rtol=1e-5, atol=1e-9)
 
+
 def test_inp_crop_trains_on_random_windows_of_the_photo():
   """Pixels that encode their own (row, col) reveal the window; inp is that window resized."""
   s, p = 200, 32

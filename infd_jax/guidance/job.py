@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from infd_jax import inference
+from infd_jax import checks, inference
 from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import stream
 
@@ -36,7 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   cc = config.condition
   inference.check_count(cc.num_samples, "config.condition.num_samples")
   inference.check_count(cc.batch_size, "config.condition.batch_size")
-  sizes = [inference.parse_size(s, "config.condition.sizes") for s in cc.sizes]
+  sizes = [checks.parse_size(s, "config.condition.sizes") for s in cc.sizes]
   task = task_lib.from_config(config)  # every region file is read before any model work
   model = inference.load_model(config, workdir, mesh)
   out_dir = epath.Path(cc.out_dir or epath.Path(workdir) / "condition")

@@ -8,6 +8,7 @@ All GroupNorms are GN(32, eps 1e-6) (`norm_groups`: 32 is the official; the demo
 fewer); all convs carry a bias.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,13 @@ GN_EPS = 1e-6
 
 def swish(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(x)
+
+
+def group_norm_or_identity(normalize: bool, groups: int, dtype: Dtype, name: str | None = None):
+  """GN(groups, eps 1e-6), or with normalize=False (the official switch) a cast to dtype."""
+  if normalize:
+    return layers.group_norm(GN_EPS, num_groups=groups, dtype=dtype, name=name)
+  return lambda x: x.astype(dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -39,12 +47,11 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C_in] -> [B, H, W, features]."""
     c_in = x.shape[-1]
-    norm = lambda name: (layers.group_norm(GN_EPS, num_groups=self.norm_groups,
-                                           dtype=self.dtype, name=name)
-                         if self.normalize else lambda v: v.astype(self.dtype))
-    h = swish(norm("norm1")(x))
+    norm = functools.partial(group_norm_or_identity, self.normalize, self.norm_groups,
+                             self.dtype)
+    h = swish(norm(name="norm1")(x))
     h = layers.conv(self.features, 3, in_features=c_in, dtype=self.dtype, name="conv1")(h)
-    h = swish(norm("norm2")(h))
+    h = swish(norm(name="norm2")(h))
     # Dropout is p=0 everywhere in INFD, so it is left out.
     h = layers.conv(self.features, 3, in_features=self.features, dtype=self.dtype,
                     name="conv2")(h)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from infd_jax.models import layers
-from infd_jax.models.blocks import GN_EPS, ResnetBlock, swish
+from infd_jax.models.blocks import ResnetBlock, group_norm_or_identity, swish
 from infd_jax.rendering import coords
 
 Dtype = Any
@@ -52,8 +52,7 @@ class CLIFRenderer(nn.Module):
     self.blocks = [ResnetBlock(self.hidden, dtype=self.dtype, norm_groups=self.norm_groups,
                                normalize=self.normalize, name=f"model_{i}")
                    for i in range(1, self.num_blocks + 1)]
-    self.norm_out = (layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype)
-                     if self.normalize else lambda v: v)
+    self.norm_out = group_norm_or_identity(self.normalize, self.norm_groups, self.dtype)
     self.conv_out = layers.conv(self.out_channels, 3, in_features=self.hidden, dtype=self.dtype)
 
   def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
