@@ -56,7 +56,7 @@ def _lpips_params(config, init: str):
   if init == "shipped":
     return load_lpips_params()
   x = np.zeros((1, 64, 64, 3), np.float32)
-  return builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False)
+  return nn.unbox(builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False))
 
 
 def _train_step(config, what: str, batch: int, lpips_init: str):

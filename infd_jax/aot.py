@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -102,7 +103,8 @@ def train_program(config, stage: str, batch: int, mesh) -> tuple[Program, Callab
     step = ae_task.make_step(config)
     init_fn = ae_task.init_fn(config)
     x = np.zeros((1, 64, 64, 3), np.float32)
-    lp = jax.eval_shape(lambda: builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False))
+    lp = jax.eval_shape(lambda: nn.unbox(  # as load_lpips_params gives them: plain arrays
+        builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False)))
     consts = (_abstract(lp, jax.tree.map(lambda _: sharding.replicated(mesh), lp)),)
   else:
     step = dm_task.make_step(config)
