@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 
 from infd_jax import builders, checkpointing, checks, sharding
+from infd_jax.configs import common
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import tiling
@@ -36,7 +37,7 @@ UserError = builders.UserError
 # Config keys that fix a trained stage's parameter shapes or meaning, per stage.
 ARCHITECTURE = {
     "ae": {"ae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "num_codes",
-                  "renderer_hidden", "norm_groups", "renderer_normalize")},
+                  "renderer_hidden", "norm_groups", "renderer_normalize", "mid_attention")},
     "dm": {"dm": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                   "num_head_channels", "norm_groups"),
            "diffusion": ("num_train_steps", "beta_start", "beta_end", "latent_scale"),
@@ -72,7 +73,8 @@ def saved_architecture(source: epath.Path, stage: str) -> dict[str, dict[str, An
   """{family: {key: value}} of a stage's architecture as saved with its checkpoint.
 
   None when `source` holds no checkpoint of that stage. Converted official
-  checkpoints carry only the module widths (their meta), not data or schedule.
+  checkpoints carry only the module widths (their meta), not data or schedule. A
+  key missing from a saved family predates that option: it is the official default.
   """
   folder = _orbax_dir(source, stage)
   if folder is not None:
@@ -82,7 +84,8 @@ def saved_architecture(source: epath.Path, stage: str) -> dict[str, dict[str, An
     saved = mapping.load_meta(source)
   else:
     return None
-  return {family: {k: _tupled(saved[family][k]) for k in keys if k in saved.get(family, {})}
+  official = common.base()
+  return {family: {k: _tupled(saved[family].get(k, official[family][k])) for k in keys}
           for family, keys in ARCHITECTURE[stage].items() if family in saved}
 
 

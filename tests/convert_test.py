@@ -319,7 +319,8 @@ def test_full_size_official_layout_maps_exactly():
   arch = mapping.find_architecture(shapes, {"name": "infd", "args": official_args()}, parts)
   assert arch == {
       "ae": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, num_codes=8192,
-                 vq_beta=0.25, renderer_hidden=256, renderer_normalize=True),
+                 vq_beta=0.25, renderer_hidden=256, renderer_normalize=True,
+                 mid_attention=True),
       "disc": dict(ndf=64, n_layers=3),
       "dm": dict(model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(8, 4, 2), num_head_channels=32, in_channels=3,
@@ -377,7 +378,8 @@ def test_cli_writes_every_part_and_found_config(converted):
   sd, trees, meta, src, tmp = converted
   assert sorted(trees) == ["ae", "disc", "dm", "dm_ema"]
   assert meta["ae"] == dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, num_codes=16,
-                            vq_beta=0.25, renderer_hidden=32, renderer_normalize=True)
+                            vq_beta=0.25, renderer_hidden=32, renderer_normalize=True,
+                            mid_attention=True)
   assert meta["dm"]["num_head_channels"] == _TINY_HEAD and meta["dm"]["channel_mult"] == (1, 2)
   assert meta["iter"] == 1234 and meta["model_args"]["n_embed"] == 16
   # Every torch value lands somewhere: totals agree part by part.

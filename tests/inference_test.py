@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,8 +17,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from infd_jax.configs import tiny
-from infd_jax import jobs, sharding
+from infd_jax.configs import demo, tiny
+from infd_jax import inference, jobs, sharding
 from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling
 
@@ -180,3 +181,17 @@ def test_import_infd_jax_is_light():
                         "('jax', 'flax', 'orbax', 'tensorflow') if m in sys.modules))"],
                        cwd=ROOT, env=_env(1), capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_older_than_an_option_reads_as_the_official_default(tiny_trained, tmp_path):
+  # A checkpoint saved before `ae.mid_attention` existed has no such key; its networks
+  # were built with the official attention, whatever the current config says.
+  shutil.copytree(tiny_trained / "checkpoints_ae", tmp_path / "checkpoints_ae")
+  for saved in (tmp_path / "checkpoints_ae").glob("*/config/metadata"):
+    config = json.loads(saved.read_text())
+    del config["ae"]["mid_attention"]
+    saved.write_text(json.dumps(config))
+  c = demo.get_config("stage=sample")
+  assert not c.ae.mid_attention
+  assert inference.saved_architecture(tmp_path, "ae")["ae"]["mid_attention"] is True
+  assert inference.adopt_architecture(c, tmp_path).ae.mid_attention is True

@@ -55,7 +55,8 @@ def base() -> ml_collections.ConfigDict:
       vq_beta=0.25, renderer_hidden=256,
       codebook_init=0.0,   # 0: official U(-1/N, 1/N) codes; the demo starts them wider
       norm_groups=32,      # GroupNorm groups (32: official; the demo's narrow nets use fewer)
-      renderer_normalize=True))  # the renderer's GroupNorms (official); the demo drops them
+      renderer_normalize=True,  # the renderer's GroupNorms (official); the demo drops them
+      mid_attention=True))  # self-attention in the encoder's and decoder's mid stage (official)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,

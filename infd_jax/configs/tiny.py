@@ -15,8 +15,8 @@ def get_config(arg: str | None = None):
   c.diffusion.latent_scale = 1.0
   c.contact_sheet = False
   c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32,
-              codebook_init=0.0, norm_groups=32, renderer_normalize=True)
-  c.dm.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
+              codebook_init=0.0, norm_groups=32, renderer_normalize=True, mid_attention=True)
+  c.dm.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(2,),
               num_head_channels=8, norm_groups=32)
   c.diffusion.sample_steps = 4
   c.train.update(ae_batch_size=8, ae_steps=3, dm_batch_size=8, dm_steps=3,

@@ -71,7 +71,8 @@ def infer_ae(shapes: Mapping[str, tuple[int, ...]], args: Mapping[str, Any]) -> 
       num_codes=shapes.get("quantizer.embedding.weight", (0,))[0],  # 0: quantizer=False
       vq_beta=float(args.get("vq_beta", 0.25)),
       renderer_hidden=_need(shapes, "renderer.net.model.0.weight")[0],
-      renderer_normalize="renderer.net.norm_out.weight" in shapes)  # the net's `normalize`
+      renderer_normalize="renderer.net.norm_out.weight" in shapes,  # the net's `normalize`
+      mid_attention="encoder.0.mid.attn_1.q.weight" in shapes)  # attn_type "none": no attn_1
   checks = {  # official arg -> the value the weights imply
       ("n_embed",): kwargs["num_codes"],
       ("renderer", "args", "z_dec_channels"): ch * mult[0],

@@ -43,6 +43,7 @@ class Encoder(nn.Module):
   z_channels: int = 3
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
+  mid_attention: bool = True  # False: the official attn_type="none" (no self-attention)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,7 +54,7 @@ class Encoder(nn.Module):
                         name=f"down_{level}_block_{i}")(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(dtype=self.dtype, name=f"down_{level}_downsample")(h)
-    h = _middle(h, self.dtype, self.norm_groups)
+    h = _middle(h, self.dtype, self.norm_groups, self.mid_attention)
     h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
                                 name="norm_out")(h))
     # The two output convs are tiny; float32 keeps z (the VQ argmin input and the
@@ -76,6 +77,7 @@ class Decoder(nn.Module):
   z_channels: int = 3
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
+  mid_attention: bool = True  # False: the official attn_type="none" (no self-attention)
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -83,7 +85,7 @@ class Decoder(nn.Module):
                     name="post_quant_conv")(z)
     h = layers.conv(self.ch * self.ch_mult[-1], 3, in_features=self.z_channels,
                     dtype=self.dtype, name="conv_in")(h)
-    h = _middle(h, self.dtype, self.norm_groups)
+    h = _middle(h, self.dtype, self.norm_groups, self.mid_attention)
     # `up` is indexed by level; the lowest resolution (last level) runs first.
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
@@ -94,11 +96,13 @@ class Decoder(nn.Module):
     return h
 
 
-def _middle(h: jax.Array, dtype: Dtype, groups: int) -> jax.Array:
-  """The `mid` stage shared by encoder and decoder: ResnetBlock, AttnBlock, ResnetBlock."""
+def _middle(h: jax.Array, dtype: Dtype, groups: int, attention: bool) -> jax.Array:
+  """The `mid` stage shared by encoder and decoder: ResnetBlock, AttnBlock (unless
+  `attention` is off), ResnetBlock."""
   c = h.shape[-1]
   h = ResnetBlock(c, dtype=dtype, norm_groups=groups, name="mid_block_1")(h)
-  h = AttnBlock(dtype=dtype, norm_groups=groups, name="mid_attn_1")(h)
+  if attention:
+    h = AttnBlock(dtype=dtype, norm_groups=groups, name="mid_attn_1")(h)
   return ResnetBlock(c, dtype=dtype, norm_groups=groups, name="mid_block_2")(h)
 
 
@@ -129,11 +133,13 @@ class INFDAutoencoder(nn.Module):
   codebook_init: float = 0.0  # 0: the official U(-1/N, 1/N); see VectorQuantizer
   norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
   renderer_normalize: bool = True  # False: no GroupNorm in the renderer (tile-independent)
+  mid_attention: bool = True  # False: no self-attention in encoder and decoder (attn_type="none")
   dtype: Dtype = jnp.float32
 
   def setup(self):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups)
+                z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups,
+                mid_attention=self.mid_attention)
     self.encoder = Encoder(**arch)
     self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
                                       self.codebook_init) if self.num_codes else None)
