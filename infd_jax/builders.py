@@ -72,6 +72,17 @@ def latent_scale(config: ml_collections.ConfigDict) -> float:
   return float(scale)
 
 
+def eps_model(config: ml_collections.ConfigDict, unet: UNet) -> samplers.ApplyFn:
+  """(params, x_t, t) -> eps of the UNet, as every sampler calls it; with
+  `diffusion.x0_rms_max` > 0 (demo-only) its implied x0 is bounded in RMS
+  (`samplers.limit_x0_rms`)."""
+  apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
+  max_rms = config.diffusion.get("x0_rms_max", 0.0)
+  if max_rms < 0:
+    raise UserError(f"config.diffusion.x0_rms_max={max_rms}: use 0 (off) or a positive RMS")
+  return samplers.limit_x0_rms(apply_fn, diffusion_schedule(config), max_rms) if max_rms else apply_fn
+
+
 def sampler_args(config: ml_collections.ConfigDict) -> dict:
   """Keyword arguments of `samplers.sample` from `config.sample` and `config.diffusion`."""
   name, spacing, steps = (config.sample.sampler, config.sample.spacing,

@@ -226,9 +226,9 @@ def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params
   `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
   `diffusion.latent_scale` (the scale the UNet was trained at)."""
   scale = builders.latent_scale(config)
-  apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
-  z = samplers.sample(apply_fn=apply_fn, params=dm_params, key=key, shape=shape,
-                      sched=builders.diffusion_schedule(config), **builders.sampler_args(config))
+  z = samplers.sample(apply_fn=builders.eps_model(config, unet), params=dm_params, key=key,
+                      shape=shape, sched=builders.diffusion_schedule(config),
+                      **builders.sampler_args(config))
   return z if scale == 1.0 else z / scale
 
 

@@ -64,3 +64,14 @@ def test_unet_attention_impl_is_checked_against_backend_and_dtype():
   c.dm.attention_impl = "flash"
   with pytest.raises(builders.UserError, match="attention_impl='flash'"):
     builders.unet(c)
+
+
+def test_x0_bound_is_the_demo_s_alone_and_a_negative_one_is_refused():
+  from infd_jax import builders  # pylint: disable=g-import-not-at-top
+  assert [m.get_config().diffusion.x0_rms_max for m in (ffhq, custom, tiny)] == [0.0] * 3
+  assert custom.get_config("size=small").diffusion.x0_rms_max == 0.0
+  assert demo.get_config().diffusion.x0_rms_max > 0
+  c = tiny.get_config()
+  c.diffusion.x0_rms_max = -1.0
+  with pytest.raises(builders.UserError, match=r"config.diffusion.x0_rms_max=-1.0"):
+    builders.eps_model(c, builders.unet(c))

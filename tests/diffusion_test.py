@@ -178,5 +178,34 @@ class DDIMTest(absltest.TestCase):
     self.assertTrue(np.all(np.isfinite(a)))
 
 
+  def test_limit_x0_rms_shrinks_only_the_large_x0(self):
+    sched = schedules.linear_schedule()
+    betas = np.linspace(0.0015, 0.0195, 1000)  # float64, independent of the schedule code
+    ab = np.cumprod(1.0 - betas)
+    t = np.array([10, 500, 990])
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, 4, 4, 3)), np.float64)
+    eps = 0.1 * x + t[:, None, None, None] / 1000.0  # _fake_eps with params 0.1
+    a, s = np.sqrt(ab[t])[:, None, None, None], np.sqrt(1 - ab[t])[:, None, None, None]
+    x0 = (x - s * eps) / a
+    rms = np.sqrt(np.mean(x0 ** 2, axis=(1, 2, 3)))
+    limit = float(np.median(rms))  # one example below, one at, one above the bound
+    want_x0 = x0 * np.minimum(1.0, limit / rms)[:, None, None, None]
+    want = (x - a * want_x0) / s
+    limited = samplers.limit_x0_rms(_fake_eps, sched, limit)
+    got = np.asarray(limited(jnp.float32(0.1), jnp.asarray(x, jnp.float32), jnp.asarray(t)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    self.assertEqual(int((rms > limit * 1.001).sum()), 1)
+    np.testing.assert_allclose(got[rms <= limit], eps[rms <= limit], rtol=1e-4, atol=1e-4)
+    # DDIM's last step returns its x0, so every sample ends within the bound.
+    key, shape = jax.random.key(4), (4, 4, 4, 3)
+    free = samplers.ddim_sample(_fake_eps, jnp.float32(0.1), key, shape, sched, num_steps=5)
+    free_rms = np.sqrt(np.mean(np.square(np.asarray(free)), axis=(1, 2, 3)))
+    bound = 0.5 * float(free_rms.min())
+    bounded = samplers.ddim_sample(samplers.limit_x0_rms(_fake_eps, sched, bound),
+                                   jnp.float32(0.1), key, shape, sched, num_steps=5)
+    bounded_rms = np.sqrt(np.mean(np.square(np.asarray(bounded)), axis=(1, 2, 3)))
+    np.testing.assert_array_less(bounded_rms, bound * (1 + 1e-4))
+
+
 if __name__ == "__main__":
   absltest.main()

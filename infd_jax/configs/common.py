@@ -74,7 +74,8 @@ def base() -> ml_collections.ConfigDict:
   # and saved with its checkpoint (later stages read it from there).
   c.diffusion = ml_collections.ConfigDict(dict(
       num_train_steps=1000, beta_start=0.0015, beta_end=0.0195,
-      sample_steps=200, eta=1.0, latent_scale=1.0))
+      sample_steps=200, eta=1.0, latent_scale=1.0,
+      x0_rms_max=0.0))  # > 0: demo-only bound on the RMS of each step's x0 (0: official)
 
   c.optim = ml_collections.ConfigDict(dict(
       ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,

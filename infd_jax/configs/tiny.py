@@ -12,7 +12,7 @@ def get_config(arg: str | None = None):
   c.optim.update(ae_lr=2e-4, ae_b1=0.5, ae_b2=0.9, dm_lr=3e-4, cosine_decay=False)
   # The demo's quality options stay off: the tests run the official code paths.
   c.data.update(p_whole=0.0, inp_crop=0.0)
-  c.diffusion.latent_scale = 1.0
+  c.diffusion.update(latent_scale=1.0, x0_rms_max=0.0)
   c.contact_sheet = False
   c.ae.update(ch=32, ch_mult=(1, 1), num_res_blocks=1, num_codes=32, renderer_hidden=32,
               codebook_init=0.0, norm_groups=32, renderer_normalize=True, mid_attention=True)

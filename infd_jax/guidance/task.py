@@ -178,7 +178,7 @@ def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTr
   clip_params, targets, guide = inputs
   scale = builders.latent_scale(config)
   x, _ = sampler.guided_ddim_sample(
-      lambda p, x, t: unet.apply({"params": p}, x, t), dm_params, key, shape,
+      builders.eps_model(config, unet), dm_params, key, shape,
       builders.diffusion_schedule(config),
       lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
       num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta, guide=guide)
