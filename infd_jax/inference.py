@@ -467,11 +467,6 @@ def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(convert(saved))
 
 
-def _default_config() -> ml_collections.ConfigDict:
-  from infd_jax.configs import common  # pylint: disable=g-import-not-at-top
-  return common.base()
-
-
 def load(path: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, **overrides: Any
          ) -> Model:
   """`infd_jax.load`: a Model from a workdir or a converted official checkpoint.
@@ -495,7 +490,7 @@ def load(path: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, **ov
   if config is None:
     if not _is_converted(path):
       raise UserError(f"{path} is neither a workdir with checkpoints nor a converted checkpoint")
-    config = _default_config()
+    config = common.base()
   config.stage = "sample"
   config.ckpt.update(ae_checkpoint=str(path), dm_checkpoint=str(path))
   for section, values in overrides.items():
