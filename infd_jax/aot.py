@@ -107,7 +107,8 @@ def train_program(config, stage: str, batch: int, mesh) -> tuple[Program, Callab
         builders.lpips(config).init(jax.random.PRNGKey(0), x, x, False)))
     consts = (_abstract(lp, jax.tree.map(lambda _: sharding.replicated(mesh), lp)),)
   else:
-    step = dm_task.make_step(config)
+    # 0 (learned when stage 2 starts): any positive factor compiles to the same program.
+    step = dm_task.make_step(config, config.diffusion.latent_scale or 1.0)
     init_fn = dm_task.init_fn(config)
     consts = ((None,) if config.train.latent_cache else
               (_params(ae_task.init_fn(config), lambda s: s.gen_params, mesh, rules),))

@@ -107,25 +107,3 @@ def pipeline_config(data: ml_collections.ConfigDict, stage: str) -> dict:
   keys = pipeline.default_data_config().keys()
   return {k: (None if d[k] in ("", 0) and k in ("variant", "source", "resize") else d[k])
           for k in keys if k in d}
-
-
-def load_converted_part(config: ml_collections.ConfigDict, source, part: str, family: str):
-  """One part ("ae", "dm", "dm_ema") of a converted official checkpoint, host arrays.
-
-  The architecture it was converted from must equal `config.<family>`; a mismatch
-  names the differing keys instead of failing later on shapes.
-  """
-  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
-  meta = mapping.load_meta(source)
-  if family not in meta:
-    raise UserError(f"{source} holds no '{family}' part (converted parts: "
-                    f"{sorted(k for k in ('ae', 'disc', 'dm') if k in meta)})")
-  wanted = {k: tuple(v) if isinstance(v, list) else v for k, v in config[family].to_dict().items()}
-  diff = {k: (wanted[k], v) for k, v in meta[family].items() if k in wanted and wanted[k] != v}
-  if diff:
-    raise UserError(f"config.{family} differs from the checkpoint in {source}: "
-                    + ", ".join(f"{k}={a!r} (checkpoint {b!r})" for k, (a, b) in diff.items()))
-  trees = mapping.load_converted(source)
-  if part not in trees:
-    raise UserError(f"{source} holds no '{part}' parameters (an AE-only checkpoint?)")
-  return trees[part]

@@ -40,6 +40,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.ae.num_codes, int) or config.ae.num_codes < 0:
     raise UserError(f"config.ae.num_codes={config.ae.num_codes!r}: must be a codebook size, "
                     "or 0 for no quantizer")
+  if not config.diffusion.latent_scale and not config.train.latent_cache:
+    raise UserError("config.diffusion.latent_scale=0 (1 / std of the training latents) needs "
+                    "config.train.latent_cache=True")
   d = config.data
   factor = 2 ** (len(config.ae.ch_mult) - 1)
   if d.inp_res % factor:

@@ -14,7 +14,7 @@ import ml_collections
 
 from infd_jax import checks, paths, sharding
 from infd_jax.evaluation import writers
-from infd_jax import builders, inference
+from infd_jax import builders, trained
 
 UserError = builders.UserError
 STAGES = checks.STAGES
@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if config.stage == "sample":
     from infd_jax import generate  # pylint: disable=g-import-not-at-top
     generate.check_settings(config)  # sizes and windows refused before any model work
-  config = inference.adopt_architecture(config, workdir, overrides)
+  config = trained.adopt_architecture(config, workdir, overrides)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   check_batch_layout(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   logging.info("config:\n%s", config)
   if config.stage in ("ae", "dm", "all"):
     for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):
-      inference.check_resume(config, workdir, stage)
+      trained.check_resume(config, workdir, stage)
     _prepare_data(config, workdir)
   if config.stage in ("ae", "all"):
     from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
@@ -117,6 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     from infd_jax.training import dm_task, loop  # pylint: disable=g-import-not-at-top
     with _stage_writer(config, workdir, "dm") as writer:
       loop.train(config, workdir, dm_task.make_task(config, workdir, mesh), mesh, writer)
+  if config.stage == "all":  # sample what was just trained (its learned latent scale included)
+    config = trained.adopt_architecture(config, workdir, job="sample")
   if config.stage in ("sample", "all"):
     from infd_jax import generate  # pylint: disable=g-import-not-at-top
     out = generate.run(config, workdir, mesh)

@@ -18,7 +18,7 @@ import tifffile
 from PIL import Image
 
 from infd_jax.configs import demo, tiny
-from infd_jax import inference, jobs, sharding
+from infd_jax import jobs, sharding, trained
 from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling
 
@@ -193,5 +193,5 @@ def test_a_checkpoint_older_than_an_option_reads_as_the_official_default(tiny_tr
     saved.write_text(json.dumps(config))
   c = demo.get_config("stage=sample")
   assert not c.ae.mid_attention
-  assert inference.saved_architecture(tmp_path, "ae")["ae"]["mid_attention"] is True
-  assert inference.adopt_architecture(c, tmp_path).ae.mid_attention is True
+  assert trained.Source(tmp_path).architecture("ae")["ae"]["mid_attention"] is True
+  assert trained.adopt_architecture(c, tmp_path).ae.mid_attention is True

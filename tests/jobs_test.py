@@ -118,8 +118,8 @@ def test_dm_resumed_run_equals_straight_run(trained, tmp_path):
   c = _config(data, "dm")
   mesh = sharding.make_mesh(-1, 1)
   abstract, _, _ = loop.initial_state(dm_task.init_fn(c), mesh, (), 0)
-  a = checkpointing.restore_params(straight / "checkpoints_dm", abstract)
-  b = checkpointing.restore_params(resumed / "checkpoints_dm", abstract)
+  a = checkpointing.Checkpointer(straight / "checkpoints_dm", read_only=True).restore(abstract)[1]
+  b = checkpointing.Checkpointer(resumed / "checkpoints_dm", read_only=True).restore(abstract)[1]
   assert int(a.step) == int(b.step) == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -254,8 +254,9 @@ def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
       global_batch_size=1, seed=0)])
   abstract, _, _ = loop.initial_state(ae_task.init_fn(c), mesh, (), 0)
   encode = lambda step: np.asarray(dm_task.encode_latents(
-      builders.autoencoder(c), checkpointing.restore_params(
-          work / "checkpoints_ae", abstract, step=step).gen_params, images))
+      builders.autoencoder(c), checkpointing.Checkpointer(
+          work / "checkpoints_ae", read_only=True).restore_fields(
+              {"gen_params": abstract.gen_params}, step=step)["gen_params"], images))
   expected, stale = encode(4), encode(3)
   assert np.abs(expected - stale).max() > 1e-2  # one more step moves the latents
   assert cached.shape == expected.shape

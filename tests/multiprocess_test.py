@@ -1,4 +1,5 @@
-"""Two local processes x 2 CPU devices (jax.distributed on 127.0.0.1) == one process x 4 devices."""
+"""Two local processes x 2 CPU devices (jax.distributed on 127.0.0.1) == one process x 4 devices,
+and a newest checkpoint that only one of them cannot read is set aside by both."""
 
 import json
 import os
@@ -41,4 +42,11 @@ def test_two_processes_match_one_process(tmp_path):
   np.testing.assert_allclose(two[0]["w"], one["w"], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(two[0]["w"], two[1]["w"])
   # One shared checkpoint, with each process's data-iterator position in it.
-  assert (tmp_path / "two" / "checkpoints_toy" / "4" / "data_iter" / "process_1-of-2.json").is_file()
+  assert (tmp_path / "two" / "checkpoints_toy" / "4.unreadable" / "data_iter" /
+          "process_1-of-2.json").is_file()
+  # Step 4 was unreadable on the last process alone: both set it aside and resumed from 2.
+  for r in (one, *two):
+    assert r["resumed"] == ["2"] and r["folder"] == ["2", "4", "4.unreadable", "6"], r
+  np.testing.assert_allclose(two[0]["resumed_w"], one["resumed_w"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(two[0]["resumed_w"], two[1]["resumed_w"])
+  assert np.abs(np.subtract(one["resumed_w"], one["w"])).max() > 0  # it trained on

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
-  from infd_jax import checkpointing, jobs, sharding  # pylint: disable=g-import-not-at-top
+  from infd_jax import checkpointing, jobs, sharding, trained  # pylint: disable=g-import-not-at-top
   from infd_jax.training import ae_task, dm_task, loop  # pylint: disable=g-import-not-at-top
 
   for stage in stages.split(","):
@@ -34,7 +34,8 @@ def main(argv: list[str]) -> None:
     jobs.run(c, workdir)
     init = (ae_task if stage == "ae" else dm_task).init_fn(c)
     abstract, _, _ = loop.initial_state(init, sharding.make_mesh(-1, 1), (), 0)
-    state = checkpointing.restore_params(f"{workdir}/checkpoints_{stage}", abstract)
+    _, state = checkpointing.Checkpointer(trained.stage_dir(workdir, stage),
+                                          read_only=True).restore(abstract)
     leaves = [multihost_utils.process_allgather(x, tiled=True) for x in jax.tree.leaves(state)]
     if jax.process_index() == 0:
       np.savez(f"{workdir}/params_{stage}.npz", *[np.asarray(x) for x in leaves])

@@ -24,7 +24,7 @@ from PIL import Image
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics, scale_consistency
 from infd_jax.rendering import tiling
-from infd_jax import builders, inference
+from infd_jax import builders, trained
 
 
 def held_out_crops(base: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   base = config.eval.scale_consistency_base
   factors = tuple(config.eval.scale_factors)
   ae = builders.autoencoder(config)
-  params = inference.load_ae_params(config, workdir, mesh)
+  params = trained.load_ae_params(config, workdir, mesh)
   renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
                                   config.sample.pad, config.sample.tiles_per_call)
 

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from infd_jax import builders, inference
+from infd_jax import builders, inference, trained
 from infd_jax.data import image_io, prepare, sources
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
@@ -47,7 +47,7 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: str | epa
   """PSNR/LPIPS of AE reconstructions rendered at each resolution, and scale consistency."""
   ec = config.eval
   ae = builders.autoencoder(config)
-  params = inference.load_ae_params(config, workdir, mesh)
+  params = trained.load_ae_params(config, workdir, mesh)
   lp, lp_params = builders.lpips(config), load_lpips_params()
   renderer = inference.renderer(config)
   encode_decode = jax.jit(lambda p, x: ae.apply({"params": p}, ae.apply(

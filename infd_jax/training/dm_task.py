@@ -25,7 +25,7 @@ from infd_jax.data import padded, pipeline
 from infd_jax.diffusion import gaussian
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
-from infd_jax import builders, inference
+from infd_jax import builders, inference, trained
 from infd_jax.training import loop, optim
 from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
@@ -58,12 +58,6 @@ def ae_fingerprint(ae_params: PyTree, mesh: jax.sharding.Mesh) -> str:
   return h.hexdigest()
 
 
-def _stage_step(source: epath.Path, stage: str) -> int | None:
-  folder = source / f"checkpoints_{stage}"
-  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-  return max(steps, default=None)
-
-
 def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_params: PyTree,
                   mesh: jax.sharding.Mesh) -> epath.Path:
   """Encodes the stage-2 split once into `workdir/latents/<key>/` (or finds it there).
@@ -81,7 +75,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
   settings = json.dumps({"ae": config.ae.to_dict(), "data": {k: data[k] for k in (
       "name", "variant", "split", "inp_res", "resize")}}, sort_keys=True, default=str)
   digest = hashlib.sha256((ae_fingerprint(ae_params, mesh) + settings).encode()).hexdigest()
-  step = _stage_step(epath.Path(config.ckpt.ae_checkpoint or workdir), "ae")
+  step = trained.stage_source(config, workdir, "ae").latest_step("ae")
   directory = epath.Path(workdir) / "latents" / f"ae{'' if step is None else step}-{digest[:16]}"
   if latents_lib.read_meta(directory) is not None:
     logging.info("latent cache %s", directory)
@@ -115,31 +109,38 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
   return directory
 
 
-def make_step(config: ml_collections.ConfigDict):
-  """The stage-2 training step `(state, batch, ae_params) -> (state, scalars)`."""
+def make_step(config: ml_collections.ConfigDict, latent_scale: float):
+  """The stage-2 training step `(state, batch, ae_params) -> (state, scalars)` on
+  latent_scale * z (`resolve_latent_scale`)."""
   return functools.partial(
       dm_train_step, unet=builders.unet(config), ae=builders.autoencoder(config),
       tx=optim.dm_optimizer(config.optim, config.train.dm_steps),
       sched=builders.diffusion_schedule(config),
-      ema_decay=config.optim.dm_ema, latent_scale=builders.latent_scale(config),
+      ema_decay=config.optim.dm_ema, latent_scale=latent_scale,
       skip_nonfinite=config.train.on_nonfinite == "skip")
+
+
+def resolve_latent_scale(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                         cached: epath.Path | None) -> float:
+  """The scale this stage trains at: `diffusion.latent_scale` if positive, else the one
+  its checkpoints learned (a resumed run keeps it), else 1 / std of the cached latents."""
+  if config.diffusion.latent_scale:
+    return float(config.diffusion.latent_scale)
+  scale = trained.Source(workdir).learned("dm").get("latent_scale")  # a resumed run
+  if scale is None:
+    scale = 1.0 / latents_lib.latent_std(cached)
+    logging.info("latent scale %.6g (1 / std of the cached latents)", scale)
+  return float(scale)
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-2 task: global batch `train.dm_batch_size` of latents (or images)."""
   tc = config.train
-  ae_params = inference.load_ae_params(config, workdir, mesh)
-  if not config.diffusion.latent_scale and not tc.latent_cache:
-    raise builders.UserError("config.diffusion.latent_scale=0 (1 / std of the training latents) "
-                             "needs config.train.latent_cache=True")
-  if tc.latent_cache:
-    cached = cache_latents(config, workdir, ae_params, mesh)
-    if not config.diffusion.latent_scale:  # saved with the stage-2 checkpoints' config
-      config.diffusion.latent_scale = 1.0 / latents_lib.latent_std(cached)
-      logging.info("diffusion.latent_scale = %.6g (1 / std of the cached latents)",
-                   config.diffusion.latent_scale)
-  step = make_step(config)
+  ae_params = trained.load_ae_params(config, workdir, mesh)
+  cached = cache_latents(config, workdir, ae_params, mesh) if tc.latent_cache else None
+  scale = resolve_latent_scale(config, workdir, cached)
+  step = make_step(config, scale)
   if tc.latent_cache:
     make_dataset = lambda index, count: latents_lib.latent_dataset(
         cached, global_batch_size=tc.dm_batch_size, seed=config.seed, process_index=index,
@@ -154,12 +155,13 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   return loop.Task(name="dm", total_steps=tc.dm_steps, global_batch_size=tc.dm_batch_size,
                    init=init_fn(config), step=step, consts=consts, make_dataset=make_dataset,
                    metrics=metrics_lib.DMTrainMetrics,
-                   visualize=make_visualizer(config, ae_params, mesh),
-                   evaluate=make_evaluator(config, ae_params, mesh))
+                   visualize=make_visualizer(config, ae_params, mesh, scale),
+                   evaluate=make_evaluator(config, ae_params, mesh, scale),
+                   learned={"latent_scale": scale})
 
 
 def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
-                   mesh: jax.sharding.Mesh):
+                   mesh: jax.sharding.Mesh, latent_scale: float):
   """`z_dm_loss` and `z_dm_ema_loss` on the validation split (the same t, fresh noise in
   each call, as the official evaluation); None when there is no validation split."""
   if not config.data.eval_split:
@@ -172,7 +174,7 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 
   @jax.jit
   def eval_step(state: DMState, batch, key):
-    z0 = encode_latents(ae, ae_params, batch["inp"]) * config.diffusion.latent_scale
+    z0 = encode_latents(ae, ae_params, batch["inp"]) * latent_scale
     k_t, k_eps, k_eps_ema = jax.random.split(key, 3)
     return metrics_lib.DMEvalMetrics.single_from_model_output(
         z_dm_loss=gaussian.eps_loss(apply_fn, state.params, z0, k_t, k_eps, sched),
@@ -193,9 +195,11 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 
 
 def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
-                    mesh: jax.sharding.Mesh):
+                    mesh: jax.sharding.Mesh, latent_scale: float):
   """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
-  model = inference.Model(config, mesh, ae_params)
+  sampling = ml_collections.ConfigDict(config.to_dict())  # the model samples at the learned scale
+  sampling.diffusion.latent_scale = latent_scale
+  model = inference.Model(sampling, mesh, ae_params)
   res = config.data.inp_res
 
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:

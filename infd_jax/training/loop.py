@@ -24,9 +24,7 @@ from infd_jax.evaluation import writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions  # pylint: disable=g-bad-import-order
 
-from etils import epath  # pylint: disable=g-bad-import-order
-
-from infd_jax import checkpointing, sharding
+from infd_jax import checkpointing, sharding, trained  # pylint: disable=g-bad-import-order
 from infd_jax.data import padded, prefetch
 
 PyTree = Any
@@ -37,7 +35,7 @@ class Task:
   """What one training stage plugs into the loop.
 
   Attributes:
-    name: "ae" or "dm"; checkpoints go to `workdir/checkpoints_<name>`.
+    name: "ae" or "dm"; checkpoints go to `trained.stage_dir(workdir, name)`.
     total_steps: number of steps to train to.
     global_batch_size: examples per step over all processes.
     init: key -> state with `nn.LogicallyPartitioned` leaves (traced by eval_shape).
@@ -47,6 +45,8 @@ class Task:
     make_dataset: (process_index, process_count) -> a grain IterDataset of host batches.
     visualize: (state, step, writer) -> None, every `vis_every` steps.
     evaluate: (state, step, writer) -> None, every `eval_every` steps.
+    learned: values the stage computed before training that later stages need
+      (e.g. the latent scale); saved with every checkpoint.
   """
   name: str
   total_steps: int
@@ -58,6 +58,7 @@ class Task:
   consts: tuple = ()
   visualize: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   evaluate: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
+  learned: dict[str, Any] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,15 +125,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   if tc.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"config.train.on_nonfinite={tc.on_nonfinite!r}: use 'stop' or 'skip'")
   rules = sharding.config_rules(config.mesh)
-  ckpt = checkpointing.Checkpointer(epath.Path(workdir) / f"checkpoints_{task.name}",
+  ckpt = checkpointing.Checkpointer(trained.stage_dir(workdir, task.name),
                                     keep=tc.keep_checkpoints)
   logging.info("[%s] compiling the initialiser and opening the data", task.name)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
   host_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
   data_iter = prefetch.DevicePrefetch(host_iter, lambda b: sharding.shard_batch(b, mesh))
 
+  config_json = checkpointing.config_to_json(config)
   if ckpt.latest_step() is not None:
-    start, state = ckpt.restore(abstract, data_iter)
+    start, state = ckpt.restore(abstract, data_iter, config=config_json)
     logging.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
   else:
     start, state = 0, init()
@@ -147,14 +149,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
                                            every_steps=tc.log_every)
   stop = checkpointing.StopRequest()
-  config_json = checkpointing.config_to_json(config)
   merged, last_saved = None, start
   logging.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
                task.name, task.total_steps - start, tc.log_every)
 
   def save(step: int) -> None:
     nonlocal last_saved
-    ckpt.save(step, state, data_iter, config_json)
+    ckpt.save(step, state, data_iter, config_json, task.learned)
     last_saved = step
 
   def check_and_log(step: int) -> None:
