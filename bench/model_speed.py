@@ -23,14 +23,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import aot, builders, configs, inference, sharding
+from infd_jax import aot, builders, config_files, inference, sharding
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task
 
 
 def _config(spec: str, dtype: str):
-  config = configs.load(spec)
+  config = config_files.load(spec)
   config.train.compute_dtype = dtype
   return config
 

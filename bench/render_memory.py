@@ -36,7 +36,7 @@ def _child(size: int, renderer_name: str, tile: int, tiles_per_call: int, out: s
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from infd_jax import builders, sharding  # pylint: disable=g-import-not-at-top
   from infd_jax.rendering import coords, stream, tiling  # pylint: disable=g-import-not-at-top
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(-1, 1)
   if renderer_name == "tiny":

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from infd_jax import builders, configs, inference, sharding
+from infd_jax import builders, config_checks, config_files, inference, sharding
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task, loop
-from infd_jax.builders import UserError
+from infd_jax.checks import UserError
 
 PyTree = Any
 GIB = 2 ** 30
@@ -200,10 +200,11 @@ def run(config, *, config_path: str, overrides: list[str], topology: str, batch:
   stage = config.stage
   if stage not in STAGE_PROGRAMS:
     raise UserError(f"config.stage={stage!r}: the AOT check compiles {sorted(STAGE_PROGRAMS)}")
+  config_checks.check_config(config)
   devices = topology_devices(topology)
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  except ValueError as e:
+  except UserError as e:
     raise UserError(f"{e} (topology {topology})") from e
   batch = batch or default_batch(config, stage)
   if stage != "sample":  # the sampler's batch is not sharded
@@ -269,7 +270,7 @@ def _cli() -> None:
       print(f"infd_jax.aot: error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.resolve_argv(argv)))
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(config_files.resolve_argv(argv)))
 
 
 if __name__ == "__main__":

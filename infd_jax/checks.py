@@ -1,71 +1,42 @@
-"""Config checks that run before any work, so a mistake is one clear line.
+"""The one error type of user mistakes, and the parsers of values users give.
 
-Each failure is a `UserError` naming the setting and what would be valid.
+A `UserError` is reported in one line with exit code 2 (the command line) or raised
+to the caller (the Python API). `infd_jax.config_checks` validates a whole config
+with these parsers before any work.
 """
 
-
+import json
+import os
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from infd_jax.guidance import KINDS
 
 
 class UserError(Exception):
   """A problem the user can fix (paths, settings); reported in one line, no traceback."""
 
-STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
-DTYPES = ("float32", "bfloat16", "float16")
+
+MESH_AXES = ("data", "fsdp")  # the device mesh's axes (`sharding`)
+_REGION_KEYS = {"kind", "size", "box", "image", "mask", "prompt", "scale"}
 
 
-def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
-  for key in keys:
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if not isinstance(value, int) or value <= 0:
-      raise UserError(f"config.{key}={value!r}: must be a positive integer")
+def is_int(v: Any) -> bool:
+  """An integer that is not a bool."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError for an invalid stage, dtype or inconsistent sizes."""
-  if config.stage not in STAGES:
-    raise UserError(f"config.stage={config.stage!r}: choose one of {', '.join(STAGES)}")
-  if config.train.compute_dtype not in DTYPES:
-    raise UserError(f"config.train.compute_dtype={config.train.compute_dtype!r}: "
-                    f"choose one of {', '.join(DTYPES)}")
-  _positive(config, "data.inp_res", "data.patch", "data.gt_res_min", "data.gt_res_max",
-            "train.ae_batch_size", "train.dm_batch_size", "train.log_every", "train.ckpt_every",
-            "ae.ch")
-  if not isinstance(config.ae.num_codes, int) or config.ae.num_codes < 0:
-    raise UserError(f"config.ae.num_codes={config.ae.num_codes!r}: must be a codebook size, "
-                    "or 0 for no quantizer")
-  if not config.diffusion.latent_scale and not config.train.latent_cache:
-    raise UserError("config.diffusion.latent_scale=0 (1 / std of the training latents) needs "
-                    "config.train.latent_cache=True")
-  d = config.data
-  factor = 2 ** (len(config.ae.ch_mult) - 1)
-  if d.inp_res % factor:
-    raise UserError(f"config.data.inp_res={d.inp_res} must be a multiple of {factor} "
-                    f"(the encoder halves it {len(config.ae.ch_mult) - 1} times, "
-                    f"config.ae.ch_mult={tuple(config.ae.ch_mult)})")
-  if not d.patch <= d.gt_res_min <= d.gt_res_max:
-    raise UserError(f"config.data: need patch <= gt_res_min <= gt_res_max, got patch={d.patch}, "
-                    f"gt_res_min={d.gt_res_min}, gt_res_max={d.gt_res_max}")
-  for key, width, groups in (
-      ("ae.ch", config.ae.ch, config.ae.norm_groups),
-      ("ae.renderer_hidden", config.ae.renderer_hidden, config.ae.norm_groups),
-      ("dm.model_channels", config.dm.model_channels, config.dm.norm_groups)):
-    if width % groups:
-      raise UserError(f"config.{key}={width}: must be a multiple of {groups} (GroupNorm has "
-                      f"{groups} groups, config.{key.split('.')[0]}.norm_groups)")
+def is_local(path: str) -> bool:
+  """A non-empty path that is not a URL (gs://, s3://)."""
+  return bool(path) and "://" not in path
 
 
 def parse_size(size: Any, name: str = "size") -> tuple[int, int]:
   """256 -> (256, 256); "480x640" or (480, 640) -> (480, 640); anything else: UserError."""
   if isinstance(size, (tuple, list)) and len(size) == 2:
     h, w = size
-  elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+  elif is_int(size):
     h = w = size
   elif isinstance(size, str) and size.strip():
     parts = size.strip().lower().split("x")
@@ -76,8 +47,110 @@ def parse_size(size: Any, name: str = "size") -> tuple[int, int]:
     h, w = (int(p) for p in parts)
   else:
     raise UserError(f"{name}={size!r} is not N or HxW (e.g. 1024 or 720x1280)")
-  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (h, w)):
+  if not all(is_int(v) for v in (h, w)):
     raise UserError(f"{name}={size!r}: height and width must be integers")
   if h <= 0 or w <= 0:
     raise UserError(f"{name}={size!r}: height and width must be positive")
   return int(h), int(w)
+
+
+def parse_window(window: Any, size: tuple[int, int], name: str = "window"
+                 ) -> tuple[int, int, int, int] | None:
+  """() / None -> None; (top, left, height, width) inside size -> itself; else UserError."""
+  if window is None or (isinstance(window, (tuple, list)) and not window):
+    return None
+  if not (isinstance(window, (tuple, list)) and len(window) == 4 and all(map(is_int, window))):
+    raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
+  top, left, h, w = (int(v) for v in window)
+  if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= size[0]
+          and left + w <= size[1]):
+    raise UserError(f"{name}: window {(top, left, h, w)} (top, left, height, width) is not "
+                    f"inside the {size[0]}x{size[1]} image")
+  return top, left, h, w
+
+
+def check_count(n: Any, name: str) -> None:
+  if not is_int(n) or n <= 0:
+    raise UserError(f"{name}={n!r} must be a positive integer")
+
+
+def parse_regions(regions: Any, name: str = "config.condition.regions",
+                  clip_files: tuple[str, str] = ("", "")) -> list[dict]:
+  """A region list (list of dicts or its JSON; `infd_jax.guidance.task` documents the keys),
+  checked: kinds, sizes, boxes inside them, scales, prompts, image and mask files present,
+  and for text regions the CLIP files (`condition.clip_checkpoint`, `condition.clip_vocab`)."""
+  if isinstance(regions, str):
+    try:
+      regions = json.loads(regions) if regions.strip() else []
+    except json.JSONDecodeError as e:
+      raise UserError(f"{name} is not a JSON list: {e}") from None
+  if not isinstance(regions, (list, tuple)) or not all(isinstance(r, dict) for r in regions):
+    raise UserError(f"{name} must be a list of dicts (kind, size, box, ...)")
+  regions = [dict(r) for r in regions]
+  if not regions:
+    raise UserError(f"{name} is empty: give at least one region")
+  for i, r in enumerate(regions):
+    where = f"{name}[{i}]"
+    unknown = set(r) - _REGION_KEYS
+    if unknown or "kind" not in r or "size" not in r:
+      raise UserError(f"{where}: needs kind and size; unknown keys {sorted(unknown)} (known: "
+                      f"{sorted(_REGION_KEYS)})")
+    if r["kind"] not in KINDS:
+      raise UserError(f"{where}: kind {r['kind']!r}: choose one of {', '.join(KINDS)}")
+    size = parse_size(r["size"], f"{where}.size")
+    box, scale = r.get("box", (0, 0, *size)), r.get("scale", 1.0)
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(is_int, box))
+            and isinstance(scale, (int, float)) and not isinstance(scale, bool)):
+      raise UserError(f"{where}: box {box!r} must be 4 integers (top, left, height, width) "
+                      f"and scale {scale!r} a number")
+    parse_window(box, size, f"{where}.box")
+    if r["kind"] == "text" and not r.get("prompt"):
+      raise UserError(f"{where}: a text region needs a prompt")
+    if r["kind"] != "text" and not r.get("image"):
+      raise UserError(f"{where}: a {r['kind']} region needs an image")
+    for key in ("image", "mask"):
+      if r.get(key) and is_local(r[key]) and not os.path.isfile(os.path.expanduser(r[key])):
+        raise UserError(f"{where}: {key} {r[key]} not found")
+  if any(r["kind"] == "text" for r in regions):
+    for key, path in zip(("clip_checkpoint", "clip_vocab"), clip_files):
+      if not path:
+        raise UserError("text regions need config.condition.clip_checkpoint (a folder written "
+                        "by python -m infd_jax.clip.convert) and config.condition.clip_vocab "
+                        "(bpe_simple_vocab_16e6.txt.gz)")
+      if is_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"config.condition.{key}={path!r}: not found")
+  return regions
+
+
+def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
+  """(data, fsdp) with -1 resolved to all remaining devices; UserError unless it uses them all."""
+  if data == -1 and fsdp == -1:
+    raise UserError("config.mesh.fsdp=-1: only one of mesh.data and mesh.fsdp may be -1")
+  data = devices // fsdp if data == -1 else data
+  fsdp = devices // data if fsdp == -1 else fsdp
+  if data * fsdp != devices:
+    raise UserError(f"config.mesh: data={data} x fsdp={fsdp} does not use the {devices} "
+                    "devices available")
+  return data, fsdp
+
+
+def batch_layout_problem(setting: str, global_batch: int, mesh: tuple[int, int],
+                         processes: int) -> str:
+  """'' if a global batch splits over the mesh and processes, else the numbers and the fixes.
+
+  A batch's leading axis shards over every device, and each process feeds the rows
+  of its own devices, so the global batch must divide by the device count.
+  """
+  n = mesh[0] * mesh[1]
+  if global_batch > 0 and global_batch % n == 0 and global_batch % processes == 0:
+    return ""
+  lower, upper = global_batch // n * n, (global_batch // n + 1) * n
+  divisors = [d for d in range(n, 0, -1) if n % d == 0 and global_batch % d == 0 and d >= processes
+              and d % processes == 0]
+  fixes = f"--config.{setting}={upper}" + (f" (or {lower})" if lower else "")
+  if divisors:
+    fixes += (f", or run on {divisors[0]} devices (a mesh whose data x fsdp divides "
+              f"{global_batch})")
+  return (f"config.{setting}={global_batch} does not split over {n} devices (mesh data={mesh[0]}"
+          f" x fsdp={mesh[1]}, {processes} processes, {n // processes} devices each): use "
+          f"{fixes}; scale the learning rate with the batch (README: Multi-GPU and TPU pods)")

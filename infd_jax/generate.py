@@ -25,30 +25,10 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from infd_jax import builders, checks, inference
+from infd_jax import config_checks, inference
 from infd_jax.rendering import stream
 
 to_uint8 = stream.to_uint8
-
-
-def check_settings(config: ml_collections.ConfigDict
-                   ) -> list[tuple[tuple[int, int], tuple[int, int, int, int] | None]]:
-  """Every sampling setting checked before any model work: [(size, window)]."""
-  sc = config.sample
-  inference.check_count(sc.num_samples, "config.sample.num_samples")
-  inference.check_count(sc.batch_size, "config.sample.batch_size")
-  if isinstance(sc.sizes, (str, int)) or not sc.sizes:
-    raise builders.UserError(f"config.sample.sizes={sc.sizes!r}: give a tuple of sizes, "
-                             "e.g. '(256, 1024, \"720x1280\")'")
-  plan = []
-  for s in sc.sizes:
-    size = checks.parse_size(s, name="config.sample.sizes")
-    window = inference.parse_window(tuple(sc.window), size, name="config.sample.window")
-    if _streamed(config, size, window) and sc.tile % 16:
-      raise builders.UserError(f"config.sample.tile={sc.tile}: a streamed BigTIFF needs a "
-                               "multiple of 16")
-    plan.append((size, window))
-  return plan
 
 
 def _streamed(config: ml_collections.ConfigDict, size: tuple[int, int], window) -> bool:
@@ -76,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     The output folder.
   """
   sc = config.sample
-  plan = check_settings(config)
+  plan = config_checks.sample_plan(config)
   out_dir = epath.Path(sc.out_dir or epath.Path(workdir) / "samples")
   model = inference.load_model(config, workdir, mesh)
   for size, window in plan:

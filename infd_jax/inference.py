@@ -25,7 +25,6 @@ from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import tiling
 
 PyTree = Any
-UserError = builders.UserError
 
 def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -130,7 +129,7 @@ class Model:
     """
     dm_params = self.dm_params if dm_params is None else dm_params
     if dm_params is None:
-      raise UserError("this model has no stage-2 (diffusion) parameters")
+      raise checks.UserError("this model has no stage-2 (diffusion) parameters")
     return self._sample_fn(dm_params, self._keys(ids, seed))
 
   def _keys(self, ids: np.ndarray, seed: int) -> jax.Array:
@@ -143,7 +142,7 @@ class Model:
     """Guided latents of samples `ids` (padded to the device count) and their final losses
     [n, conditions], batch-sharded; sample i depends only on (seed, i), as in `sample_global`."""
     if self.dm_params is None:
-      raise UserError("this model has no stage-2 (diffusion) parameters")
+      raise checks.UserError("this model has no stage-2 (diffusion) parameters")
     inputs = jax.device_put(task.inputs, sharding.replicated(self.mesh))
     return self._condition_fn(task.objective, self.dm_params, self.ae_params, inputs,
                               self._keys(ids, seed))
@@ -167,7 +166,7 @@ class Model:
 
   def sample(self, n: int, seed: int = 0) -> np.ndarray:
     """n latents [n, h, w, c] (before quantization); sample i depends only on (seed, i)."""
-    check_count(n, "n")
+    checks.check_count(n, "n")
     return _gather(self.sample_global(np.arange(n), seed))[:n]
 
   def render(self, z: np.ndarray, size: tuple[int, int] | int,
@@ -178,7 +177,7 @@ class Model:
     (equal to the same crop of the full render).
     """
     size = checks.parse_size(size)
-    window = parse_window(window, size)
+    window = checks.parse_window(window, size)
     phi = self.decode_global(z)
     if len(z) < self.mesh.size:  # fewer images than devices: spread each call's tiles instead
       phi = self._head_fn(phi, len(z))
@@ -210,10 +209,10 @@ class Model:
       **settings: `condition` settings for this call: guide_start, guide_stop,
         guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab.
     """
-    check_count(n, "n")
+    checks.check_count(n, "n")
     unknown = set(settings) - set(task_lib.SETTINGS)
     if unknown:
-      raise UserError(f"Model.condition: unknown settings {sorted(unknown)} (known: "
+      raise checks.UserError(f"Model.condition: unknown settings {sorted(unknown)} (known: "
                       f"{', '.join(task_lib.SETTINGS)})")
     config = ml_collections.ConfigDict(self.config.to_dict())
     config.condition.update(settings)
@@ -235,26 +234,6 @@ def _gather_rows(rows: np.ndarray, images: np.ndarray, total: int) -> np.ndarray
   full[rows] = images
   # Each row is non-zero on exactly one process.
   return np.asarray(multihost_utils.process_allgather(full)).sum(axis=0)
-
-
-def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> tiling.Window | None:
-  """() / None -> None; (top, left, height, width) inside size -> itself; else UserError."""
-  if window is None or (isinstance(window, (tuple, list)) and not window):
-    return None
-  if not (isinstance(window, (tuple, list)) and len(window) == 4
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window)):
-    raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
-  window = tuple(int(v) for v in window)
-  try:
-    tiling.check_window(size, window)
-  except ValueError as e:
-    raise UserError(f"{name}: {e}") from None
-  return window
-
-
-def check_count(n: Any, name: str) -> None:
-  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
-    raise UserError(f"{name}={n!r} must be a positive integer")
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,

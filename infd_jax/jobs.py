@@ -12,24 +12,10 @@ from etils import epath
 import jax
 import ml_collections
 
-from infd_jax import checks, paths, sharding
+from infd_jax import config_checks, paths, sharding, trained
+from infd_jax.checks import UserError
+from infd_jax.data import pipeline
 from infd_jax.evaluation import writers
-from infd_jax import builders, trained
-
-UserError = builders.UserError
-STAGES = checks.STAGES
-
-
-def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
-  """Global batches vs processes vs mesh, before any data is read or anything compiled."""
-  settings = {"ae": ("train.ae_batch_size",), "dm": ("train.dm_batch_size",),
-              "all": ("train.ae_batch_size", "train.dm_batch_size")}.get(config.stage, ())
-  for setting in settings:
-    section, key = setting.split(".")
-    try:
-      sharding.check_batch_layout(setting, config[section][key], mesh)
-    except ValueError as e:
-      raise UserError(str(e)) from e
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -42,17 +28,12 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if not config.data.data_dir:
     config.data.data_dir = str(workdir / "data")
-  if "://" in config.data.data_dir:
-    raise UserError(
-        f"config.data.data_dir={config.data.data_dir}: prepared datasets are ArrayRecord files "
-        "read with local file I/O; set --config.data.data_dir to a local or mounted directory "
-        "(e.g. a gcsfuse mount of the bucket) that every host can read")
   stages = ("ae", "dm") if config.stage == "all" else (config.stage,)
   error = None
   if jax.process_index() == 0:  # one writer; the other processes wait for it below
     try:
       for stage in stages:
-        d = builders.pipeline_config(config.data, stage)
+        d = pipeline.stage_config(config.data, stage)
         # The demo's nine photos are quicker to prepare than worker processes are to start.
         workers = 1 if d["name"] == "demo" else os.cpu_count() or 1
         prepare.ensure_prepared(d["name"], d["data_dir"], variant=d["variant"],
@@ -64,7 +45,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   sharding.barrier("dataset prepared")
   if jax.process_index() > 0:
     from infd_jax.data import sources  # pylint: disable=g-import-not-at-top
-    wanted = [builders.pipeline_config(config.data, stage) for stage in stages]
+    wanted = [pipeline.stage_config(config.data, stage) for stage in stages]
     if not all(sources.is_prepared(d["data_dir"], d["name"], c) for d in wanted
                for c in prepare.configs_needed(d["name"], d["variant"])):
       raise UserError(f"the dataset in {config.data.data_dir} is not prepared: process 0 "
@@ -93,14 +74,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   Later stages take the architecture of trained stages from their checkpoints;
   `overrides` (dotted keys set on the command line) that contradict them stop.
   """
-  checks.check_config(config)
+  config_checks.check_config(config, os.fspath(workdir))  # before anything is read or built
   workdir = paths.absolute(workdir)
-  if config.stage == "sample":
-    from infd_jax import generate  # pylint: disable=g-import-not-at-top
-    generate.check_settings(config)  # sizes and windows refused before any model work
   config = trained.adopt_architecture(config, workdir, overrides)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  check_batch_layout(config, mesh)
+  config_checks.check_config(config, os.fspath(workdir), adopted=True)
+  mesh = sharding.make_mesh(*config_checks.check_devices(
+      config, jax.device_count(), jax.process_count(), jax.default_backend()))
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))

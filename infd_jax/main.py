@@ -3,12 +3,14 @@
 Kept thin on purpose: flags -> config checks -> logging, compilation cache and
 (multi-host) init -> `jobs.run(config, workdir)`. `--config` is a file or a
 packaged config name (`ffhq`, `configs/ffhq.py`, `custom:size=small`; see
-`infd_jax.configs`). Config overrides use ml_collections syntax, e.g.
+`infd_jax.config_files`). Config overrides use ml_collections syntax, e.g.
 `--config.train.ae_batch_size=16` or `--config.stage=dm`; a misspelt key stops at
 flag parsing with its name. Mistakes the user can fix end in one line on stderr
 and exit code 2. Library INFO logs are hidden unless `--verbosity=1`.
 """
 
+import dataclasses
+import functools
 import importlib.util
 import os
 import re
@@ -19,33 +21,56 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from infd_jax import checks, configs, logs
+from infd_jax import checks, config_checks, config_files, logs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: a file (my.py) or a packaged name "
-    f"({', '.join(configs.names())}), optionally with :arg (custom:size=small).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", os.environ.get("INFD_COORDINATOR_ADDRESS"),
-    "host:port of process 0 for multi-process runs (env INFD_COORDINATOR_ADDRESS). "
-    "Not needed on Cloud TPU or under SLURM, where JAX finds it itself.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("INFD_NUM_PROCESSES", "0")) or None,
-    "Number of processes (env INFD_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ["INFD_PROCESS_ID"]) if "INFD_PROCESS_ID" in os.environ else None,
-    "This process's index (env INFD_PROCESS_ID).")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", None, "Call jax.distributed.initialize() with JAX's cluster auto-detection. "
-    "Default: when a multi-process environment is detected (Cloud TPU slice with several "
-    "hosts, SLURM or Open MPI job with several tasks); --nomultihost turns it off.")
-flags.mark_flags_as_required(["config", "workdir"])
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The command line's flags (defined by `define_flags` when the command starts)."""
+  config: flags.FlagHolder
+  workdir: flags.FlagHolder
+  coordinator_address: flags.FlagHolder
+  num_processes: flags.FlagHolder
+  process_id: flags.FlagHolder
+  multihost: flags.FlagHolder
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> Flags:
+  """Defines the flags of `infd` (importing this module defines none).
+
+  `argv` (default sys.argv) is where ml_collections finds the `--config.*` overrides.
+  """
+  env = os.environ
+  defined = Flags(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Experiment config: a file (my.py) or a shipped name "
+          f"({', '.join(config_files.names())}), optionally with :arg (custom:size=small).",
+          flag_values=flag_values, lock_config=True, sys_argv=argv),
+      workdir=flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.",
+                                  flag_values=flag_values),
+      coordinator_address=flags.DEFINE_string(
+          "coordinator_address", env.get("INFD_COORDINATOR_ADDRESS"),
+          "host:port of process 0 for multi-process runs (env INFD_COORDINATOR_ADDRESS). "
+          "Not needed on Cloud TPU or under SLURM, where JAX finds it itself.",
+          flag_values=flag_values),
+      num_processes=flags.DEFINE_integer(
+          "num_processes", int(env.get("INFD_NUM_PROCESSES", "0")) or None,
+          "Number of processes (env INFD_NUM_PROCESSES).", flag_values=flag_values),
+      process_id=flags.DEFINE_integer(
+          "process_id", int(env["INFD_PROCESS_ID"]) if "INFD_PROCESS_ID" in env else None,
+          "This process's index (env INFD_PROCESS_ID).", flag_values=flag_values),
+      multihost=flags.DEFINE_bool(
+          "multihost", None, "Call jax.distributed.initialize() with JAX's cluster "
+          "auto-detection. Default: when a multi-process environment is detected (Cloud TPU "
+          "slice with several hosts, SLURM or Open MPI job with several tasks); --nomultihost "
+          "turns it off.", flag_values=flag_values))
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  return defined
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors: a missing flag or a misspelt config key."""
-  argv = configs.resolve_argv(argv)
+  argv = config_files.resolve_argv(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -91,32 +116,34 @@ def detected_cluster() -> str | None:
   return None
 
 
-def _init_distributed() -> None:
+def _init_distributed(given: Flags) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
+  if given.coordinator_address.value:
     # Explicit settings win over cluster auto-detection, which under SLURM would
     # otherwise pin each process to one GPU (SLURM_LOCALID).
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+    jax.distributed.initialize(coordinator_address=given.coordinator_address.value,
+                               num_processes=given.num_processes.value,
+                               process_id=given.process_id.value,
                                cluster_detection_method="deactivate")
     return
-  cluster = detected_cluster() if _MULTIHOST.value is None else None
-  if _MULTIHOST.value or cluster:
+  cluster = detected_cluster() if given.multihost.value is None else None
+  if given.multihost.value or cluster:
     logging.info("multi-process start (%s)", cluster or "--multihost")
     jax.distributed.initialize()
 
 
-def main(argv) -> None:
+def main(given: Flags, argv: list[str]) -> None:
+  """Checks every setting, then runs the job (after the flags were parsed)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   try:
-    config = _CONFIG.value
+    config = given.config.value
     _ = config.stage  # a missing or broken config file raises its loader's error here
   except Exception as e:  # pylint: disable=broad-except  (a broken or missing config file)
     reason = re.sub(r"\s+", " ", str(e))
     _error(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
-  try:
-    checks.check_config(config)  # before any output (and jax), so a mistake is the only line
+  try:  # every setting, before any output (and jax), so a mistake is the only line
+    config_checks.check_config(config, given.workdir.value)
   except checks.UserError as e:
     _error(str(e))
   logs.configure(flags.FLAGS.verbosity)  # before jax loads: it also sets the C++ log level
@@ -124,18 +151,19 @@ def main(argv) -> None:
   cache_dir = compile_cache.enable(config.compile_cache)
   if cache_dir:
     logging.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)
-  _init_distributed()
+  _init_distributed(given)
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
-    jobs.run(config, _WORKDIR.value,
+    jobs.run(config, given.workdir.value,
              overrides=config_flags.get_override_values(flags.FLAGS["config"]).keys())
-  except jobs.UserError as e:
+  except checks.UserError as e:
     _error(str(e))
 
 
 def run() -> None:
   """The `infd` console script."""
-  app.run(main, flags_parser=_parse_flags)
+  given = define_flags()
+  app.run(functools.partial(main, given), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -17,50 +17,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from infd_jax import checks
+
 PyTree = Any
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = checks.MESH_AXES
 BATCH_SPEC = P(MESH_AXES)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp) mesh; -1 on one axis takes all remaining devices."""
+  """Builds the (data, fsdp) mesh; -1 on one axis takes all remaining devices (UserError
+  unless the shape uses every device, `checks.mesh_shape`)."""
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  if data == -1 and fsdp == -1:
-    raise ValueError("mesh: only one of mesh.data and mesh.fsdp may be -1")
-  if data == -1:
-    data = n // fsdp
-  elif fsdp == -1:
-    fsdp = n // data
-  if data * fsdp != n:
-    raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not use the {n} devices available")
-  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
-
-
-def check_batch_layout(setting: str, global_batch: int, mesh: Mesh,
-                       process_count: int | None = None) -> None:
-  """Raises ValueError (one line: the numbers and the fixes) unless `global_batch` splits evenly.
-
-  A batch's leading axis shards over every device of the mesh, and each process
-  feeds the rows of its own devices, so the global batch must divide by the
-  device count (and hence by the process count). Checked before anything compiles.
-  """
-  n = mesh.size
-  processes = jax.process_count() if process_count is None else process_count
-  if global_batch > 0 and global_batch % n == 0 and global_batch % processes == 0:
-    return
-  lower, upper = global_batch // n * n, (global_batch // n + 1) * n
-  divisors = [d for d in range(n, 0, -1) if n % d == 0 and global_batch % d == 0 and d >= processes
-              and d % processes == 0]
-  fixes = f"--config.{setting}={upper}" + (f" (or {lower})" if lower else "")
-  if divisors:
-    fixes += (f", or run on {divisors[0]} devices (a mesh whose data x fsdp divides "
-              f"{global_batch})")
-  raise ValueError(
-      f"config.{setting}={global_batch} does not split over {n} devices "
-      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, {processes} processes, "
-      f"{n // processes} devices each): use {fixes}; scale the learning rate with the batch "
-      f"(README: Multi-GPU and TPU pods)")
+  shape = checks.mesh_shape(data, fsdp, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

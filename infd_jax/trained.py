@@ -25,7 +25,7 @@ import ml_collections
 from etils import epath
 
 from infd_jax import builders, checkpointing, checks, paths, sharding
-from infd_jax.configs import common
+from infd_jax import defaults
 from infd_jax.models.autoencoder import INFDAutoencoder
 from infd_jax.models.discriminator import PatchDiscriminator
 from infd_jax.models.unet import UNet
@@ -51,7 +51,7 @@ _LEARNED = {"dm": {"latent_scale": ("diffusion", "latent_scale")}}
 
 def _module_keys(module: type[nn.Module], section: str) -> tuple[str, ...]:
   """The architecture keys of a config section: its module's fields, less _NOT_ARCHITECTURE."""
-  known = common.base()[section]
+  known = defaults.base()[section]
   return tuple(f.name for f in dataclasses.fields(module)
                if f.name in known and f.name not in _NOT_ARCHITECTURE)
 
@@ -157,7 +157,7 @@ class Source:
     if not self.has(stage):
       return None
     saved = self.saved_config(stage) if self._folder(stage) is not None else self._meta
-    official = common.base()
+    official = defaults.base()
     found = {section: {k: _tupled(saved[section].get(k, official[section][k])) for k in keys}
              for section, keys in architecture_keys(stage).items() if section in saved}
     learned = self.learned(stage)
@@ -300,7 +300,7 @@ def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.C
   if not source.stages():
     raise UserError(f"{source} is neither a workdir with checkpoints nor a converted checkpoint")
   saved = next(filter(None, (source.saved_config(s) for s in ("dm", "ae"))), None)
-  config = common.base() if saved is None else config_from_json(saved)
+  config = defaults.base() if saved is None else config_from_json(saved)
   config.stage = "sample"
   config.ckpt.update(ae_checkpoint=str(source), dm_checkpoint=str(source))
   for section, values in overrides.items():

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from infd_jax.configs import tiny
+from configs import tiny
 from infd_jax import aot
-from infd_jax import builders
+from infd_jax import builders, checks
 from infd_jax.training import dm_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_compiles_the_tiny_dm_step_once_and_skips_it_on_rerun(tmp_path):
     ("cpu", 6, "--batch=6 does not divide over the 8 devices"),
 ])
 def test_bad_input_is_a_user_error(topology, batch, message, tmp_path):
-  with pytest.raises(builders.UserError, match=re.escape(message)):
+  with pytest.raises(checks.UserError, match=re.escape(message)):
     aot.run(tiny.get_config(), config_path="configs/tiny.py", overrides=[], topology=topology,
             batch=batch, results=epath.Path(tmp_path) / "r.jsonl")
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import infd_jax
-from infd_jax import builders, sharding
+from infd_jax import builders, checks, sharding
 from infd_jax.rendering import stream
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -108,6 +108,6 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
      r"unknown settings \['guide_evry'\]"),
 ])
 def test_bad_regions_and_settings_are_one_line_user_errors(model, regions, settings, message):
-  with pytest.raises(builders.UserError, match=message) as e:
+  with pytest.raises(checks.UserError, match=message) as e:
     model.condition(regions, n=2, **settings)
   assert "\n" not in str(e.value)

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
   jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
                              process_id=int(process_id), cluster_detection_method="deactivate")
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
 
   c = tiny.get_config()
   c.stage = "condition"

@@ -32,7 +32,7 @@ def tiny_trained(tmp_path_factory):
   stage 2 learns its latent scale (1 / std of the latents), so sampling must read it
   from the checkpoint.
   """
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
   data, work = tmp_path_factory.mktemp("tiny_data"), tmp_path_factory.mktemp("tiny_trained")
   for stage in ("ae", "dm"):

@@ -545,8 +545,8 @@ def test_lpips_scaling_buffers_must_match_constants():
 
 def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_path):
   """Official layout -> convert -> `--config.stage=sample` writes images."""
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
-  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infd_jax import checks, jobs  # pylint: disable=g-import-not-at-top
   _, _, meta, _, tmp = converted
   config = tiny.get_config()
   config.stage = "sample"
@@ -557,7 +557,7 @@ def test_converted_checkpoint_samples_through_the_generation_job(converted, tmp_
   jobs.run(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "samples" / "32").glob("*.png")) == ["0.png", "1.png"]
   config.ae.num_codes = 8  # as --config.ae.num_codes=8 on the command line
-  with pytest.raises(jobs.UserError, match=r"ae.num_codes=8 contradicts .*\(ae.num_codes=16\)"):
+  with pytest.raises(checks.UserError, match=r"ae.num_codes=8 contradicts .*\(ae.num_codes=16\)"):
     jobs.run(config, tmp_path / "mismatch", overrides=["ae.num_codes"])
 
 

@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory):
 
 def _cfg(data_dir, **kw):
   cfg = dict(name="image_folder", data_dir=data_dir, inp_res=32, patch=32,
-             gt_res_min=32, gt_res_max=64)
+             gt_res_min=32, gt_res_max=64, num_workers=0)
   cfg.update(kw)
   return cfg
 

@@ -240,7 +240,7 @@ def test_prepare_and_read_work_without_tensorflow(tmp_path):
       from infd_jax.data import pipeline, prepare
       prepare.prepare("demo", {str(tmp_path)!r})
       cfg = dict(name="demo", data_dir={str(tmp_path)!r}, patch=32, gt_res_min=32,
-                 inp_res=32)
+                 inp_res=32, num_workers=0)
       batch = next(iter(pipeline.make_ae_dataset(cfg, global_batch_size=2, seed=0)))
       assert batch["gt"].shape == (2, 32, 32, 3), batch["gt"].shape
       assert "tensorflow" not in sys.modules

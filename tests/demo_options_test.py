@@ -13,7 +13,7 @@ from etils import epath
 from PIL import Image
 
 from infd_jax import builders, inference
-from infd_jax.configs import tiny
+from configs import tiny
 from infd_jax.data import latents as latents_lib
 from infd_jax.data import transforms
 from infd_jax.diffusion import schedules

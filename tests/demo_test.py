@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from infd_jax.configs import demo
+from configs import demo
 from infd_jax.data import pipeline
 from infd_jax.evaluation import contact_sheet
 from infd_jax.models.lpips import load_lpips_params
@@ -30,7 +30,7 @@ def test_demo_stage1_improves_training_and_held_out_psnr(tmp_path):
   state = jax.tree.map(lambda x: getattr(x, "value", x),
                        ae_task.init_fn(c)(jax.random.PRNGKey(0)),
                        is_leaf=lambda x: hasattr(x, "value"))
-  batches = iter(pipeline.make_ae_dataset(builders.pipeline_config(c.data, "ae"),
+  batches = iter(pipeline.make_ae_dataset(pipeline.stage_config(c.data, "ae"),
                                           global_batch_size=c.train.ae_batch_size, seed=0))
   crops = contact_sheet.held_out_crops(128)  # a photo the demo never trains on
   renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), c.sample.tile,

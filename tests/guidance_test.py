@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infd_jax.configs import tiny
+from configs import tiny
 from infd_jax.clip import convert, model as clip_model
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import conditions as cond_lib

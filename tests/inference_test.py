@@ -17,8 +17,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from infd_jax.configs import demo, tiny
-from infd_jax import jobs, sharding, trained
+from configs import demo, tiny
+from infd_jax import checks, jobs, sharding, trained
 from infd_jax.evaluation import pfid
 from infd_jax.rendering import coords, stream, tiling
 
@@ -42,7 +42,7 @@ def test_sample_reads_the_saved_architecture_and_names_a_contradicting_flag(
     files = sorted((tmp_path / "out" / folder).glob("*.png"))
     assert [f.name for f in files] == ["0.png", "1.png", "2.png"]
     assert Image.open(files[0]).size == (w, h)
-  with pytest.raises(jobs.UserError, match=r"--config.ae.z_channels=3 contradicts the stage-1"):
+  with pytest.raises(checks.UserError, match=r"--config.ae.z_channels=3 contradicts the stage-1"):
     jobs.run(c, tmp_path / "run", overrides=["ae.z_channels"])
 
 
@@ -54,7 +54,7 @@ def test_sample_reads_the_saved_architecture_and_names_a_contradicting_flag(
 def test_bad_sizes_and_windows_are_refused_before_any_model_work(tmp_path, sizes, window,
                                                                   message):
   c = _sample_config(tmp_path / "no_checkpoints", tmp_path, sizes=sizes, window=window)
-  with pytest.raises(jobs.UserError, match=message):  # not "no stage-1 checkpoint"
+  with pytest.raises(checks.UserError, match=message):  # not "no stage-1 checkpoint"
     jobs.run(c, tmp_path / "run")
 
 

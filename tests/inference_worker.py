@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
       "INFD_TEST_JAX_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "infd_jax_test_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
+  from configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
   from infd_jax.evaluation import fid, pfid  # pylint: disable=g-import-not-at-top
 

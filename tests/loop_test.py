@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from infd_jax.configs import tiny
+from configs import tiny
 from infd_jax import checkpointing, sharding
 from infd_jax.evaluation import writers
 from infd_jax.training import loop

@@ -32,13 +32,14 @@ def test_package_dependencies_are_the_pinned_requirements():
 def test_installed_console_scripts_run_from_another_folder(tmp_path):
   """`pip install .` (no network: dependencies come from this interpreter's site-packages
   through a .pth file) gives `infd`, `infd-prepare` and `infd-convert`, and `--config=demo`
-  finds the packaged config outside the repository."""
+  finds the shipped config outside the repository: the files of the top-level `configs/`,
+  installed once, as `infd_jax.configs`."""
   src = tmp_path / "src"
   src.mkdir()
-  for name in ("pyproject.toml", "README.md"):
+  for name in ("pyproject.toml", "setup.py", "README.md"):
     shutil.copy(ROOT / name, src / name)
-  shutil.copytree(ROOT / "infd_jax", src / "infd_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  for folder in ("infd_jax", "configs"):
+    shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
   py = venv / "bin" / "python"
@@ -65,3 +66,9 @@ def test_installed_console_scripts_run_from_another_folder(tmp_path):
   imported = subprocess.run([py, "-c", "import infd_jax.configs as c; print(c.__file__)"],
                             cwd=elsewhere, capture_output=True, text=True, check=True).stdout
   assert str(venv) in imported  # the installed copy, not the repository
+  installed = pathlib.Path(imported.strip()).parent
+  assert {p.name: p.read_bytes() for p in installed.glob("*.py")} == {
+      p.name: p.read_bytes() for p in (ROOT / "configs").glob("*.py")}
+  site = pathlib.Path(purelib)
+  assert sorted(p.relative_to(site).as_posix() for p in site.rglob("demo.py")) == [
+      "infd_jax/configs/demo.py"]  # one copy, no top-level `configs` package

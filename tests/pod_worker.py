@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
                                process_id=int(argv[8]), cluster_detection_method="deactivate")
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
+  from configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
   from infd_jax import checkpointing, jobs, sharding, trained  # pylint: disable=g-import-not-at-top
   from infd_jax.training import ae_task, dm_task, loop  # pylint: disable=g-import-not-at-top
 

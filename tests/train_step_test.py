@@ -10,7 +10,7 @@ import optax
 import pytest
 import skimage.data
 
-from infd_jax.configs import tiny
+from configs import tiny
 from infd_jax import sharding
 from infd_jax.data import pipeline
 from infd_jax.training import on_device
@@ -31,7 +31,7 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ae_batch(config):
-  d = builders.pipeline_config(config.data, "ae")
+  d = pipeline.stage_config(config.data, "ae")
   batch = next(iter(pipeline.make_ae_dataset(d, global_batch_size=8, seed=0)))
   return jax.device_get(jax.jit(on_device.ae_batch)(batch))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from infd_jax import checks, jobs, trained
-from infd_jax.configs import tiny
+from configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

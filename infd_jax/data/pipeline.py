@@ -37,42 +37,40 @@ through orbax with `grain.checkpoint.CheckpointHandler` and
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
 """
 
-import os
 from typing import Any, Mapping
 
 from absl import flags
 import grain
 import numpy as np
 
+from infd_jax import defaults
 from infd_jax.data import prepare as prepare_lib
 from infd_jax.data import sources
 from infd_jax.data import transforms
 
 
+# Settings of `config.data` that stage 2 reads in place of the stage-1 ones, and the
+# setting only the evaluation reads.
+_STAGE2 = {"variant": "dm_variant", "split": "dm_split", "resize": "dm_resize"}
+_NOT_READ = ("eval_split",)
+# Keys scripts and tests may set that the config has no setting for.
+PIPELINE_ONLY = dict(shuffle=True, num_epochs=None)  # num_epochs None: repeat forever
+
+
+def stage_config(data: Mapping[str, Any], stage: str) -> dict[str, Any]:
+  """`config.data` -> this module's keys for one stage ("" / 0 of variant, source and
+  resize mean unset: None); `infd_jax.defaults` documents every setting."""
+  d = dict(data)
+  if stage == "dm":
+    d.update({k: d[v] for k, v in _STAGE2.items()})
+  return {k: None if d[k] in ("", 0) and k in ("variant", "source", "resize") else d[k]
+          for k in d if k not in (*_STAGE2.values(), *_NOT_READ)}
+
+
 def default_data_config() -> dict[str, Any]:
-  """Keys read from `config.data`, with defaults (REFERENCE 2.5, 5.4)."""
-  return dict(
-      name="demo",            # demo | image_folder | ffhq
-      data_dir=os.path.join("~", "infd_data"),
-      variant=None,           # ffhq: native|lanczos256|mix6k; image_folder: config
-      split="train",          # TFDS split string, e.g. "train", "val", "train+val"
-      source=None,            # input folder, to prepare on first use if missing
-      inp_res=256,            # side of `inp`
-      patch=256,              # P, side of gt/coord/cell (final_crop_gt)
-      gt_res_min=256,         # resize_gt_lb
-      gt_res_max=1024,        # resize_gt_ub
-      p_whole=0.0,
-      inp_crop=0.0,           # demo-only: random square windows >= inp_crop * side (0 = off)
-      p_max=0.0,              # 0.5 (custom) / 0.9 (mix6k) during hrft
-      p_lr=0.5,               # mix6k: P(LR pool); 0 for its hrft (HR pool only)
-      resize=None,            # square resize after loading (image_folder)
-      fast_crop=True,         # window resampling instead of resize-then-crop
-      shuffle=True,
-      num_epochs=None,        # None = repeat forever
-      read_threads=4,         # grain ReadOptions.num_threads per process/worker
-      num_workers=0,          # grain mp_prefetch worker processes; 0 = in process
-      prefetch_buffer=2,      # batches buffered per worker
-  )
+  """Every key this module reads, with its default: the config's (`infd_jax.defaults`, the
+  one place of the data defaults) and the pipeline-only keys."""
+  return stage_config(defaults.base().data, "ae") | PIPELINE_ONLY
 
 
 def _cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:

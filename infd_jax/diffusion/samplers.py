@@ -10,14 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infd_jax.diffusion import schedules, solvers
+from infd_jax.diffusion import SAMPLERS, SPACINGS, schedules, solvers
 from infd_jax.diffusion.schedules import Schedule
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]  # (params, x_t, t) -> eps
-
-SAMPLERS = ("ddim", "dpmpp_2m", "unipc")
-SPACINGS = ("uniform", "logsnr", "quadratic")
 
 
 def limit_x0_rms(apply_fn: ApplyFn, sched: Schedule, max_rms: float) -> ApplyFn:

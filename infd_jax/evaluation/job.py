@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from infd_jax import builders, inference, trained
-from infd_jax.data import image_io, prepare, sources
+from infd_jax import builders, checks, inference, trained
+from infd_jax.data import image_io, pipeline, prepare, sources
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
 from infd_jax.models.lpips import load_lpips_params
@@ -34,7 +34,7 @@ from infd_jax.models.lpips import load_lpips_params
 
 def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.ndarray]:
   """Up to `num` whole validation images as uint8 squares (the split `data.eval_split`)."""
-  d = builders.pipeline_config(config.data, "ae")
+  d = pipeline.stage_config(config.data, "ae")
   split = config.data.eval_split or d["split"]
   records = sources.open_split(d["data_dir"], d["name"],
                                prepare.configs_needed(d["name"], d["variant"])[0], split)
@@ -57,7 +57,7 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: str | epa
   inp_res = config.data.inp_res
   images = _validation_images(config, ec.max_images or 16)
   if not images:
-    raise builders.UserError("eval: the validation split is empty")
+    raise checks.UserError("eval: the validation split is empty")
   sums: dict[str, list[float]] = {}
   for image in images:
     pil = Image.fromarray(image)
@@ -87,11 +87,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   results: dict[str, float] = {}
   if ec.real_dir:
     fake_dir = ec.fake_dir or str(workdir / "samples" / str(ec.resolution))
-    if not epath.Path(fake_dir).is_dir():
-      raise builders.UserError(f"eval: no generated images in {fake_dir}; run --config.stage="
-                               "sample first or set --config.eval.fake_dir")
-    if not epath.Path(ec.real_dir).is_dir():
-      raise builders.UserError(f"eval: eval.real_dir={ec.real_dir} is not a folder")
     # A whole number of rows per local device.
     batch = -(-ec.batch_size // jax.local_device_count()) * jax.local_device_count()
     extractor = pfid.make_feature_extractor(ec.inception_weights or None, batch_size=batch)
@@ -101,8 +96,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
                                       cache_dir=workdir / "fid_stats")
   if config.data.data_dir:
     results |= reconstruction_metrics(config, workdir, mesh)
-  if not results:
-    raise builders.UserError("eval: nothing to evaluate; set eval.real_dir and/or data.data_dir")
   writer.write_scalars(0, {f"eval/{k}": v for k, v in results.items()})
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(results, indent=2))

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from infd_jax.clip import model as clip_model
-from infd_jax.guidance import regions
+from infd_jax.guidance import KINDS, regions
 from infd_jax.models.autoencoder import INFDAutoencoder
 
 PyTree = Any
-KINDS = ("low_res", "known", "text")
 
 
 @dataclasses.dataclass(frozen=True)

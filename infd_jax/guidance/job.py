@@ -34,8 +34,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
         mesh: jax.sharding.Mesh) -> epath.Path:
   """Writes `condition.num_samples` guided samples at every size of `condition.sizes`."""
   cc = config.condition
-  inference.check_count(cc.num_samples, "config.condition.num_samples")
-  inference.check_count(cc.batch_size, "config.condition.batch_size")
   sizes = [checks.parse_size(s, "config.condition.sizes") for s in cc.sizes]
   task = task_lib.from_config(config)  # every region file is read before any model work
   model = inference.load_model(config, workdir, mesh)

@@ -16,7 +16,6 @@ The guided steps and the CLIP files come from the `condition` config section
 
 import dataclasses
 import functools
-import json
 from typing import Any, Callable
 
 import jax
@@ -30,8 +29,6 @@ from infd_jax.guidance import conditions as cond_lib
 from infd_jax.guidance import sampler
 
 PyTree = Any
-UserError = checks.UserError
-_KEYS = {"kind", "size", "box", "image", "mask", "prompt", "scale"}
 # `condition` settings that change how a task is built and guided (not what is written).
 SETTINGS = ("guide_start", "guide_stop", "guide_every", "clip_checkpoint", "clip_vocab")
 
@@ -39,7 +36,7 @@ SETTINGS = ("guide_start", "guide_stop", "guide_every", "clip_checkpoint", "clip
 def _read_image(path: str, what: str, where: str) -> Image.Image:
   p = epath.Path(path)
   if not p.exists():
-    raise UserError(f"{where}: {what} {path} not found")
+    raise checks.UserError(f"{where}: {what} {path} not found")
   with p.open("rb") as f:
     img = Image.open(f)
     img.load()
@@ -50,60 +47,29 @@ def _to_unit(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"), np.float32) / 127.5 - 1.0
 
 
-def parse_regions(regions: Any, name: str = "config.condition.regions") -> list[dict]:
-  """The region list (list of dicts or a JSON string), keys checked; errors name `name`."""
-  if isinstance(regions, str):
-    try:
-      regions = json.loads(regions) if regions.strip() else []
-    except json.JSONDecodeError as e:
-      raise UserError(f"{name} is not a JSON list: {e}") from None
-  if not isinstance(regions, (list, tuple)) or not all(isinstance(r, dict) for r in regions):
-    raise UserError(f"{name} must be a list of dicts (kind, size, box, ...)")
-  regions = [dict(r) for r in regions]
-  if not regions:
-    raise UserError(f"{name} is empty: give at least one region")
-  for i, r in enumerate(regions):
-    unknown = set(r) - _KEYS
-    if unknown or "kind" not in r or "size" not in r:
-      raise UserError(f"{name}[{i}]: needs kind and size; unknown keys "
-                      f"{sorted(unknown)} (known: {sorted(_KEYS)})")
-  return regions
-
-
 def build(regions: list[dict], text_embed: Callable[[str], np.ndarray] | None = None,
           name: str = "config.condition.regions"
           ) -> tuple[tuple[cond_lib.Condition, ...], list[dict[str, np.ndarray]]]:
-  """Conditions and their targets from parsed regions; text_embed: prompt -> [D]."""
+  """Conditions and their targets from regions checked by `checks.parse_regions`;
+  text_embed: prompt -> [D]. The image files are read here (their sizes must fit the boxes)."""
   conds, targets = [], []
   for i, r in enumerate(regions):
     where = f"{name}[{i}]"
     size = checks.parse_size(r["size"], f"{where}.size")
-    box, scale = r.get("box", (0, 0, *size)), r.get("scale", 1.0)
-    if not (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, int) for v in box) and isinstance(scale, (int, float))):
-      raise UserError(f"{where}: box {box!r} must be 4 integers (top, left, height, width) "
-                      f"and scale {scale!r} a number")
-    box = tuple(box)
-    try:
-      cond = cond_lib.Condition(r["kind"], size, box, float(scale))
-    except ValueError as e:
-      raise UserError(f"{where}: {e}") from None
+    box = tuple(r.get("box", (0, 0, *size)))
+    cond = cond_lib.Condition(r["kind"], size, box, float(r.get("scale", 1.0)))
     if cond.kind == "text":
-      if not r.get("prompt"):
-        raise UserError(f"{where}: a text region needs a prompt")
       targets.append({"embedding": np.asarray(text_embed(r["prompt"]), np.float32)})
     else:
-      if not r.get("image"):
-        raise UserError(f"{where}: a {cond.kind} region needs an image")
       img = _read_image(r["image"], "image", where)
       if cond.kind == "low_res":
         if img.height > box[2] or img.width > box[3]:
-          raise UserError(f"{where}: observation {img.width}x{img.height} is larger than the "
+          raise checks.UserError(f"{where}: observation {img.width}x{img.height} is larger than the "
                           f"box {box[3]}x{box[2]}")
         targets.append({"image": _to_unit(img)})
       else:
         if (img.height, img.width) != box[2:]:
-          raise UserError(f"{where}: known image {r['image']} is {img.height}x{img.width}, the "
+          raise checks.UserError(f"{where}: known image {r['image']} is {img.height}x{img.width}, the "
                           f"box is {box[2]}x{box[3]} (HxW)")
         if r.get("mask"):
           mask = np.asarray(_read_image(r["mask"], "mask", where).convert("L").resize(img.size))
@@ -124,15 +90,11 @@ def clip_text_embedder(checkpoint: str, vocab: str):
   Cached: repeated tasks with the same files read them once.
   """
   from infd_jax.clip import convert, model, tokenizer  # pylint: disable=g-import-not-at-top
-  if not checkpoint or not vocab:
-    raise UserError("text regions need config.condition.clip_checkpoint (a folder written by "
-                    "python -m infd_jax.clip.convert) and config.condition.clip_vocab "
-                    "(bpe_simple_vocab_16e6.txt.gz)")
   try:
     clip_cfg, params = convert.load(checkpoint)
     tok = tokenizer.Tokenizer(vocab, clip_cfg.context_length)
   except FileNotFoundError as e:
-    raise UserError(f"config.condition: {e}") from None
+    raise checks.UserError(f"config.condition: {e}") from None
   clip = model.CLIP(**dataclasses.asdict(clip_cfg))
   encode = jax.jit(lambda p, t: clip.apply({"params": p}, t, method="encode_text"))
   return clip, params, lambda prompt: np.asarray(encode(params, tok(prompt))[0])
@@ -156,7 +118,8 @@ def from_config(config: ml_collections.ConfigDict, regions: Any = None,
                 name: str = "config.condition.regions") -> Task:
   """The task of `regions` (default `config.condition.regions`); reads every file first."""
   cc, sc = config.condition, config.sample
-  regions = parse_regions(cc.regions if regions is None else regions, name)
+  regions = checks.parse_regions(cc.regions if regions is None else regions, name,
+                                 clip_files=(cc.clip_checkpoint, cc.clip_vocab))
   clip = clip_params = embed = None
   if any(r["kind"] == "text" for r in regions):
     clip, clip_params, embed = clip_text_embedder(cc.clip_checkpoint, cc.clip_vocab)

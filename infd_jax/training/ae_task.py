@@ -67,7 +67,7 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loo
   lpips_params = jax.device_put(load_lpips_params(), sharding.replicated(mesh))
 
   def make_dataset(process_index: int, process_count: int):
-    return pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae"),
+    return pipeline.make_ae_dataset(pipeline.stage_config(config.data, "ae"),
                                     global_batch_size=tc.ae_batch_size,
                                     seed=config.seed, process_index=process_index,
                                     process_count=process_count)
@@ -88,7 +88,7 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     return None
   ae, disc, lp = builders.autoencoder(config), builders.discriminator(config), builders.lpips(config)
   weights = AELoss(**config.loss)
-  data = builders.pipeline_config(config.data, "ae") | dict(split=config.data.eval_split)
+  data = pipeline.stage_config(config.data, "ae") | dict(split=config.data.eval_split)
   local_batch = config.train.ae_batch_size // jax.process_count()
 
   @jax.jit
@@ -150,7 +150,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   def visualize(state: AEState, step: int, writer: writers.MetricWriter) -> None:
     if not samples:
       n = min(config.train.ae_batch_size, 8)
-      ds = pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae") | {"num_workers": 0},
+      ds = pipeline.make_ae_dataset(pipeline.stage_config(config.data, "ae") | {"num_workers": 0},
                                     global_batch_size=n, seed=config.seed + 1)
       samples.update(next(iter(ds)))
     # Every process holds the same few samples: place them replicated, so the

@@ -71,7 +71,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
   Returns:
     The cache directory (see `infd_jax.data.latents`).
   """
-  data = builders.pipeline_config(config.data, "dm")
+  data = pipeline.stage_config(config.data, "dm")
   settings = json.dumps({"ae": config.ae.to_dict(), "data": {k: data[k] for k in (
       "name", "variant", "split", "inp_res", "resize")}}, sort_keys=True, default=str)
   digest = hashlib.sha256((ae_fingerprint(ae_params, mesh) + settings).encode()).hexdigest()
@@ -144,11 +144,11 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if tc.latent_cache:
     make_dataset = lambda index, count: latents_lib.latent_dataset(
         cached, global_batch_size=tc.dm_batch_size, seed=config.seed, process_index=index,
-        process_count=count, data=builders.pipeline_config(config.data, "dm"))
+        process_count=count, data=pipeline.stage_config(config.data, "dm"))
     consts = (None,)
   else:
     make_dataset = lambda index, count: pipeline.make_dm_dataset(
-        builders.pipeline_config(config.data, "dm"), global_batch_size=tc.dm_batch_size,
+        pipeline.stage_config(config.data, "dm"), global_batch_size=tc.dm_batch_size,
         seed=config.seed,
         process_index=index, process_count=count)
     consts = (ae_params,)
@@ -168,7 +168,7 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
     return None
   unet, ae = builders.unet(config), builders.autoencoder(config)
   sched = builders.diffusion_schedule(config)
-  data = builders.pipeline_config(config.data, "dm") | dict(split=config.data.eval_split)
+  data = pipeline.stage_config(config.data, "dm") | dict(split=config.data.eval_split)
   local_batch = config.train.dm_batch_size // jax.process_count()
   apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
 

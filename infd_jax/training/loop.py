@@ -122,8 +122,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     The final state (sharded global arrays).
   """
   tc = config.train
-  if tc.on_nonfinite not in ("stop", "skip"):
-    raise ValueError(f"config.train.on_nonfinite={tc.on_nonfinite!r}: use 'stop' or 'skip'")
   rules = sharding.config_rules(config.mesh)
   ckpt = checkpointing.Checkpointer(trained.stage_dir(workdir, task.name),
                                     keep=tc.keep_checkpoints)

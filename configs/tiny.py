@@ -1,14 +1,14 @@
 """`demo.py` shrunk further for CPU tests: tiny widths, 32 px, a few steps."""
 
-from infd_jax.configs import common, demo
+from infd_jax import config_files, defaults
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, stage="ae")
-  c = demo.get_config()
+  arg = defaults.parse_arg(arg, stage="ae")
+  c = config_files.load("demo")
   c.stage = arg.stage
   c.data.update(patch=32, inp_res=32, gt_res_min=32, gt_res_max=64)
-  c.loss = common.base().loss  # every loss term, unlike the demo
+  c.loss = defaults.base().loss  # every loss term, unlike the demo
   c.optim.update(ae_lr=2e-4, ae_b1=0.5, ae_b2=0.9, dm_lr=3e-4, cosine_decay=False)
   # The demo's quality options stay off: the tests run the official code paths.
   c.data.update(p_whole=0.0, inp_crop=0.0)

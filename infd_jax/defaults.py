@@ -40,10 +40,11 @@ def base() -> ml_collections.ConfigDict:
   # Stage `all` ends with <workdir>/contact_sheet.png and demo.json (the demo's summary).
   c.contact_sheet = False
 
-  # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset).
+  # Data (infd_jax/data/pipeline.py documents every key; "" and 0 mean unset: variant ""
+  # is the dataset's default, native for ffhq). The pipeline takes its defaults from here.
   # An empty data_dir means `<workdir>/data`.
   c.data = ml_collections.ConfigDict(dict(
-      name="ffhq", data_dir="", variant="native", split="train", eval_split="val",
+      name="ffhq", data_dir="", variant="", split="train", eval_split="val",
       dm_variant="lanczos256", dm_split="train", source="",
       inp_res=256, patch=256, gt_res_min=256, gt_res_max=1024, p_whole=0.0, p_max=0.0,
       p_lr=0.5, resize=0, dm_resize=0, fast_crop=True, read_threads=4, num_workers=4,

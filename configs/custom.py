@@ -19,16 +19,16 @@ and patches (images resized to 512), L1 + VQ losses, sized to give recognisable
 results in about an hour on one accelerator.
 """
 
-from infd_jax.configs import common, demo
+from infd_jax import config_files, defaults
 
 SIZES = ("full", "small")
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, stage="ae", size="full")
+  arg = defaults.parse_arg(arg, stage="ae", size="full")
   if arg.size not in SIZES:
     raise ValueError(f"custom.py: size={arg.size!r}; choose one of {SIZES}")
-  c = common.base() if arg.size == "full" else demo.get_config()
+  c = defaults.base() if arg.size == "full" else config_files.load("demo")
   c.stage = arg.stage
   c.data.update(name="image_folder", variant="default", dm_variant="default", split="train",
                 dm_split="train", eval_split="", resize=1024, dm_resize=256)

@@ -42,12 +42,12 @@ scale (each is off, i.e. official, in the other configs):
   near a training latent go from 4 of 16 to 12 (9 different photos).
 """
 
-from infd_jax.configs import common
+from infd_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, stage="all")
-  c = common.base()
+  arg = defaults.parse_arg(arg, stage="all")
+  c = defaults.base()
   c.stage = arg.stage
   c.data.update(name="demo", variant="", split="train", eval_split="", dm_variant="",
                 dm_split="train", dm_resize=0, patch=64, inp_res=64, gt_res_min=64,

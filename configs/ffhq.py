@@ -4,11 +4,11 @@
       --config.data.data_dir=DATA
 """
 
-from infd_jax.configs import common
+from infd_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, stage="ae")
-  c = common.base()
+  arg = defaults.parse_arg(arg, stage="ae")
+  c = defaults.base()
   c.stage = arg.stage
   return c
