@@ -18,6 +18,7 @@ stage, program, topology, batch) already there is skipped, so an interrupted
 sweep restarts where it stopped.
 """
 
+import logging
 import dataclasses
 import json
 import re
@@ -25,7 +26,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 import flax.linen as nn
 import jax
@@ -33,11 +34,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from infd_jax import builders, config_checks, config_files, inference, sharding
+from infd_jax import builders, config_checks, config_files, inference, logs, sharding
 from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task, loop
 from infd_jax.checks import UserError
 
+log = logging.getLogger("infd_jax.aot")
 PyTree = Any
 GIB = 2 ** 30
 # HBM per chip (GiB) of the TPU generations libtpu compiles for.
@@ -261,7 +263,7 @@ def _cli() -> None:
 
   def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
+    logs.configure(-1)
     try:
       run(config_flag.value, config_path=flags.FLAGS["config"].config_filename,
           overrides=_overrides(sys.argv), topology=topology.value, batch=batch.value,

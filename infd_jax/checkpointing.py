@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import re
-import signal
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -38,6 +36,7 @@ from etils import epath
 
 from infd_jax import checks, paths, sharding
 
+log = logging.getLogger(__name__)
 PyTree = Any
 # Status codes of tensorstore (orbax's storage layer) for data that is damaged or missing.
 _CORRUPT_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
@@ -209,7 +208,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  (classified; nothing is swallowed)
         kind = classify(e)
         if kind == "transient" and attempt < self.retries:
-          logging.warning("reading step %d of %s failed (%s); retrying", step, self.directory,
+          log.warning("reading step %d of %s failed (%s); retrying", step, self.directory,
                           _one_line(e))
           time.sleep(self.retry_wait * (attempt + 1))
           continue
@@ -267,7 +266,7 @@ class Checkpointer:
       decision = self._agree(step, outcome)
       if decision == "ok":
         if set_aside:
-          logging.warning("resumed from step %d of %s; unreadable steps kept as %s", step,
+          log.warning("resumed from step %d of %s; unreadable steps kept as %s", step,
                           self.directory, ", ".join(str(p) for p in set_aside))
         return step, outcome.value
       if decision == "mismatch":
@@ -276,7 +275,7 @@ class Checkpointer:
       if decision == "error" or self.read_only:
         raise CheckpointError(f"cannot restore step {step} from {self.directory}: "
                               f"{outcome.message or 'failed on another process (see its log)'}")
-      logging.warning("checkpoint %s is corrupt or incomplete (%s); setting it aside",
+      log.warning("checkpoint %s is corrupt or incomplete (%s); setting it aside",
                       self._step_dir(step), outcome.message or "found by another process")
       set_aside.append(self._set_aside(step))
     raise CheckpointError(f"every checkpoint in {self.directory} is corrupt or incomplete; "
@@ -293,7 +292,7 @@ class Checkpointer:
       restored = reader.restore(self._step_dir(step), args=ocp.args.Composite(**items))
     if data_iter is not None and not same_layout:
       advance_iterator(data_iter, step)
-      logging.warning("checkpoint step %d was written by %s processes, this run has %d: the data "
+      log.warning("checkpoint step %d was written by %s processes, this run has %d: the data "
                       "iterator continues at step %d of the global data order instead of its "
                       "saved position", step, saved_by, jax.process_count(), step)
     return restored["state"]
@@ -390,38 +389,6 @@ def advance_iterator(data_iter: Any, steps: int) -> None:
                           "with the process count that wrote the checkpoint")
   state = dict(state, next_index=steps)
   data_iter.set_state(json.dumps(state).encode() if as_bytes else state)
-
-
-class StopRequest:
-  """Turns SIGTERM (and SIGINT) into a flag the loop checks between steps.
-
-  Jobs are preempted with SIGTERM; the loop then saves, waits for the write and
-  exits 0, so a scheduler restart resumes where it stopped.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-    self._event.set()
-
-  def requested(self) -> bool:
-    """True on every process once any process got a stop signal."""
-    local = self._event.is_set()
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(multihost_utils.process_allgather(local).any())
-
-  def restore_handlers(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def config_to_json(config) -> dict:

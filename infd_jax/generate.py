@@ -28,6 +28,9 @@ from tqdm import tqdm
 from infd_jax import config_checks, inference
 from infd_jax.rendering import stream
 
+log = logging.getLogger(__name__)
+
+
 to_uint8 = stream.to_uint8
 
 
@@ -94,6 +97,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     for future in pending:
       future.result()
   progress.close()
-  logging.info("process %d wrote %d of %d images (%s) in %.1fs to %s", jax.process_index(),
+  log.info("process %d wrote %d of %d images (%s) in %.1fs to %s", jax.process_index(),
                written, total, [s for s, _ in plan], time.perf_counter() - started, out_dir)
   return out_dir

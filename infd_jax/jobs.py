@@ -17,6 +17,8 @@ from infd_jax.checks import UserError
 from infd_jax.data import pipeline
 from infd_jax.evaluation import writers
 
+log = logging.getLogger(__name__)
+
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Prepares the data a training stage reads if missing (always possible for the demo).
@@ -40,7 +42,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
                                 source=d["source"], workers=workers)
     except (FileNotFoundError, ValueError) as e:
       if isinstance(e, prepare.PrepareError) and e.report.skipped:
-        logging.warning("%s", e.report.summary())
+        log.warning("%s", e.report.summary())
       error = e
   sharding.barrier("dataset prepared")
   if jax.process_index() > 0:
@@ -81,9 +83,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   mesh = sharding.make_mesh(*config_checks.check_devices(
       config, jax.device_count(), jax.process_count(), jax.default_backend()))
   workdir.mkdir(parents=True, exist_ok=True)
-  logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
+  log.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
-  logging.info("config:\n%s", config)
+  log.info("config:\n%s", config)
   if config.stage in ("ae", "dm", "all"):
     for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):
       trained.check_resume(config, workdir, stage)

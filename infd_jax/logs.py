@@ -1,35 +1,26 @@
-"""Quiet logs: our INFO lines and progress, library INFO only when asked for.
+"""One logging system for the command-line tools: Python's `logging`, by logger name.
 
-Libraries log through absl or their own Python loggers (orbax, TFDS, jax's
-backend probing, grain). By default only records of level WARNING and above
-pass from them; INFO from infd_jax and from clu's progress/metric writers
-passes always. `--verbosity=1` (absl's flag) lets everything through.
+Every infd_jax module logs through `logging.getLogger(__name__)` (the tools run as
+`__main__` name theirs `infd_jax.<module>`), so levels are set by name, not by
+file: infd_jax's INFO lines always show; libraries (jax, orbax and TFDS through
+absl's logger, grain, ...) show WARNING and above unless `--verbosity=1`.
 """
 
 import logging
 import os
 
-_OURS = (f"{os.sep}infd_jax{os.sep}", f"{os.sep}clu{os.sep}")
-
-
-class _QuietLibraries(logging.Filter):
-  """Drops library records below WARNING (keeps infd_jax's and clu's)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or any(p in record.pathname for p in _OURS)
-
-
-_FILTER = _QuietLibraries()
+from absl import logging as absl_logging
 
 
 def configure(verbosity: int = 0) -> None:
-  """Filters the root logger's handlers unless `verbosity` > 0 (idempotent).
+  """Sets the levels for a command-line run (call it before jax loads).
 
-  Also silences the C++ side of TensorFlow-based libraries, if any is present.
+  Args:
+    verbosity: absl's `--verbosity`; > 0 lets every library's INFO through, < 0
+      keeps infd_jax's INFO out too.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbosity > 0 else "3")
-  for handler in logging.getLogger().handlers:
-    if verbosity > 0:
-      handler.removeFilter(_FILTER)
-    else:
-      handler.addFilter(_FILTER)
+  libraries = logging.INFO if verbosity > 0 else logging.WARNING
+  logging.getLogger().setLevel(libraries)
+  absl_logging.set_verbosity(absl_logging.INFO if verbosity > 0 else absl_logging.WARNING)
+  logging.getLogger("infd_jax").setLevel(logging.WARNING if verbosity < 0 else logging.INFO)

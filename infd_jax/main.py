@@ -9,6 +9,7 @@ flag parsing with its name. Mistakes the user can fix end in one line on stderr
 and exit code 2. Library INFO logs are hidden unless `--verbosity=1`.
 """
 
+import logging
 import dataclasses
 import functools
 import importlib.util
@@ -18,10 +19,13 @@ import sys
 import urllib.request
 from typing import NoReturn
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from infd_jax import checks, config_checks, config_files, logs
+
+log = logging.getLogger("infd_jax.main")
+
 
 @dataclasses.dataclass(frozen=True)
 class Flags:
@@ -128,7 +132,7 @@ def _init_distributed(given: Flags) -> None:
     return
   cluster = detected_cluster() if given.multihost.value is None else None
   if given.multihost.value or cluster:
-    logging.info("multi-process start (%s)", cluster or "--multihost")
+    log.info("multi-process start (%s)", cluster or "--multihost")
     jax.distributed.initialize()
 
 
@@ -150,7 +154,7 @@ def main(given: Flags, argv: list[str]) -> None:
   from infd_jax import compile_cache  # pylint: disable=g-import-not-at-top
   cache_dir = compile_cache.enable(config.compile_cache)
   if cache_dir:
-    logging.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)
+    log.info("compilation cache: %s (--config.compile_cache=off disables it)", cache_dir)
   _init_distributed(given)
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:

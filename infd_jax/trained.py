@@ -30,8 +30,8 @@ from infd_jax.models.autoencoder import INFDAutoencoder
 from infd_jax.models.discriminator import PatchDiscriminator
 from infd_jax.models.unet import UNet
 
+log = logging.getLogger(__name__)
 PyTree = Any
-UserError = checks.UserError
 STAGES = ("ae", "dm")
 # The train-state fields holding each stage's parameters (`training.state`).
 PARAM_FIELDS = {"ae": "gen_params", "dm": "ema_params", "dm_raw": "params"}
@@ -179,7 +179,7 @@ class Source:
       part = {"gen_params": "ae", "ema_params": "dm_ema", "params": "dm"}[field]
       return jax.device_put(self._converted_part(config, part, stage),
                             jax.tree.map(lambda a: a.sharding, abstract))
-    raise UserError(
+    raise checks.UserError(
         f"no stage-{'1' if stage == 'ae' else '2'} checkpoint in {self.path}: train it first "
         f"(--config.stage={stage}) or point --config.ckpt.{stage}_checkpoint at a workdir or "
         "a converted official checkpoint")
@@ -190,11 +190,11 @@ class Source:
     diff = {k: (wanted[k], v) for k, v in self._meta[family].items()
             if k in wanted and wanted[k] != v}
     if diff:
-      raise UserError(f"config.{family} differs from the checkpoint in {self.path}: "
+      raise checks.UserError(f"config.{family} differs from the checkpoint in {self.path}: "
                       + ", ".join(f"{k}={a!r} (checkpoint {b!r})" for k, (a, b) in diff.items()))
     trees = self._mapping.load_converted(self.path)
     if part not in trees:
-      raise UserError(f"{self.path} holds no '{part}' parameters (converted parts: "
+      raise checks.UserError(f"{self.path} holds no '{part}' parameters (converted parts: "
                       f"{sorted(trees)})")
     return trees[part]
 
@@ -231,10 +231,10 @@ def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | epath.P
         if current == value:
           continue
         if f"{section}.{key}" in explicit:
-          raise UserError(f"--config.{section}.{key}={current!r} contradicts the stage-"
+          raise checks.UserError(f"--config.{section}.{key}={current!r} contradicts the stage-"
                           f"{'1' if stage == 'ae' else '2'} checkpoint in {source} "
                           f"({section}.{key}={value!r}); drop the flag")
-        logging.info("config.%s.%s = %r from the checkpoint in %s", section, key, value, source)
+        log.info("config.%s.%s = %r from the checkpoint in %s", section, key, value, source)
         config[section][key] = value
   return config
 
@@ -257,7 +257,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLik
           for section, module in _RESUMED[stage].items() for k in _module_keys(module, section)
           if k in saved.get(section, {}) and current[section][k] != saved[section][k]]
   if diff:
-    raise UserError(f"config differs from the checkpoint it would resume ("
+    raise checks.UserError(f"config differs from the checkpoint it would resume ("
                     f"{stage_dir(workdir, stage)}, step {source.latest_step(stage)}) in "
                     f"{', '.join(diff)}: use those settings or another --workdir")
 
@@ -298,7 +298,7 @@ def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.C
   """
   source = Source(path)
   if not source.stages():
-    raise UserError(f"{source} is neither a workdir with checkpoints nor a converted checkpoint")
+    raise checks.UserError(f"{source} is neither a workdir with checkpoints nor a converted checkpoint")
   saved = next(filter(None, (source.saved_config(s) for s in ("dm", "ae"))), None)
   config = defaults.base() if saved is None else config_from_json(saved)
   config.stage = "sample"

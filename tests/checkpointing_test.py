@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infd_jax import checkpointing, checks, sharding
+from infd_jax.training import stop as stop_lib
 
 
 def _state(mesh):
@@ -213,7 +214,7 @@ def test_learned_values_are_saved_with_a_step(tmp_path):
 
 
 def test_sigterm_sets_stop_request():
-  stop = checkpointing.StopRequest()
+  stop = stop_lib.StopRequest()
   try:
     assert not stop.requested()
     os.kill(os.getpid(), signal.SIGTERM)

@@ -21,6 +21,10 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# The command line parses absl flags (grain's worker processes read them); pytest does not.
+flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session")

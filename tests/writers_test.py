@@ -84,14 +84,6 @@ class TensorboardXWriterTest(absltest.TestCase):
     w.close()
     self.assertEqual(_read(logdir).Tags()["scalars"], [])
 
-  def test_clu_default_writer_uses_tensorboardx_without_tensorflow(self):
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    logdir = _tempdir(self)
-    w = metric_writers.create_default_writer(logdir, asynchronous=False)
-    w.write_scalars(3, {"x": 2.0})
-    w.close()
-    self.assertEqual(_read(logdir).Scalars("x")[0].value, 2.0)
-
 
 if __name__ == "__main__":
   absltest.main()

@@ -6,32 +6,35 @@
 Writes DIR/params (orbax) and DIR/meta.json; see `infd_jax.convert.mapping`.
 """
 
-import argparse
 import json
 import sys
 
+from absl import flags
 from etils import epath
 
-from infd_jax import paths
+from infd_jax import cli_flags, paths
 from infd_jax.convert import mapping
 from infd_jax.convert.architecture import ConversionError
 from infd_jax.convert.torch_pickle import CheckpointFormatError, UnsafeCheckpointError
 
 
+def _define(values: flags.FlagValues) -> None:
+  flags.DEFINE_string("input", None, "official .pth (e.g. last-model.pth)", flag_values=values)
+  flags.DEFINE_string("output", None, "output directory (must not hold params/)",
+                      flag_values=values)
+  flags.DEFINE_list("parts", [], f"comma list of {','.join(mapping.PARTS)}; default: all present",
+                    flag_values=values)
+  flags.mark_flags_as_required(["input", "output"], flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m infd_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--input", required=True, help="official .pth (e.g. last-model.pth)")
-  parser.add_argument("--output", required=True, help="output directory (must not hold params/)")
-  parser.add_argument("--parts", default="",
-                      help=f"comma list of {','.join(mapping.PARTS)}; default: all present")
-  args = parser.parse_args(argv)
-  parts = [p for p in args.parts.split(",") if p] or None
+  args = cli_flags.parse("infd-convert", __doc__, _define, argv)
+  parts = list(args.parts) or None
   unknown = sorted(set(parts or ()) - set(mapping.PARTS))
   if unknown:
-    parser.error(f"unknown parts {unknown}; choose from {mapping.PARTS}")
+    _usage_error(f"unknown parts {unknown}; choose from {mapping.PARTS}")
   if (epath.Path(args.output) / "params").exists():
-    parser.error(f"{args.output}/params already exists; choose a fresh --output")
+    _usage_error(f"{args.output}/params already exists; choose a fresh --output")
   try:
     meta = mapping.convert_checkpoint(args.input, args.output, parts)
   except (ConversionError, CheckpointFormatError, UnsafeCheckpointError) as e:
@@ -46,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {part:7s} {n:>13,d} values")
   print(f"wrote {paths.absolute(args.output)}")
   return 0
+
+
+def _usage_error(message: str) -> None:
+  print(f"infd-convert: error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def cli() -> None:

@@ -123,10 +123,10 @@ def batched(ds: grain.MapDataset, transform, cfg: Mapping[str, Any], *,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"],
                                             prefetch_buffer_size=max(2 * batch, c["read_threads"])))
   if c["num_workers"] > 0:
-    # grain's workers read absl flags; outside an absl app (scripts, pytest,
-    # notebooks) they are unparsed and would raise.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read its absl flags
+      raise ValueError(f"num_workers={c['num_workers']}: grain's worker processes read absl "
+                       "flags, which are not parsed here; run inside absl.app.run, call "
+                       "absl.flags.FLAGS.mark_as_parsed() first, or use num_workers=0")
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=c["num_workers"], per_worker_buffer_size=c["prefetch_buffer"]))
   return ds

@@ -11,18 +11,20 @@ Ends by printing a report: images written per split, skipped files with the
 reason, changed files with what was done, and listed names that were missing.
 """
 
-import argparse
 import logging
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
 from etils import epath
 import tensorflow_datasets as tfds
 
-from infd_jax import logs
+from infd_jax import cli_flags, logs
 from infd_jax.data import image_io
 from infd_jax.data import sources
+
+log = logging.getLogger("infd_jax.data.prepare")
 
 
 class PrepareError(ValueError):
@@ -123,7 +125,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
   for config in configs:
     if sources.is_prepared(data_dir, name, config):
       if not overwrite:
-        logging.info("%s/%s already prepared in %s", name, config, data_dir)
+        log.info("%s/%s already prepared in %s", name, config, data_dir)
         continue
       epath.Path(sources.dataset_dir(data_dir, name, config)).rmtree()
     kwargs = dict(source=source, limits=limits, data_dir=data_dir, workers=workers)
@@ -160,33 +162,32 @@ def ensure_prepared(name: str, data_dir: str, *, variant: str | None = None,
         f"given: set --config.data.source=FOLDER or run "
         f"{prepare_command(name, data_dir, variant)}")
   report = prepare(name, data_dir, configs=missing, source=source, **kwargs)
-  logging.info("prepared %s %s:\n%s", name, missing, report.summary())
+  log.info("prepared %s %s:\n%s", name, missing, report.summary())
 
 
-def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="demo", choices=sorted(sources.BUILDERS))
-  p.add_argument("--data_dir", required=True, help="Output root directory.")
-  p.add_argument("--source", help="Input image folder.")
-  p.add_argument("--config", help="image_folder: one config name (default "
-                 "'default'); ffhq: comma list of native,lanczos256,mix6k.")
-  p.add_argument("--train_list", help="ffhq: official ffhqtrain.txt.")
-  p.add_argument("--val_list", help="ffhq: official ffhqvalidation.txt.")
-  p.add_argument("--split_seed", type=int, default=0, help="ffhq: fallback split seed.")
-  p.add_argument("--min_side", type=int, default=256, help="Skip smaller squares.")
-  p.add_argument("--max_side", type=int, default=4096, help="Downscale larger squares.")
-  p.add_argument("--max_pixels", type=int, default=1 << 28, help="Skip bigger files.")
-  p.add_argument("--overwrite", action="store_true", help="Rewrite prepared configs.")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="Processes decoding and resizing images (default: one per CPU).")
-  p.add_argument("--verbosity", type=int, default=0, help="1: also the libraries' INFO logs.")
-  return p.parse_args(argv)
+def _define(values: flags.FlagValues) -> None:
+  kw = dict(flag_values=values)
+  flags.DEFINE_enum("dataset", "demo", sorted(sources.BUILDERS), "Dataset to prepare.", **kw)
+  flags.DEFINE_string("data_dir", None, "Output root directory.", **kw)
+  flags.DEFINE_string("source", None, "Input image folder.", **kw)
+  flags.DEFINE_string("config", None, "image_folder: one config name (default 'default'); "
+                      "ffhq: comma list of native,lanczos256,mix6k.", **kw)
+  flags.DEFINE_string("train_list", None, "ffhq: official ffhqtrain.txt.", **kw)
+  flags.DEFINE_string("val_list", None, "ffhq: official ffhqvalidation.txt.", **kw)
+  flags.DEFINE_integer("split_seed", 0, "ffhq: fallback split seed.", **kw)
+  flags.DEFINE_integer("min_side", 256, "Skip smaller squares.", **kw)
+  flags.DEFINE_integer("max_side", 4096, "Downscale larger squares.", **kw)
+  flags.DEFINE_integer("max_pixels", 1 << 28, "Skip bigger files.", **kw)
+  flags.DEFINE_bool("overwrite", False, "Rewrite prepared configs.", **kw)
+  flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                       "Processes decoding and resizing images (default: one per CPU).", **kw)
+  flags.DEFINE_integer("verbosity", 0, "1: also the libraries' INFO logs.", **kw)
+  flags.mark_flag_as_required("data_dir", **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> sources.PrepareReport:
   """Prepares as the flags say and prints the report; raises on bad input."""
-  args = _parse_args(argv)
+  args = cli_flags.parse("infd-prepare", __doc__, _define, argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logs.configure(args.verbosity)
   limits = image_io.ImageLimits(args.min_side, args.max_side, args.max_pixels)

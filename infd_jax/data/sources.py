@@ -37,6 +37,7 @@ import tqdm
 from infd_jax.data import image_io
 from infd_jax.data import parallel
 
+log = logging.getLogger(__name__)
 VERSION = "1.0.0"
 FFHQ_CONFIGS = ("native", "lanczos256", "mix6k")
 LR_RES = 256
@@ -170,7 +171,7 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(file_format="array_record", **kwargs)
 
   def _log_download_bytes(self) -> None:  # TFDS prints "Downloading and preparing ..."
-    logging.info("preparing %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
+    log.info("preparing %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
 
   def _log_download_done(self) -> None:
     pass
@@ -271,7 +272,7 @@ class Ffhq(_SquareImages, skip_registration=True):
       present = set(names)
       self.report.missing += [n for n in train + val if n not in present]
       return ([n for n in train if n in present], [n for n in val if n in present])
-    logging.warning(
+    log.warning(
         "ffhq: no --train_list/--val_list given; using a seeded split (seed %d, "
         "1/7 val) that differs from the official ffhqtrain.txt/ffhqvalidation.txt.",
         self._split_seed)

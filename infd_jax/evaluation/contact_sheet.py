@@ -26,6 +26,8 @@ from infd_jax.evaluation import metrics, scale_consistency
 from infd_jax.rendering import tiling
 from infd_jax import builders, trained
 
+log = logging.getLogger(__name__)
+
 
 def held_out_crops(base: int) -> np.ndarray:
   """[4 * n_photos, base, base, 3] in [-1, 1]: the quadrants of each held-out photo at 2*base."""
@@ -88,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if jax.process_index() == 0:
     Image.fromarray(np.concatenate(rows, axis=0)).save(sheet)
     (workdir / "demo.json").write_text(json.dumps(numbers, indent=1))
-  logging.info("contact sheet %s: %s", sheet, numbers)
+  log.info("contact sheet %s: %s", sheet, numbers)
   return sheet, numbers
 
 

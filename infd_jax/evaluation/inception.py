@@ -13,16 +13,18 @@ Weights: convert the pytorch-fid / torch-fidelity file once with
 and load it with `load_inception_params`.
 """
 
-import argparse
 import functools
 import os
 from typing import Any, Sequence
 
+from absl import flags
 from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from infd_jax import cli_flags
 
 PyTree = Any
 INPUT_SIZE = 299
@@ -289,13 +291,17 @@ def load_inception_params(path: str | os.PathLike) -> PyTree:
   return _unflat({p: jnp.asarray(v) for p, v in flat.items()})
 
 
+def _define(values: flags.FlagValues) -> None:
+  flags.DEFINE_bool("convert", False, "convert a PyTorch Inception checkpoint to .npz",
+                    flag_values=values)
+  flags.DEFINE_string("input", None, "pt_inception-2015-12-05-6726825d.pth", flag_values=values)
+  flags.DEFINE_string("output", None, "destination .npz", flag_values=values)
+  flags.mark_flags_as_required(["input", "output"], flag_values=values)
+  flags.register_validator("convert", bool, "--convert is the only action", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--convert", action="store_true", required=True,
-                      help="convert a PyTorch Inception checkpoint to .npz")
-  parser.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-  parser.add_argument("--output", required=True, help="destination .npz")
-  args = parser.parse_args(argv)
+  args = cli_flags.parse("python -m infd_jax.evaluation.inception", __doc__, _define, argv)
   # Imported here: only the one-off conversion needs the checkpoint reader.
   from infd_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
   sd = torch_pickle.load_torch_state_dict(args.input)

@@ -31,6 +31,8 @@ from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
 from infd_jax.models.lpips import load_lpips_params
 
+log = logging.getLogger(__name__)
+
 
 def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.ndarray]:
   """Up to `num` whole validation images as uint8 squares (the split `data.eval_split`)."""
@@ -100,6 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(results, indent=2))
   for k, v in sorted(results.items()):
-    logging.info("eval %s = %.4f", k, v)
+    log.info("eval %s = %.4f", k, v)
     print(f"{k:>28s} {v:10.4f}")
   return results

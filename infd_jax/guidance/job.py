@@ -24,6 +24,8 @@ from infd_jax import checks, inference
 from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import stream
 
+log = logging.getLogger(__name__)
+
 
 def _save_png(image: np.ndarray, path: epath.Path) -> None:
   with path.open("wb") as f:
@@ -49,7 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     z, losses = model.condition_global(ids, cc.seed, task)
     losses = np.asarray(multihost_utils.process_allgather(losses, tiled=True))[:len(ids)]
     for k, c in enumerate(task.objective.conditions):
-      logging.info("samples %d-%d: %s loss on %s of %s: %s", ids[0], ids[-1], c.kind, c.box,
+      log.info("samples %d-%d: %s loss on %s of %s: %s", ids[0], ids[-1], c.kind, c.box,
                    c.size, np.round(losses[:, k], 4).tolist())
     phi = model.decode_global(z)
     for size, folder in zip(sizes, folders):
@@ -60,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
       written += int(keep.sum())
     progress.update(len(ids))
   progress.close()
-  logging.info("process %d wrote %d images of %d guided samples at %s in %.1fs to %s",
+  log.info("process %d wrote %d images of %d guided samples at %s in %.1fs to %s",
                jax.process_index(), written, cc.num_samples, sizes,
                time.perf_counter() - started, out_dir)
   return out_dir

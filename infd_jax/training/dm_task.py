@@ -30,6 +30,7 @@ from infd_jax.training import loop, optim
 from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
 
+log = logging.getLogger(__name__)
 PyTree = Any
 LATENT_FILE_ROWS = 1024  # latents per cache file (FFHQ 256: 48 MiB)
 
@@ -78,7 +79,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
   step = trained.stage_source(config, workdir, "ae").latest_step("ae")
   directory = epath.Path(workdir) / "latents" / f"ae{'' if step is None else step}-{digest[:16]}"
   if latents_lib.read_meta(directory) is not None:
-    logging.info("latent cache %s", directory)
+    log.info("latent cache %s", directory)
     return directory
   ae = builders.autoencoder(config)
   encode = sharding.compiled_everywhere(jax.jit(functools.partial(encode_latents, ae)),
@@ -96,7 +97,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
       shards = sorted(z.addressable_shards, key=lambda s: s.index[0].start or 0)
       yield np.concatenate([np.asarray(s.data) for s in shards])[batch[padded.MASK]]
       if i % 50 == 0:
-        logging.info("latent cache: batch %d/%d", i + 1, count)
+        log.info("latent cache: batch %d/%d", i + 1, count)
 
   rows = latents_lib.write_share(directory, encoded(), process_index=jax.process_index(),
                                  rows_per_file=LATENT_FILE_ROWS)
@@ -105,7 +106,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: epath.Path, ae_par
     latents_lib.write_meta(directory, num_records=num_records, process_count=jax.process_count(),
                            rows_per_file=LATENT_FILE_ROWS, ae_step=step, settings=settings)
   sharding.barrier(f"latents meta {directory}")
-  logging.info("cached %d latents of this process in %s", rows, directory)
+  log.info("cached %d latents of this process in %s", rows, directory)
   return directory
 
 
@@ -129,7 +130,7 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, workdir: str | os.Pa
   scale = trained.Source(workdir).learned("dm").get("latent_scale")  # a resumed run
   if scale is None:
     scale = 1.0 / latents_lib.latent_std(cached)
-    logging.info("latent scale %.6g (1 / std of the cached latents)", scale)
+    log.info("latent scale %.6g (1 / std of the cached latents)", scale)
   return float(scale)
 
 

@@ -18,15 +18,15 @@ import jax
 import ml_collections
 import numpy as np
 
-# `writers` must come before clu.metric_writers / clu.periodic_actions: without
-# TensorFlow those clu modules import only after it registers its writer.
-from infd_jax.evaluation import writers
 from clu import metrics as clu_metrics
-from clu import periodic_actions  # pylint: disable=g-bad-import-order
 
-from infd_jax import checkpointing, sharding, trained  # pylint: disable=g-bad-import-order
+from infd_jax import checkpointing, sharding, trained
 from infd_jax.data import padded, prefetch
+from infd_jax.evaluation import writers
+from infd_jax.training import progress
+from infd_jax.training import stop as stop_lib
 
+log = logging.getLogger(__name__)
 PyTree = Any
 
 
@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   rules = sharding.config_rules(config.mesh)
   ckpt = checkpointing.Checkpointer(trained.stage_dir(workdir, task.name),
                                     keep=tc.keep_checkpoints)
-  logging.info("[%s] compiling the initialiser and opening the data", task.name)
+  log.info("[%s] compiling the initialiser and opening the data", task.name)
   abstract, shardings, init = initial_state(task.init, mesh, rules, config.seed)
   host_iter = iter(task.make_dataset(jax.process_index(), jax.process_count()))
   data_iter = prefetch.DevicePrefetch(host_iter, lambda b: sharding.shard_batch(b, mesh))
@@ -133,10 +133,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   config_json = checkpointing.config_to_json(config)
   if ckpt.latest_step() is not None:
     start, state = ckpt.restore(abstract, data_iter, config=config_json)
-    logging.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
+    log.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
   else:
     start, state = 0, init()
-    logging.info("[%s] initialised a new state", task.name)
+    log.info("[%s] initialised a new state", task.name)
   if start >= task.total_steps:
     ckpt.close()
     return state
@@ -144,11 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   step_fn = sharding.compiled_everywhere(jax.jit(
       _with_collection(task), out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0), f"{task.name} train step")
-  report = periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
-                                           every_steps=tc.log_every)
-  stop = checkpointing.StopRequest()
+  report = progress.Progress(task.total_steps, writer, tc.log_every)
+  stop = stop_lib.StopRequest()
   merged, last_saved = None, start
-  logging.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
+  log.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
                task.name, task.total_steps - start, tc.log_every)
 
   def save(step: int) -> None:
@@ -163,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     means = {k: float(v) for k, v in jax.device_get(merged).compute().items()}
     if not all(np.isfinite(v) for v in means.values()) and tc.on_nonfinite == "skip":
       # The steps themselves kept the previous state (see `state.skip_unless_finite`).
-      logging.warning("[%s] non-finite metrics before step %d; those steps were skipped",
+      log.warning("[%s] non-finite metrics before step %d; those steps were skipped",
                       task.name, step)
     elif not all(np.isfinite(v) for v in means.values()):
       ckpt.wait_until_finished()
@@ -182,7 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
       merged = metrics if merged is None else merged.merge(metrics)  # on device, no sync
       if step == start + 1:
         jax.block_until_ready(state)
-        logging.info("[%s] step %d done; training", task.name, step)
+        log.info("[%s] step %d done; training", task.name, step)
       report(step)
       if step % tc.log_every == 0 or step == task.total_steps:
         check_and_log(step)
@@ -199,7 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
       if stopping or ckpt.reached_preemption(step):
         if last_saved != step:
           save(step)
-        logging.warning("[%s] stopped at step %d after saving; rerun to resume.", task.name, step)
+        log.warning("[%s] stopped at step %d after saving; rerun to resume.", task.name, step)
         ckpt.close()
         raise SystemExit(0)
   finally:
