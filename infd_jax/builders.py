@@ -11,6 +11,7 @@ from infd_jax.models.unet import UNet
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The modules' compute dtype; float64 (parameters and optimizer state too) needs x64."""
   return jnp.dtype(config.train.compute_dtype)
 
 

@@ -20,7 +20,7 @@ from infd_jax.checks import UserError, is_int, is_local, parse_size, parse_windo
 from infd_jax.diffusion import SAMPLERS, SPACINGS
 
 STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX x64 mode only
 # The data variant each stage reads.
 _DATA_VARIANTS = {"ae": ("variant",), "dm": ("dm_variant",), "all": ("variant", "dm_variant")}
 Rule = Callable[[Any], str]  # value -> what is wrong with it ('' if nothing)
@@ -294,8 +294,9 @@ def _check_eval(config: ml_collections.ConfigDict, workdir: str | None) -> None:
 
 
 def check_devices(config: ml_collections.ConfigDict, devices: int, processes: int,
-                  platform: str) -> tuple[int, int]:
-  """The settings that depend on the machine; returns the mesh shape (data, fsdp)."""
+                  platform: str, x64: bool = False) -> tuple[int, int]:
+  """The settings that depend on the machine and JAX (x64: `jax_enable_x64`); returns the
+  mesh shape (data, fsdp)."""
   mesh = checks.mesh_shape(config.mesh.data, config.mesh.fsdp, devices)
   settings = {"ae": ("train.ae_batch_size",), "dm": ("train.dm_batch_size",),
               "all": ("train.ae_batch_size", "train.dm_batch_size")}.get(config.stage, ())
@@ -303,6 +304,9 @@ def check_devices(config: ml_collections.ConfigDict, devices: int, processes: in
     problem = checks.batch_layout_problem(setting, _get(config, setting), mesh, processes)
     if problem:
       raise UserError(problem)
+  if config.train.compute_dtype == "float64" and not x64:
+    _fail("train.compute_dtype", "float64", "needs JAX's x64 mode (JAX_ENABLE_X64=1); use "
+          "float32 or bfloat16")
   if config.dm.attention_impl == "cudnn" and platform != "gpu":
     _fail("dm.attention_impl", "cudnn", f"needs an NVIDIA GPU; this run is on {platform}: use "
           "'xla'")

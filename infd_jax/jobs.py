@@ -81,7 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   config = trained.adopt_architecture(config, workdir, overrides)
   config_checks.check_config(config, os.fspath(workdir), adopted=True)
   mesh = sharding.make_mesh(*config_checks.check_devices(
-      config, jax.device_count(), jax.process_count(), jax.default_backend()))
+      config, jax.device_count(), jax.process_count(), jax.default_backend(),
+      jax.config.jax_enable_x64))
   workdir.mkdir(parents=True, exist_ok=True)
   log.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))

@@ -157,6 +157,7 @@ DEVICE_CASES = [  # 8 CPU devices, one process
      "train.dm_batch_size=12 does not split"),
     ("dm.attention_impl (GPU only)", ["dm.attention_impl=cudnn", "train.compute_dtype=bfloat16"],
      "needs an NVIDIA GPU; this run is on cpu"),
+    ("train.compute_dtype (x64 only)", ["train.compute_dtype=float64"], "needs JAX's x64 mode"),
 ]
 
 
