@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from infd_jax import builders
-from infd_jax.configs import common
+from infd_jax import defaults
 from infd_jax.convert import mapping, torch_pickle
 from infd_jax.models import layers, lpips as lpips_lib
 from infd_jax.training import ae_step, dm_step, optim
@@ -61,7 +61,7 @@ def _fixture():
 
 
 def _config(dtype: str, arch: dict):
-  c = common.base()
+  c = defaults.base()
   c.train.compute_dtype = dtype
   c.ae.update(arch["ae"])
   c.disc.update(arch["disc"])
