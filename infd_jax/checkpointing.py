@@ -209,7 +209,7 @@ class Checkpointer:
         kind = classify(e)
         if kind == "transient" and attempt < self.retries:
           log.warning("reading step %d of %s failed (%s); retrying", step, self.directory,
-                          _one_line(e))
+                      _one_line(e))
           time.sleep(self.retry_wait * (attempt + 1))
           continue
         if kind == "transient":
@@ -267,7 +267,7 @@ class Checkpointer:
       if decision == "ok":
         if set_aside:
           log.warning("resumed from step %d of %s; unreadable steps kept as %s", step,
-                          self.directory, ", ".join(str(p) for p in set_aside))
+                      self.directory, ", ".join(str(p) for p in set_aside))
         return step, outcome.value
       if decision == "mismatch":
         raise checks.UserError(outcome.message or f"another process found that step {step} of "
@@ -276,7 +276,7 @@ class Checkpointer:
         raise CheckpointError(f"cannot restore step {step} from {self.directory}: "
                               f"{outcome.message or 'failed on another process (see its log)'}")
       log.warning("checkpoint %s is corrupt or incomplete (%s); setting it aside",
-                      self._step_dir(step), outcome.message or "found by another process")
+                  self._step_dir(step), outcome.message or "found by another process")
       set_aside.append(self._set_aside(step))
     raise CheckpointError(f"every checkpoint in {self.directory} is corrupt or incomplete; "
                           f"kept as {', '.join(str(p) for p in set_aside)}. Move them away "
@@ -293,8 +293,8 @@ class Checkpointer:
     if data_iter is not None and not same_layout:
       advance_iterator(data_iter, step)
       log.warning("checkpoint step %d was written by %s processes, this run has %d: the data "
-                      "iterator continues at step %d of the global data order instead of its "
-                      "saved position", step, saved_by, jax.process_count(), step)
+                  "iterator continues at step %d of the global data order instead of its "
+                  "saved position", step, saved_by, jax.process_count(), step)
     return restored["state"]
 
   def restore_fields(self, fields: dict[str, PyTree], step: int | None = None) -> dict[str, PyTree]:

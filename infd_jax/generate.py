@@ -98,5 +98,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
       future.result()
   progress.close()
   log.info("process %d wrote %d of %d images (%s) in %.1fs to %s", jax.process_index(),
-               written, total, [s for s, _ in plan], time.perf_counter() - started, out_dir)
+           written, total, [s for s, _ in plan], time.perf_counter() - started, out_dir)
   return out_dir

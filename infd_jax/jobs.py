@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       jax.config.jax_enable_x64))
   workdir.mkdir(parents=True, exist_ok=True)
   log.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+           jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   log.info("config:\n%s", config)
   if config.stage in ("ae", "dm", "all"):
     for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):

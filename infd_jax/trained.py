@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from infd_jax import builders, checkpointing, checks, paths, sharding
-from infd_jax import defaults
+from infd_jax import builders, checkpointing, checks, config_checks, defaults, paths, sharding
 from infd_jax.models.autoencoder import INFDAutoencoder
 from infd_jax.models.discriminator import PatchDiscriminator
 from infd_jax.models.unet import UNet
@@ -295,14 +294,19 @@ def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.C
   The settings come from the config saved with the newest stage-2 checkpoint (else
   stage 1; the defaults for a converted checkpoint), the architecture from the
   checkpoints; `overrides` are `section=dict(...)` updates, e.g. `sample=dict(tile=128)`.
+  The result passes `config_checks.check_config` (the Python API's settings checked too).
   """
   source = Source(path)
   if not source.stages():
     raise checks.UserError(f"{source} is neither a workdir with checkpoints nor a converted checkpoint")
   saved = next(filter(None, (source.saved_config(s) for s in ("dm", "ae"))), None)
-  config = defaults.base() if saved is None else config_from_json(saved)
+  config = defaults.base()  # settings newer than the checkpoint keep their defaults
+  if saved is not None:
+    config.update(config_from_json(saved))
   config.stage = "sample"
   config.ckpt.update(ae_checkpoint=str(source), dm_checkpoint=str(source))
   for section, values in overrides.items():
     config[section].update(values)
-  return adopt_architecture(config, source.path)
+  config = adopt_architecture(config, source.path)
+  config_checks.check_config(config, adopted=True)
+  return config

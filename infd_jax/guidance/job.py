@@ -52,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     losses = np.asarray(multihost_utils.process_allgather(losses, tiled=True))[:len(ids)]
     for k, c in enumerate(task.objective.conditions):
       log.info("samples %d-%d: %s loss on %s of %s: %s", ids[0], ids[-1], c.kind, c.box,
-                   c.size, np.round(losses[:, k], 4).tolist())
+               c.size, np.round(losses[:, k], 4).tolist())
     phi = model.decode_global(z)
     for size, folder in zip(sizes, folders):
       rows, images = model.render_local(phi, size)
@@ -63,6 +63,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     progress.update(len(ids))
   progress.close()
   log.info("process %d wrote %d images of %d guided samples at %s in %.1fs to %s",
-               jax.process_index(), written, cc.num_samples, sizes,
-               time.perf_counter() - started, out_dir)
+           jax.process_index(), written, cc.num_samples, sizes,
+           time.perf_counter() - started, out_dir)
   return out_dir

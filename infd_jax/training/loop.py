@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
   stop = stop_lib.StopRequest()
   merged, last_saved = None, start
   log.info("[%s] compiling the training step, then %d steps (progress every %d steps)",
-               task.name, task.total_steps - start, tc.log_every)
+           task.name, task.total_steps - start, tc.log_every)
 
   def save(step: int) -> None:
     nonlocal last_saved
@@ -163,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     if not all(np.isfinite(v) for v in means.values()) and tc.on_nonfinite == "skip":
       # The steps themselves kept the previous state (see `state.skip_unless_finite`).
       log.warning("[%s] non-finite metrics before step %d; those steps were skipped",
-                      task.name, step)
+                  task.name, step)
     elif not all(np.isfinite(v) for v in means.values()):
       ckpt.wait_until_finished()
       raise NonFiniteLossError(
