@@ -146,12 +146,12 @@ class Source:
         learned[name] = saved[section][key]
     return learned
 
-  def architecture(self, stage: str) -> dict[str, dict[str, Any]] | None:
+  def architecture(self, stage: str, learned: bool = True) -> dict[str, dict[str, Any]] | None:
     """{section: {key: value}} of the stage as trained; None when this source lacks it.
 
     A key missing from a saved section predates that option: it is the official
     default. Converted checkpoints carry only the module widths (their meta).
-    Learned values (the latent scale) fill their config keys.
+    Learned values (the latent scale) fill their config keys unless `learned=False`.
     """
     if not self.has(stage):
       return None
@@ -159,10 +159,10 @@ class Source:
     official = defaults.base()
     found = {section: {k: _tupled(saved[section].get(k, official[section][k])) for k in keys}
              for section, keys in architecture_keys(stage).items() if section in saved}
-    learned = self.learned(stage)
+    values = self.learned(stage) if learned else {}
     for name, (section, key) in _LEARNED.get(stage, {}).items():
-      if name in learned:
-        found.setdefault(section, {})[key] = learned[name]
+      if name in values:
+        found.setdefault(section, {})[key] = values[name]
     return found
 
   def restore_params(self, stage: str, field: str, abstract: PyTree, config) -> PyTree:
@@ -221,9 +221,11 @@ def adopt_architecture(config: ml_collections.ConfigDict, workdir: str | epath.P
   """
   config = ml_collections.ConfigDict(config.to_dict())
   explicit = set(overrides)
-  for stage in _STAGES_READ.get(job or config.stage, ()):
+  job = job or config.stage
+  for stage in _STAGES_READ.get(job, ()):
     source = stage_source(config, workdir, stage)
-    saved = source.architecture(stage)
+    # A stage that trains on keeps its own setting (it resolves what it learns itself).
+    saved = source.architecture(stage, learned=stage != job)
     for section, values in (saved or {}).items():
       for key, value in values.items():
         current = _tupled(config[section][key])
