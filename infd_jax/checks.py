@@ -61,12 +61,17 @@ def parse_window(window: Any, size: tuple[int, int], name: str = "window"
     return None
   if not (isinstance(window, (tuple, list)) and len(window) == 4 and all(map(is_int, window))):
     raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
-  top, left, h, w = (int(v) for v in window)
-  if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= size[0]
-          and left + w <= size[1]):
-    raise UserError(f"{name}: window {(top, left, h, w)} (top, left, height, width) is not "
-                    f"inside the {size[0]}x{size[1]} image")
-  return top, left, h, w
+  window = tuple(int(v) for v in window)
+  if not _inside(window, size):
+    raise UserError(f"{name}: window {window} (top, left, height, width) is not inside the "
+                    f"{size[0]}x{size[1]} image")
+  return window
+
+
+def _inside(box: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
+  """A non-empty (top, left, height, width) box within an H x W image."""
+  top, left, h, w = box
+  return 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= size[0] and left + w <= size[1]
 
 
 def check_count(n: Any, name: str) -> None:
@@ -96,14 +101,15 @@ def parse_regions(regions: Any, name: str = "config.condition.regions",
       raise UserError(f"{where}: needs kind and size; unknown keys {sorted(unknown)} (known: "
                       f"{sorted(_REGION_KEYS)})")
     if r["kind"] not in KINDS:
-      raise UserError(f"{where}: kind {r['kind']!r}: choose one of {', '.join(KINDS)}")
+      raise UserError(f"{where}: condition kind {r['kind']!r}: choose one of {', '.join(KINDS)}")
     size = parse_size(r["size"], f"{where}.size")
     box, scale = r.get("box", (0, 0, *size)), r.get("scale", 1.0)
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(is_int, box))
             and isinstance(scale, (int, float)) and not isinstance(scale, bool)):
       raise UserError(f"{where}: box {box!r} must be 4 integers (top, left, height, width) "
                       f"and scale {scale!r} a number")
-    parse_window(box, size, f"{where}.box")
+    if not _inside(box, size):
+      raise UserError(f"{where}: box {tuple(box)} is not inside the {size[0]}x{size[1]} image")
     if r["kind"] == "text" and not r.get("prompt"):
       raise UserError(f"{where}: a text region needs a prompt")
     if r["kind"] != "text" and not r.get("image"):

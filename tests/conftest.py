@@ -32,9 +32,7 @@ def tiny_trained(tmp_path_factory):
   """A workdir with a 3-step autoencoder and diffusion model of non-default widths.
 
   z_channels, codebook size, UNet channel multipliers and head width differ from
-  `configs/tiny.py`, so later stages only work if they read the saved architecture;
-  stage 2 learns its latent scale (1 / std of the latents), so sampling must read it
-  from the checkpoint.
+  `configs/tiny.py`, so later stages only work if they read the saved architecture.
   """
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
@@ -45,6 +43,5 @@ def tiny_trained(tmp_path_factory):
     c.data.data_dir = str(data)
     c.ae.update(z_channels=4, num_codes=16)
     c.dm.update(channel_mult=(1, 1), num_head_channels=16)
-    c.diffusion.latent_scale = 0.0
     jobs.run(c, work)
   return work

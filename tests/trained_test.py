@@ -61,14 +61,24 @@ def _sample_config(work):
   return c
 
 
-def test_the_learned_latent_scale_is_saved_with_the_checkpoint_not_the_config(tiny_trained):
-  cache = sorted((tiny_trained / "latents").glob("*/p*.npy"))
-  z = np.concatenate([np.load(f) for f in cache]).astype(np.float64)
-  source = trained.Source(tiny_trained)
+def test_the_learned_latent_scale_is_saved_with_the_checkpoint_not_the_config(tiny_trained,
+                                                                              tmp_path):
+  work = tmp_path / "work"
+  c = tiny.get_config("stage=dm")
+  c.data.data_dir = str(tmp_path / "data")
+  c.ckpt.ae_checkpoint = str(tiny_trained)
+  c.diffusion.latent_scale = 0.0  # 1 / std of the cached latents, learned when stage 2 starts
+  c.train.update(dm_steps=1, ckpt_every=1)
+  jobs.run(c, work)
+  z = np.concatenate([np.load(f) for f in sorted((work / "latents").glob("*/p*.npy"))])
+  source = trained.Source(work)
   assert source.saved_config("dm")["diffusion"]["latent_scale"] == 0.0  # the user's setting
-  np.testing.assert_allclose(source.learned("dm")["latent_scale"], 1.0 / z.std(), rtol=1e-9)
-  adopted = trained.adopt_architecture(_sample_config(tiny_trained), tiny_trained)
-  np.testing.assert_allclose(adopted.diffusion.latent_scale, 1.0 / z.std(), rtol=1e-9)
+  np.testing.assert_allclose(source.learned("dm")["latent_scale"],
+                             1.0 / z.astype(np.float64).std(), rtol=1e-9)
+  sample = _sample_config(work)
+  sample.ckpt.ae_checkpoint = str(tiny_trained)
+  np.testing.assert_allclose(trained.adopt_architecture(sample, work).diffusion.latent_scale,
+                             1.0 / z.astype(np.float64).std(), rtol=1e-9)
 
 
 def test_sampling_reads_the_scale_of_the_checkpoint_and_of_older_checkpoints(tiny_trained,
