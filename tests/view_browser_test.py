@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -107,5 +108,36 @@ def test_zooming_three_levels_shows_tiles_equal_to_model_render(view_server, tmp
     assert deepest == list(range(deepest[0], deepest[0] + 4)), deepest
     shot = os.environ.get("INFD_VIEW_SCREENSHOT") or str(tmp_path / "deep_zoom.png")
     driver.save_screenshot(shot)
+    _check_saved_view(driver, view_server, z)
+    _check_side_by_side(driver)
   finally:
     driver.quit()
+
+
+def _check_saved_view(driver, view_server, z):
+  """The page's saved view (screen resolution) is the region rendered at that scale."""
+  url = driver.execute_script("return infdView.savedViewUrl(1)")
+  query = urllib.parse.parse_qs(url.split("?", 1)[1])
+  x, y, w, h = (float(query[k][0]) for k in ("x", "y", "w", "h"))
+  width = int(query["width"][0])
+  assert 0 <= x and x + w <= 1 and 0 <= y and y + h <= 1, query  # deep inside the image
+  status, body = view_server.get(url)
+  assert status == 200, body
+  side = round(width / w)  # the whole image at the saved scale
+  top, left = int(y * side), int(x * side)
+  window = (top, left, round((y + h) * side) - top, round((x + w) * side) - left)
+  images = view_server.model.render(z, side, window=window)[0]
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))),
+                                np.floor(np.clip(images / 2 + 0.5, 0, 1) * 255).astype(np.uint8))
+
+
+def _check_side_by_side(driver):
+  """A second size of the sample opens beside the first, at the same view."""
+  driver.execute_script("document.getElementById('size2').value = '1024';"
+                        "document.getElementById('compare').click();")
+  _wait(driver, "return infdView.right.isOpen() && infdView.loaded()")
+  left, right = driver.execute_script(
+      "return [infdView.left, infdView.right].map((v) => {"
+      "const b = v.viewport.getBounds(true); return [b.x, b.y, b.width, b.height]; })")
+  np.testing.assert_allclose(right, left, rtol=0, atol=1e-6)
+  assert driver.execute_script("return infdView.size2") == "1024"

@@ -86,7 +86,8 @@ def view_window(full_hw: tuple[int, int], region: tuple[float, float, float, flo
     raise ValueError(f"region {region} does not overlap the image (0, 0, 1, {aspect:g})")
   scale = out_width / w  # output pixels per unit of viewer coordinates (= the image width)
   hw = max(1, round(aspect * scale)), max(1, round(scale))
-  top, left = min(int(y0 * scale), hw[0] - 1), min(int(x0 * scale), hw[1] - 1)
-  bottom, right = min(max(round(y1 * scale), top + 1), hw[0]), min(max(round(x1 * scale),
-                                                                       left + 1), hw[1])
+  unit = hw[1]  # the same, rounded to whole pixels: the image is rendered this wide
+  top, left = min(int(y0 * unit), hw[0] - 1), min(int(x0 * unit), hw[1] - 1)
+  bottom = min(max(round(y1 * unit), top + 1), hw[0])
+  right = min(max(round(x1 * unit), left + 1), hw[1])
   return hw, (top, left, bottom - top, right - left)

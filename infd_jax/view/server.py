@@ -90,12 +90,16 @@ def make_app(service: tiles.TileService, defaults: dict[str, Any]) -> Starlette:
 
 
 def bind(host: str, port: int) -> socket.socket:
-  """A listening-ready TCP socket on host:port (port 0: any free port); OSError if taken."""
+  """A listening TCP socket on host:port (port 0: any free port); OSError if taken.
+
+  Connections made before the server runs wait in the backlog.
+  """
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
   sock = socket.socket(family, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
     sock.bind((host, port))
+    sock.listen(1024)
   except OSError:
     sock.close()
     raise

@@ -52,51 +52,55 @@ function dziUrl(image, size) {
   return `dzi/${encodeURIComponent(image)}/${encodeURIComponent(size)}.dzi`;
 }
 
-function label(size) {
-  return view.info.kind === 'model' ? `${view.image} at ${Number(size).toLocaleString()} px` : view.image;
+function label(image, size) {
+  return view.info.kind === 'model' ? `${image} at ${Number(size).toLocaleString()} px` : image;
 }
 
 function show() {
+  let image = $('file').value, size = 'full', size2 = null;
   if (view.info.kind === 'model') {
-    view.image = `${$('seed').value}-${$('index').value}`;
-    view.size = $('size').value;
-    view.size2 = $('compare').checked ? $('size2').value : null;
-    location.hash = `seed=${$('seed').value}&index=${$('index').value}&size=${view.size}` +
-      (view.size2 ? `&compare=${view.size2}` : '');
-  } else {
-    view.image = $('file').value;
-    view.size = 'full';
-    view.size2 = null;
+    image = `${$('seed').value}-${$('index').value}`;
+    size = $('size').value;
+    size2 = $('compare').checked ? $('size2').value : null;
+    location.hash = `seed=${$('seed').value}&index=${$('index').value}&size=${size}` +
+      (size2 ? `&compare=${size2}` : '');
   }
   status('');
-  $('pane-right').hidden = !view.size2;
-  view.left.open(dziUrl(view.image, view.size));
-  $('label-left').textContent = label(view.size);
-  if (view.size2) {
-    view.right.open(dziUrl(view.image, view.size2));
-    $('label-right').textContent = label(view.size2);
-  } else {
+  $('pane-right').hidden = !size2;
+  if (image !== view.image || size !== view.size) {
+    view.left.open(dziUrl(image, size));
+    $('label-left').textContent = label(image, size);
+  }
+  if (size2 && (image !== view.image || size2 !== view.size2)) {
+    view.right.open(dziUrl(image, size2));
+    $('label-right').textContent = label(image, size2);
+  } else if (!size2) {
     view.right.close();
   }
+  Object.assign(view, { image, size, size2 });
 }
 
-// The region shown by the left viewer, saved as a PNG `scale` times the screen's pixels.
-async function save() {
+// The URL of the region the left viewer shows, saved at `scale` times the screen's pixels.
+view.savedViewUrl = (scale) => {
   const viewer = view.left;
   const bounds = viewer.viewport.getBounds(true);
-  const width = Math.round(viewer.container.clientWidth * window.devicePixelRatio *
-                           Number($('scale').value));
+  const width = Math.round(viewer.container.clientWidth * window.devicePixelRatio * scale);
   const query = new URLSearchParams({ image: view.image, size: view.size, x: bounds.x,
                                       y: bounds.y, w: bounds.width, h: bounds.height, width });
+  return `view.png?${query}`;
+};
+
+async function save() {
+  const scale = Number($('scale').value);
   status('rendering the saved view');
-  const response = await fetch(`view.png?${query}`);
+  const response = await fetch(view.savedViewUrl(scale));
   if (!response.ok) {
     status(`cannot save: ${await response.text()}`, true);
     return;
   }
   const link = document.createElement('a');
   link.href = URL.createObjectURL(await response.blob());
-  link.download = `${view.image}_${view.size}_${width}px.png`.replace(/[^\w.-]/g, '_');
+  link.download = `${view.image}_${view.size}_x${scale}.png`.replace(/[^\w.-]/g, '_');
   link.click();
   URL.revokeObjectURL(link.href);
   status('saved');
@@ -106,7 +110,9 @@ async function init() {
   view.info = await (await fetch('api/info')).json();
   view.left = makeViewer('left');
   view.right = makeViewer('right');
-  view.right.addHandler('open', follow(view.left, view.right));  // opens at the left's view
+  const leftToRight = follow(view.left, view.right);
+  view.left.addHandler('open', leftToRight);
+  view.right.addHandler('open', leftToRight);  // a new right image starts at the left's view
   follow(view.right, view.left);
   if (view.info.kind === 'model') {
     const hash = new URLSearchParams(location.hash.slice(1));
