@@ -157,3 +157,17 @@ def test_bigtiff_written_by_the_sampler_shows_the_field_at_every_stored_level(
     window = _tile_window(256, level, 1 if side > 128 else 0, 0)[1]
     expected = _uint8(model.render(latents[:1], side, window=window)[0])
     np.testing.assert_array_equal(source.render(ref, (side, side), window), expected)
+
+
+def test_one_device_hosts_render_the_tiles_model_render_gives(tiny_trained):
+  """On one device (a GPU host), the cached-phi path still equals Model.render."""
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from infd_jax import sharding  # pylint: disable=g-import-not-at-top
+  from infd_jax.view import model_source  # pylint: disable=g-import-not-at-top
+  model = infd_jax.load(tiny_trained, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+  source = model_source.ModelSource(model)
+  ref = source.image("5-1", "96")
+  window = (20, 44, 40, 52)
+  expected = _uint8(model.render(model.sample(2, seed=5)[1:], 96, window=window)[0])
+  np.testing.assert_array_equal(source.render(ref, (96, 96), window), expected)

@@ -65,7 +65,8 @@ def make_app(service: tiles.TileService, defaults: dict[str, Any]) -> Starlette:
 
   async def refuse(request: Request, error: Exception) -> PlainTextResponse:
     del request
-    return PlainTextResponse(str(error), status_code=_ERRORS[type(error)])
+    status = next(code for kind, code in _ERRORS.items() if isinstance(error, kind))
+    return PlainTextResponse(str(error), status_code=status)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
