@@ -34,8 +34,9 @@ function showLoading() {
 }
 
 // Pan and zoom the other viewer with this one (both images are 1 wide in viewport units).
+// One flag for both directions: the copy's own zoom and pan events must not echo back.
+let syncing = false;
 function follow(leader, other) {
-  let syncing = false;
   const copy = () => {
     if (syncing || $('pane-right').hidden) return;
     syncing = true;
