@@ -3,10 +3,12 @@
   python -m bench.view_load --path=workdir/demo --requests=2000 --clients=32 --size=16384
 
 Starts `python -m infd_jax.view PATH --port=0` (a fresh tile cache in a temporary
-folder), warms it up with one tile per level, then sends `--requests` GETs of
-tiles drawn at random from `--distinct` tiles of the deepest `--levels` levels of
-`--samples` samples, from `--clients` threads with keep-alive connections, all to
-127.0.0.1, and stops after `--time_limit` seconds at most. Prints one JSON line:
+folder), warms it up with one tile per level, then sends `--requests` GETs of tiles
+drawn at random (`--pattern=screens`: blocks of 4 x 3 neighbours, as a viewer asks
+for a screen; `random`: single tiles) from about `--distinct` tiles of the deepest
+`--levels` levels of `--samples` samples, from `--clients` threads with keep-alive
+connections, all to 127.0.0.1, and stops after `--time_limit` seconds at most.
+Prints one JSON line:
 throughput, latency percentiles, failures (status other than 200, or no
 answer), the server's peak resident memory (VmHWM) and its batching counters;
 `--out` appends it to a file. Then stops the server.
@@ -28,18 +30,29 @@ import threading
 import time
 
 
-def _tile_paths(args, max_level: int, tile: int) -> list[str]:
-  """`--distinct` tile URLs (fewer if the levels have fewer tiles), drawn with a fixed seed."""
+def _screens(args, max_level: int, tile: int) -> list[list[str]]:
+  """Groups of tile URLs requested together, drawn with a fixed seed.
+
+  `random`: single tiles anywhere; `screens`: blocks of 4 x 3 neighbouring tiles, as a
+  viewer asks for one screen. About `--distinct` tiles in all (fewer if the levels
+  have fewer).
+  """
   grids = {}
   for level in range(max(0, max_level - args.levels + 1), max_level + 1):
     grids[level] = math.ceil(math.ceil(args.size / 2 ** (max_level - level)) / tile)
+  block = (4, 3) if args.pattern == "screens" else (1, 1)
   count = min(args.distinct, args.samples * sum(n * n for n in grids.values()))
-  rng, paths = random.Random(0), set()
-  while len(paths) < count:
+  rng, screens, seen = random.Random(0), [], set()
+  while len(seen) < count:
     level = rng.choice(list(grids))
-    paths.add(f"/dzi/{args.seed}-{rng.randrange(args.samples)}/{args.size}_files/{level}/"
-              f"{rng.randrange(grids[level])}_{rng.randrange(grids[level])}.png")
-  return sorted(paths)
+    n, sample = grids[level], rng.randrange(args.samples)
+    c0, r0 = rng.randrange(max(1, n - block[0] + 1)), rng.randrange(max(1, n - block[1] + 1))
+    screen = [f"/dzi/{args.seed}-{sample}/{args.size}_files/{level}/{c}_{r}.png"
+              for r in range(r0, min(n, r0 + block[1])) for c in range(c0, min(n, c0 + block[0]))]
+    if not seen.issuperset(screen):
+      screens.append(screen)
+      seen.update(screen)
+  return screens
 
 
 def _memory_kib(pid: int, field: str) -> int:
@@ -62,12 +75,15 @@ def _start(args, cache: str) -> tuple[subprocess.Popen, str, int]:
   raise RuntimeError(f"the server stopped before serving (exit code {server.wait()})")
 
 
-def _load(host: str, port: int, paths: list[str], args) -> tuple[list[float], int, int]:
+def _load(host: str, port: int, screens: list[list[str]], args
+          ) -> tuple[list[float], int, int]:
   """(latencies of answered requests, failures, requests not sent in time)."""
   work: queue.Queue = queue.Queue()
-  rng = random.Random(1)
-  for _ in range(args.requests):
-    work.put(rng.choice(paths))
+  rng, queued = random.Random(1), 0
+  while queued < args.requests:
+    for path in rng.choice(screens)[:args.requests - queued]:
+      work.put(path)
+      queued += 1
   latencies, failures, lock = [], [0], threading.Lock()
   deadline = time.monotonic() + args.time_limit
 
@@ -120,11 +136,13 @@ def main() -> None:
   p.add_argument("--samples", type=int, default=4, help="samples the tiles come from")
   p.add_argument("--levels", type=int, default=4, help="deepest levels the tiles come from")
   p.add_argument("--distinct", type=int, default=500, help="distinct tiles requested")
+  p.add_argument("--pattern", choices=("random", "screens"), default="screens",
+                 help="single tiles anywhere, or blocks of 4 x 3 neighbours (a viewer's screen)")
   p.add_argument("--time_limit", type=float, default=900, help="seconds for the load phase")
   p.add_argument("--out", default="", help="append the JSON line to this file")
   args = p.parse_args()
   max_level = (args.size - 1).bit_length()
-  paths = _tile_paths(args, max_level, args.tile_size)
+  screens = _screens(args, max_level, args.tile_size)
   with tempfile.TemporaryDirectory(prefix="view_load_") as cache:
     server, host, port = _start(args, cache)
     try:
@@ -137,7 +155,7 @@ def main() -> None:
       warm_up = time.monotonic() - started
       before = _get_json(host, port, "/api/stats")
       started = time.monotonic()
-      latencies, failures, unsent = _load(host, port, paths, args)
+      latencies, failures, unsent = _load(host, port, screens, args)
       elapsed = time.monotonic() - started
       after = _get_json(host, port, "/api/stats")
       info = _get_json(host, port, "/api/info")
@@ -151,7 +169,8 @@ def main() -> None:
       "date": datetime.date.today().isoformat(), "host": platform.node(),
       "cpus": os.cpu_count(), "devices": info.get("devices"), "path": args.path,
       "size": args.size, "tile_size": args.tile_size, "requests": args.requests,
-      "clients": args.clients, "distinct_tiles": len(paths), "samples": args.samples,
+      "clients": args.clients, "pattern": args.pattern,
+      "distinct_tiles": len({p for screen in screens for p in screen}), "samples": args.samples,
       "answered": len(latencies), "failed": failures, "not_sent": unsent,
       "seconds": round(elapsed, 2), "requests_per_s": round(len(latencies) / elapsed, 1),
       "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
