@@ -16,8 +16,6 @@ from typing import NoReturn, Sequence
 from infd_jax import checks
 from infd_jax.view import sources
 
-DEFAULT_CACHE = pathlib.Path("~/.cache/infd_jax/view")
-
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str) -> NoReturn:
@@ -42,8 +40,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="seed of the sample shown first")
   p.add_argument("--tile_size", type=int, default=256, help="DZI tile side, pixels")
   p.add_argument("--overlap", type=int, default=1, help="DZI tile overlap, pixels")
-  p.add_argument("--cache_dir", default=str(DEFAULT_CACHE),
-                 help="folder of rendered tiles, shared by runs ('off': a temporary one)")
+  p.add_argument("--cache_dir", default="default",
+                 help="folder of rendered tiles, kept across runs ('default': "
+                 "~/.cache/infd_jax/view or under $XDG_CACHE_HOME; 'off': a temporary one)")
   p.add_argument("--cache_mb", type=int, default=1024, help="disk the tile cache may use")
   p.add_argument("--phi_cache", type=int, default=8, help="samples whose feature map is kept")
   p.add_argument("--max_export", type=int, default=8192, help="largest side of a saved view")
@@ -104,7 +103,8 @@ def run(argv: Sequence[str] | None = None) -> None:
   except checks.UserError as e:
     _fail(str(e))
   with tempfile.TemporaryDirectory(prefix="infd_view_") as scratch:
-    cache_dir = scratch if args.cache_dir == "off" else os.path.expanduser(args.cache_dir)
+    cache_dir = {"off": scratch, "default": str(compile_cache.default_dir().parent / "view")
+                 }.get(args.cache_dir, os.path.expanduser(args.cache_dir))
     app = build_app(source, cache_dir, args)
     print(f"infd view: {source.kind} {args.path}; tiles cached in {cache_dir}", flush=True)
     print(f"infd view: open {server.url(sock)}  (Ctrl-C stops)", flush=True)
