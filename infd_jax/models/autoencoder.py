@@ -66,10 +66,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """1x1 post-quant conv plus the VQGAN decoder without its output head.
+  """1x1 post-quant conv plus the VQGAN decoder, by default without its output head.
 
   [B, h, w, z_channels] -> phi [B, h*f, w*f, ch * ch_mult[0]], the raw output of
-  the last ResnetBlock (no norm, no activation).
+  the last ResnetBlock (no norm, no activation). With `out_channels` > 0 the
+  LDM decoder's head follows (`norm_out`, swish, `conv_out`): -> [B, h*f, w*f,
+  out_channels], e.g. Stable Diffusion's image decoder.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4)
@@ -78,6 +80,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
   mid_attention: bool = True  # False: the official attn_type="none" (no self-attention)
+  out_channels: int = 0  # 0: headless (INFD's phi); > 0: the LDM output head
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -93,6 +96,11 @@ class Decoder(nn.Module):
                         norm_groups=self.norm_groups, name=f"up_{level}_block_{i}")(h)
       if level != 0:
         h = Upsample(dtype=self.dtype, name=f"up_{level}_upsample")(h)
+    if self.out_channels:
+      h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                  name="norm_out")(h))
+      h = layers.conv(self.out_channels, 3, in_features=h.shape[-1], dtype=self.dtype,
+                      name="conv_out")(h)
     return h
 
 
