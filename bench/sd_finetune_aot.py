@@ -1,7 +1,7 @@
 """Per-chip memory of the SD 1.5-shaped UNet fine-tuning step, compiled ahead of time for a TPU slice.
 
-  python bench/sd_finetune_aot.py --topology=v5p:2x2x1 --batch=16 --res=512
-  python bench/sd_finetune_aot.py --topology=v6e:2x4 --batch=16 --res=512 --remat
+  python -m bench.sd_finetune_aot --topology=v5p:2x2x1 --batch=16 --res=512
+  python -m bench.sd_finetune_aot --topology=v6e:2x4 --batch=16 --res=512 --remat
 
 Compiles `training.t2i_step.t2i_train_step` (frozen KL-f8 encoder and CLIP
 ViT-L/14 text tower inside the step, AdamW and EMA on the UNet, float32
