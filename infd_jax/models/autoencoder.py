@@ -142,13 +142,17 @@ class INFDAutoencoder(nn.Module):
   norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
   renderer_normalize: bool = True  # False: no GroupNorm in the renderer (tile-independent)
   mid_attention: bool = True  # False: no self-attention in encoder and decoder (attn_type="none")
+  # True: a KL encoder (Stable Diffusion's) whose conv_out / quant_conv give the posterior's
+  # mean and log-variance (2 z_channels); `encode` returns the mean.
+  kl_encoder: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups,
                 mid_attention=self.mid_attention)
-    self.encoder = Encoder(**arch)
+    self.encoder = Encoder(**(arch | dict(z_channels=2 * self.z_channels) if self.kl_encoder
+                              else arch))
     self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
                                       self.codebook_init) if self.num_codes else None)
     self.decoder = Decoder(**arch)
@@ -159,7 +163,8 @@ class INFDAutoencoder(nn.Module):
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""
-    return self.encoder(x)
+    z = self.encoder(x)
+    return z[..., :self.z_channels] if self.kl_encoder else z
 
   def quantize(self, z: jax.Array) -> VQOutput:
     """Nearest codes with straight-through gradient and the legacy VQ loss; without a
