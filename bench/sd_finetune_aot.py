@@ -1,4 +1,4 @@
-"""Per-chip memory of the SD 1.5-shaped UNet fine-tuning step, compiled ahead of time for a TPU slice.
+"""Per-chip memory of the SD 1.5-shaped UNet fine-tuning step, compiled ahead of time for TPUs.
 
   python -m bench.sd_finetune_aot --topology=v5p:2x2x1 --batch=16 --res=512
   python -m bench.sd_finetune_aot --topology=v6e:2x4 --batch=16 --res=512 --remat

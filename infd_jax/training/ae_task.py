@@ -36,7 +36,8 @@ def init_fn(config: ml_collections.ConfigDict):
                   jnp.full((1, p, p, 2), 2.0 / p))["params"]
     d = disc.init(k_disc, jnp.zeros((1, p, p, 3)), train=False)
     return AEState(step=jnp.zeros((), jnp.int32), gen_params=gen, disc_params=d["params"],
-                   disc_stats=d["batch_stats"], gen_opt=gen_tx.init(gen), disc_opt=tx.init(d["params"]),
+                   disc_stats=d["batch_stats"], gen_opt=gen_tx.init(gen),
+                   disc_opt=tx.init(d["params"]),
                    rng=k_rng)
   return init
 
