@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from infd_jax.clip.text import TextTransformer
 from infd_jax.convert import sd
@@ -20,8 +19,7 @@ from infd_jax.training.state import DMState
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd" / "sd1"
 
 
-@pytest.mark.parametrize("objective", ["eps", "v"])
-def test_loss_decreases_and_frozen_parts_stay_bit_identical(objective):
+def test_loss_decreases_and_frozen_parts_stay_bit_identical(objective="v"):
   trees, arch = sd.read(FIXTURE)
   unet, vae = SDUNet(**arch["unet"]), KLAutoencoder(**arch["vae"])
   text = TextTransformer(**arch["text"])
