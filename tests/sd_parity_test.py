@@ -190,3 +190,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
       {"beta_schedule": "linear", "beta_start": 0.1, "beta_end": 0.2, "num_train_timesteps": 10}))
   assert sd.main(["--input", str(folder), "--output", str(tmp_path / "o2")]) == 2
   assert "beta_schedule='linear'" in capsys.readouterr().out
+
+
+def test_v_target_and_eps_from_v_closed_forms():
+  """v = sqrt(ab) eps - sqrt(1 - ab) x0 in float64, and eps recovered from (x_t, v)."""
+  sched = schedules.scaled_linear_schedule()
+  rng = np.random.default_rng(0)
+  x0, eps = rng.normal(size=(2, 3, 4, 5, 4))
+  t = np.array([0, 500, 999])
+  ab = sched.alphas_cumprod[t][:, None, None, None]
+  v = np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0
+  x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
+  np.testing.assert_allclose(prediction.v_target(sched, jnp.asarray(x0, jnp.float32), t,
+                                                 jnp.asarray(eps, jnp.float32)), v, atol=1e-5)
+  np.testing.assert_allclose(prediction.eps_from_v(sched, jnp.asarray(x_t, jnp.float32), t,
+                                                   jnp.asarray(v, jnp.float32)), eps, atol=1e-5)
