@@ -86,7 +86,8 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   compiled = jitted.lower(place(state, rep), place(batch, split), place(frozen, rep)).compile()
   record = dict(program=f"{args.family}_unet_finetune_step", topology=args.topology,
-                chips=len(devices), batch=args.batch, res=args.res, remat=args.remat, bf16=args.bf16,
+                chips=len(devices), batch=args.batch, res=args.res, remat=args.remat,
+                bf16=args.bf16,
                 compile_s=round(time.perf_counter() - start, 1), **aot.analysis(compiled))
   gen = args.topology.split(":")[0]
   if gen in aot.HBM_GIB:
