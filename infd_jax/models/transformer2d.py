@@ -26,7 +26,8 @@ _zeros = nn.initializers.zeros_init()
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.LayerNorm(_LN_EPS, dtype=dtype, param_dtype=layers.full_precision(dtype),
+                      name=name)
 
 
 class Attention(nn.Module):
@@ -49,7 +50,7 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
     q, k, v = (split(proj(src, n)) for src, n in ((x, "to_q"), (context, "to_k"),
                                                  (context, "to_v")))
-    out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+    out = layers.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
                                        implementation=self.attention_impl)
     out = out.reshape(out.shape[:2] + (inner,))
     return layers.dense(x.shape[-1], in_features=inner, dtype=self.dtype, name="to_out_0")(out)
