@@ -37,7 +37,8 @@ UserError = builders.UserError
 # Config keys that fix a trained stage's parameter shapes or meaning, per stage.
 ARCHITECTURE = {
     "ae": {"ae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "num_codes",
-                  "renderer_hidden", "norm_groups", "renderer_normalize", "mid_attention")},
+                  "renderer_hidden", "norm_groups", "renderer_normalize", "mid_attention",
+                  "kl_encoder")},
     "dm": {"dm": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                   "num_head_channels", "norm_groups"),
            "diffusion": ("num_train_steps", "beta_start", "beta_end", "latent_scale"),

@@ -27,6 +27,7 @@ def init_fn(config: ml_collections.ConfigDict):
   """key -> boxed AEState (parameters carry logical axis names)."""
   ae, disc = builders.autoencoder(config), builders.discriminator(config)
   tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
+  gen_tx = optim.frozen_parts(tx, tuple(config.optim.ae_frozen))
   r, p = config.data.inp_res, config.data.patch
 
   def init(key: jax.Array) -> AEState:
@@ -35,7 +36,8 @@ def init_fn(config: ml_collections.ConfigDict):
                   jnp.full((1, p, p, 2), 2.0 / p))["params"]
     d = disc.init(k_disc, jnp.zeros((1, p, p, 3)), train=False)
     return AEState(step=jnp.zeros((), jnp.int32), gen_params=gen, disc_params=d["params"],
-                   disc_stats=d["batch_stats"], gen_opt=tx.init(gen), disc_opt=tx.init(d["params"]),
+                   disc_stats=d["batch_stats"], gen_opt=gen_tx.init(gen),
+                   disc_opt=tx.init(d["params"]),
                    rng=k_rng)
   return init
 
@@ -46,7 +48,8 @@ def make_step(config: ml_collections.ConfigDict):
   tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
   step = functools.partial(
       ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
-      lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),
+      lpips=builders.lpips(config), gen_tx=optim.frozen_parts(tx, tuple(config.optim.ae_frozen)),
+      disc_tx=tx, loss=AELoss(**config.loss),
       skip_nonfinite=config.train.on_nonfinite == "skip")
   return lambda state, batch, lpips_params: step(state, on_device.ae_batch(batch), lpips_params)
 
