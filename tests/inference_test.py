@@ -20,7 +20,8 @@ from PIL import Image
 from infd_jax.configs import demo, tiny
 from infd_jax import inference, jobs, sharding
 from infd_jax.evaluation import pfid
-from infd_jax.rendering import coords, stream, tiling
+from infd_jax.models import renderer as renderer_lib
+from infd_jax.rendering import stream, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_readme_python_api_example_runs_and_windows_equal_crops(tiny_trained):
 
 def _toy_render_fn(params, phi, coord, cell):
   """A cheap stand-in network whose output depends on the tile (like GroupNorm)."""
-  x = coords.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
+  x = renderer_lib.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
   return x - x.mean(axis=(1, 2), keepdims=True) * 0.5
 
 

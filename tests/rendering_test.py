@@ -1,4 +1,4 @@
-"""Coordinate grids, nearest-feature lookup, the CLIF renderer and official tiling."""
+"""Coordinate grids, the renderer's nearest-feature lookup, the CLIF renderer and official tiling."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 from absl.testing import absltest
 
 from infd_jax.rendering import coords, tiling
-from infd_jax.rendering.renderer import CLIFRenderer
+from infd_jax.models import renderer as renderer_lib
+from infd_jax.models.renderer import CLIFRenderer
 
 _FEAT_C = 8
 _TILE, _PAD = 16, 4
@@ -44,7 +45,7 @@ class CoordsTest(absltest.TestCase):
     np.testing.assert_array_equal(ce, full_ce[371:380, 17:30])
 
   def test_nearest_index_ties_round_half_to_even(self):
-    k = coords.nearest_index(jnp.asarray([-0.5, 0.0, 0.5, -0.99, 0.99]), 4)
+    k = renderer_lib.nearest_index(jnp.asarray([-0.5, 0.0, 0.5, -0.99, 0.99]), 4)
     np.testing.assert_array_equal(k, [0, 2, 2, 0, 3])
 
   def test_lookup_matches_formulas(self):
@@ -54,7 +55,7 @@ class CoordsTest(absltest.TestCase):
     feat = np.stack([rr, cc, 10 * rr + cc], -1).astype(np.float32)[None]
     coord = np.array([[[[-0.9, -0.95], [0.0, 0.2]], [[0.3, 0.99], [-0.26, 1.5]]]], np.float32)
     cell = np.full_like(coord, 0.125)
-    q_feat, rel_coord, rel_cell = coords.lookup_nearest(jnp.asarray(feat), coord, cell)
+    q_feat, rel_coord, rel_cell = renderer_lib.lookup_nearest(jnp.asarray(feat), coord, cell)
     for i in range(2):
       for j in range(2):
         y, x = coord[0, i, j]
@@ -68,14 +69,14 @@ class CoordsTest(absltest.TestCase):
         np.testing.assert_allclose(rel_coord[0, i, j], [(y - centre[0]) * hf, (x - centre[1]) * wf],
                                    rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rel_cell[0, 0, 0], [0.125 * hf, 0.125 * wf])
-    inp = coords.renderer_input(jnp.asarray(feat), coord, cell)
+    inp = renderer_lib.renderer_input(jnp.asarray(feat), coord, cell)
     self.assertEqual(inp.shape, (1, 2, 2, c + 4))
     np.testing.assert_array_equal(inp[..., c:c + 2], rel_coord)
     np.testing.assert_array_equal(inp[..., c + 2:], rel_cell)
 
   def test_rel_coord_within_unit_cell_for_pixel_grids(self):
     coord, cell = coords.make_coord_cell_grid((24, 10), batch=1)
-    _, rel_coord, rel_cell = coords.lookup_nearest(jnp.zeros((1, 8, 8, 1)), coord, cell)
+    _, rel_coord, rel_cell = renderer_lib.lookup_nearest(jnp.zeros((1, 8, 8, 1)), coord, cell)
     self.assertLessEqual(float(jnp.max(jnp.abs(rel_coord))), 1.0)
     np.testing.assert_allclose(rel_cell[0, 0, 0], [8 / 24 * 2, 8 / 10 * 2], rtol=1e-6)
 
@@ -173,7 +174,7 @@ class TiledRenderTest(absltest.TestCase):
     # single-call window must equal the crop of the single-call full render.
     def pointwise(params, phi, coord, cell):
       del params
-      return coords.renderer_input(phi, coord, cell)[..., :3] + coords.renderer_input(
+      return renderer_lib.renderer_input(phi, coord, cell)[..., :3] + renderer_lib.renderer_input(
           phi, coord, cell)[..., -3:]
     coord, cell = coords.make_coord_cell_grid((40, 30), batch=2)
     full = pointwise(None, self.phi, coord, cell)

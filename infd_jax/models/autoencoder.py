@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from infd_jax.models import layers
 from infd_jax.models.blocks import AttnBlock, Downsample, GN_EPS, ResnetBlock, Upsample, swish
 from infd_jax.models.quantizer import VectorQuantizer, VQOutput
-from infd_jax.rendering.renderer import CLIFRenderer
+from infd_jax.models.renderer import CLIFRenderer
 
 Dtype = Any
 
