@@ -29,7 +29,7 @@ from infd_jax import builders, checkpointing, checks, sharding
 from infd_jax.configs import common
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import task as task_lib
-from infd_jax.rendering import tiling
+from infd_jax.rendering import tiles, tiling
 
 PyTree = Any
 UserError = builders.UserError
@@ -352,7 +352,7 @@ class Model:
     return self._row_fn(phi, row)
 
   def render_local(self, phi: jax.Array, size: tuple[int, int],
-                   window: tiling.Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   window: tiles.Window | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows of phi held here, their images [b, h, w, 3] float32)."""
     return self.renderer.render_local({"params": self.ae_params}, phi, size, window)
 
@@ -364,7 +364,7 @@ class Model:
     return _gather(self.sample_global(np.arange(n), seed))[:n]
 
   def render(self, z: np.ndarray, size: tuple[int, int] | int,
-             window: tiling.Window | None = None) -> np.ndarray:
+             window: tiles.Window | None = None) -> np.ndarray:
     """Images [n, h, w, 3] float32 of latents z [n, ...] at size (H, W), clipped to [-1, 1].
 
     window=(top, left, height, width) renders only that crop of the H x W image
@@ -430,7 +430,7 @@ def _gather_rows(rows: np.ndarray, images: np.ndarray, total: int) -> np.ndarray
   return np.asarray(multihost_utils.process_allgather(full)).sum(axis=0)
 
 
-def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> tiling.Window | None:
+def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> tiles.Window | None:
   """() / None -> None; (top, left, height, width) inside size -> itself; else UserError."""
   if window is None or (isinstance(window, (tuple, list)) and not window):
     return None
@@ -439,7 +439,7 @@ def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> ti
     raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
   window = tuple(int(v) for v in window)
   try:
-    tiling.check_window(size, window)
+    tiles.check_window(size, window)
   except ValueError as e:
     raise UserError(f"{name}: {e}") from None
   return window
