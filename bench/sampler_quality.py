@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from infd_jax import builders, inference, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.evaluation import fid, pfid
-from infd_jax.generate import to_uint8
+from infd_jax.rendering import pixels
 
 COLOURS = {"ddim": (31, 119, 180), "dpmpp_2m": (214, 39, 40), "unipc": (44, 160, 44)}
 
@@ -80,7 +80,7 @@ class Bench:
     return statistics.median(times) / self.num
 
   def features(self, z: np.ndarray) -> fid.FeatureStats:
-    images = to_uint8(self.model.render(z.astype(np.float32), (self.res, self.res)))
+    images = pixels.to_uint8(self.model.render(z.astype(np.float32), (self.res, self.res)))
     # p = R: the whole image, so the crops are deterministic.
     return pfid.patch_stats(images, [self.res], self.extractor,
                             np.random.default_rng(0))[self.res]

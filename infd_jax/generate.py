@@ -26,10 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from infd_jax import builders, checks, inference
-from infd_jax.rendering import stream
-
-to_uint8 = stream.to_uint8
-
+from infd_jax.rendering import pixels, stream
 
 def check_settings(config: ml_collections.ConfigDict
                    ) -> list[tuple[tuple[int, int], tuple[int, int, int, int] | None]]:
@@ -105,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
           continue
         rows, images = model.render_local(phi, size, window)
         keep = rows < len(ids)  # rows past the batch pad it to the device count
-        for row, image in zip(rows[keep], to_uint8(images[keep])):
+        for row, image in zip(rows[keep], pixels.to_uint8(images[keep])):
           pending.append(pool.submit(_save_png, image, folder / f"{ids[row]}.png"))
         written += int(keep.sum())
         progress.update(len(ids))

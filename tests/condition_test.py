@@ -17,7 +17,7 @@ from PIL import Image
 
 import infd_jax
 from infd_jax import builders, sharding
-from infd_jax.rendering import stream
+from infd_jax.rendering import pixels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, BOX = (32, 32), (4, 2, 24, 28)  # the known box, in the 32 x 32 images the job writes
@@ -44,7 +44,7 @@ def _known_region(model, path: pathlib.Path) -> tuple[dict, np.ndarray, np.ndarr
   rng = np.random.default_rng(5)
   z = rng.normal(size=(N, *builders.latent_shape(model.config))).astype(np.float32)
   top, left, h, w = BOX
-  pixels = stream.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
+  pixels = pixels.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
   mask = rng.random((h, w)) < 0.5
   Image.fromarray(np.dstack([pixels, 255 * mask.astype(np.uint8)]), "RGBA").save(path)
   region = {"kind": "known", "size": list(SIZE), "box": list(BOX), "image": str(path),
@@ -80,7 +80,7 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   job = np.stack([np.asarray(Image.open(tmp_path / f"p{i}" / "32" / name))
                   for i, files in enumerate(written) for name in files])
   assert z.shape == (N, *builders.latent_shape(model.config))
-  np.testing.assert_array_equal(stream.to_uint8(images), job)  # the job wrote the API's samples
+  np.testing.assert_array_equal(pixels.to_uint8(images), job)  # the job wrote the API's samples
   # Reference: RMSE over the known pixels in float64. Guidance (scale 10, 4 DDIM steps)
   # brings every sample to at most 90% of the same noise unguided, below 0.35 (measured
   # 0.329-0.333 against 0.377-0.382), and the returned losses are that RMSE (measured

@@ -21,7 +21,7 @@ from infd_jax.configs import demo, tiny
 from infd_jax import inference, jobs, sharding
 from infd_jax.evaluation import pfid
 from infd_jax.models import renderer as renderer_lib
-from infd_jax.rendering import stream, tiling
+from infd_jax.rendering import pixels, stream, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -100,9 +100,9 @@ def test_streamed_bigtiff_equals_the_in_memory_render(tmp_path):
     assert [lvl.shape for lvl in series.levels] == [(4096 >> k, 4096 >> k, 3) for k in range(5)]
     assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 256
     level0, last = series.levels[0].asarray(), series.levels[-1].asarray()
-  np.testing.assert_array_equal(level0, stream.to_uint8(
+  np.testing.assert_array_equal(level0, pixels.to_uint8(
       renderer.render_image(params, phi, (4096, 4096))[0]))
-  np.testing.assert_array_equal(last, stream.to_uint8(
+  np.testing.assert_array_equal(last, pixels.to_uint8(
       renderer.render_image(params, phi, (256, 256))[0]))
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics, scale_consistency
-from infd_jax.rendering import tiling
+from infd_jax.rendering import pixels, tiling
 from infd_jax import builders, inference
 
 
@@ -39,10 +39,6 @@ def held_out_crops(base: int) -> np.ndarray:
     a = a * (2.0 / 255.0) - 1.0
     out += [a[i:i + base, j:j + base] for i in (0, base) for j in (0, base)]
   return np.stack(out)
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.floor(np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _centre(images: np.ndarray, side: int) -> np.ndarray:
@@ -81,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   numbers |= scale_consistency.scale_consistency(render, base, factors)
   big = render(max(factors) * base)
   down = np.asarray(scale_consistency.downsample(big, max(factors)))
-  rows = [np.concatenate([_to_uint8(x) for x in (crop, rec, zoom, d)], axis=1)
+  rows = [np.concatenate([pixels.to_uint8(x) for x in (crop, rec, zoom, d)], axis=1)
           for crop, rec, zoom, d in zip(crops, render(base), _centre(big, base), down)]
   rows += _sample_rows(workdir / "samples", base, max(factors) * base)
   sheet = workdir / "contact_sheet.png"

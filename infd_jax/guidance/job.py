@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from infd_jax import checks, inference
 from infd_jax.guidance import task as task_lib
-from infd_jax.rendering import stream
+from infd_jax.rendering import pixels
 
 
 def _save_png(image: np.ndarray, path: epath.Path) -> None:
@@ -57,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     for size, folder in zip(sizes, folders):
       rows, images = model.render_local(phi, size)
       keep = rows < len(ids)  # rows past the batch pad it to the device count
-      for row, image in zip(rows[keep], stream.to_uint8(images[keep])):
+      for row, image in zip(rows[keep], pixels.to_uint8(images[keep])):
         _save_png(image, folder / f"{ids[row]}.png")
       written += int(keep.sum())
     progress.update(len(ids))

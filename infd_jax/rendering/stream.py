@@ -19,15 +19,11 @@ import numpy as np
 import tifffile
 from etils import epath
 
+from infd_jax.rendering import pixels
 from infd_jax.rendering import tiles as tiles_lib
 from infd_jax.rendering import tiling
 
 PyTree = Any
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8 with the official truncation: floor(clip(x/2 + 0.5, 0, 1) * 255)."""
-  return np.floor(np.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def iter_tiles(renderer: tiling.TiledRenderer, params: PyTree, phi: jax.Array,
@@ -40,7 +36,7 @@ def iter_tiles(renderer: tiling.TiledRenderer, params: PyTree, phi: jax.Array,
     for tile, img in zip(chunk, images):
       rows, cols, _, _ = tile.piece((*tile.out_origin, *tile.out_hw))
       out = np.zeros((t, t, 3), np.uint8)
-      out[:tile.out_hw[0], :tile.out_hw[1]] = to_uint8(img[rows, cols])
+      out[:tile.out_hw[0], :tile.out_hw[1]] = pixels.to_uint8(img[rows, cols])
       yield out
 
 
