@@ -11,7 +11,8 @@ a list of dicts (a JSON list as a string is accepted too):
   prompt text
   scale  guidance scale (default 1)
 The guided steps and the CLIP files come from the `condition` config section
-(`SETTINGS`), the tiling from `sample`, the DDIM steps and eta from `diffusion`.
+(`SETTINGS`), the tiling and the step spacing from `sample`, the DDIM steps and eta
+from `diffusion`.
 """
 
 import dataclasses
@@ -181,6 +182,7 @@ def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTr
       builders.eps_model(config, unet), dm_params, key, shape,
       builders.diffusion_schedule(config),
       lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
-      num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta, guide=guide)
+      num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta,
+      spacing=config.sample.spacing, guide=guide)
   z = x / scale
   return z, objective.losses(ae_params, clip_params, z, targets)
