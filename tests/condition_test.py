@@ -44,12 +44,12 @@ def _known_region(model, path: pathlib.Path) -> tuple[dict, np.ndarray, np.ndarr
   rng = np.random.default_rng(5)
   z = rng.normal(size=(N, *builders.latent_shape(model.config))).astype(np.float32)
   top, left, h, w = BOX
-  pixels = pixels.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
+  known = pixels.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
   mask = rng.random((h, w)) < 0.5
-  Image.fromarray(np.dstack([pixels, 255 * mask.astype(np.uint8)]), "RGBA").save(path)
+  Image.fromarray(np.dstack([known, 255 * mask.astype(np.uint8)]), "RGBA").save(path)
   region = {"kind": "known", "size": list(SIZE), "box": list(BOX), "image": str(path),
             "scale": 10}
-  return region, pixels.astype(np.float64) / 127.5 - 1, mask
+  return region, known.astype(np.float64) / 127.5 - 1, mask
 
 
 def _masked_rmse(images: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -95,7 +95,8 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
 @pytest.mark.parametrize("regions,settings,message", [
     ([{"kind": "blur", "size": 32, "image": "x.png"}], {}, r"regions\[0\]: condition kind 'blur'"),
     ([{"kind": "known", "size": 32, "box": [20, 20, 16, 16], "image": "x.png"}], {},
-     r"regions\[0\]: box \(20, 20, 16, 16\) is not inside the 32x32 image"),
+     r"regions\[0\]: box \(20, 20, 16, 16\) \(top, left, height, width\) is not inside the "
+     "32x32 image"),
     ([{"kind": "low_res", "size": "32x48", "image": "missing.png"}], {},
      r"regions\[0\]: image missing.png not found"),
     ([{"kind": "text", "size": 32, "prompt": "a red square"}], {}, "clip_checkpoint"),

@@ -23,8 +23,8 @@ from PIL import Image
 
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics, scale_consistency
-from infd_jax.rendering import pixels, tiling
-from infd_jax import builders, inference
+from infd_jax.rendering import pixels
+from infd_jax import inference
 
 
 def held_out_crops(base: int) -> np.ndarray:
@@ -53,24 +53,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   workdir = pathlib.Path(workdir)
   base = config.eval.scale_consistency_base
   factors = tuple(config.eval.scale_factors)
-  ae = builders.autoencoder(config)
-  params = inference.load_ae_params(config, workdir, mesh)
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
-                                  config.sample.pad, config.sample.tiles_per_call)
-
-  @jax.jit
-  def feature_map(p, x):
-    q = ae.apply({"params": p}, ae.apply({"params": p}, x, method="encode"), method="quantize")
-    return ae.apply({"params": p}, q.z_q, method="decode")
-
+  model = inference.load_model(config, workdir, mesh, need_dm=False)
   crops = held_out_crops(base)
-  phi = feature_map(params, crops)
+  z = model.encode(crops)
   renders = {}
 
   def render(size: int) -> np.ndarray:
     if size not in renders:
-      renders[size] = np.clip(renderer.render_image({"params": params}, phi, (size, size)),
-                              -1.0, 1.0)  # as saved images are
+      renders[size] = model.render(z, (size, size))  # clipped, as saved images are
     return renders[size]
 
   numbers = {f"recon_psnr_{base}": float(np.mean(metrics.psnr(render(base), crops)))}

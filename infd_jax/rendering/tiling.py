@@ -161,6 +161,11 @@ class TiledRenderer:
     if pending is not None:
       yield pending
 
+  def tiles_program(self, phi: jax.Array | jax.ShapeDtypeStruct) -> Callable:
+    """The jitted call `(params, phi, rows [n, h], cols [n, w], cell [2]) -> [n, B, h, w, 3]`
+    that renders n tiles of shape (h, w) for phi's placement (for ahead-of-time compiles)."""
+    return self._tiles_fn(_Placement.of(phi))
+
   def _tiles_fn(self, placement: "_Placement") -> Callable:
     key = (placement.mesh, placement.out_spec)
     if key not in self._tiles_fns:
@@ -219,6 +224,12 @@ class _Placement:
       return np.asarray(jax.device_get(result), np.float32)
     parts = {s.index[1].start or 0: s.data for s in result.addressable_shards}
     return np.concatenate([np.asarray(parts[a], np.float32) for a in sorted(parts)], axis=1)
+
+
+def local_rows(phi: jax.Array) -> np.ndarray:
+  """Global row indices of phi whose images a render on this process returns, ascending:
+  the rows it holds when phi is batch-sharded over a mesh, else every row."""
+  return _Placement.of(phi).local_rows(phi)
 
 
 def _runs(tiles: Iterable[tiles_lib.Tile], size: int) -> Iterator[list[tiles_lib.Tile]]:
