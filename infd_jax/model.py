@@ -103,9 +103,8 @@ class Model:
     return jax.vmap(one)(keys)
 
   def _decode(self, ae_params: PyTree, z: jax.Array) -> jax.Array:
-    if self.config.sample.quantize:
-      z = self.ae.apply({"params": ae_params}, z, method="quantize").z_q
-    return self.ae.apply({"params": ae_params}, z, method="decode")
+    return self.ae.apply({"params": ae_params}, z, self.config.sample.quantize,
+                         method="decode_latents")
 
   def _encode(self, ae_params: PyTree, images: jax.Array) -> jax.Array:
     return self.ae.apply({"params": ae_params}, images, method="encode")
@@ -290,6 +289,7 @@ def gather_owned(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     full[rows] = values
     return full
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sharding.barrier("gather owned rows")  # a peer still rendering must not time out the gather
   longest = int(np.max(multihost_utils.process_allgather(np.int32(len(rows)))))
   pad = longest - len(rows)  # process_allgather needs the same shape everywhere
   rows = np.concatenate([np.asarray(rows, np.int32), np.full(pad, -1, np.int32)])

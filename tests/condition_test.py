@@ -52,15 +52,15 @@ def _known_region(model, path: pathlib.Path) -> tuple[dict, np.ndarray, np.ndarr
   return region, known.astype(np.float64) / 127.5 - 1, mask
 
 
-def _masked_rmse(images: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _masked_rmse(images: np.ndarray, known: np.ndarray, mask: np.ndarray) -> np.ndarray:
   top, left, h, w = BOX
-  err = (images[:, top:top + h, left:left + w].astype(np.float64) - pixels) ** 2
+  err = (images[:, top:top + h, left:left + w].astype(np.float64) - known) ** 2
   return np.sqrt((err * mask[..., None]).sum(axis=(1, 2, 3)) / (3 * mask.sum()))
 
 
 def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
     model, tiny_trained, tmp_path):
-  region, pixels, mask = _known_region(model, tmp_path / "known.png")
+  region, known, mask = _known_region(model, tmp_path / "known.png")
   worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path),
             json.dumps([region]), f"127.0.0.1:{portpicker.pick_unused_port()}", "2"]
   procs = [subprocess.Popen(worker + [str(i)], env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
@@ -85,7 +85,7 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   # brings every sample to at most 90% of the same noise unguided, below 0.35 (measured
   # 0.329-0.333 against 0.377-0.382), and the returned losses are that RMSE (measured
   # within 5e-3: the renders here are clipped to [-1, 1]).
-  guided, plain = _masked_rmse(images, pixels, mask), _masked_rmse(unguided, pixels, mask)
+  guided, plain = _masked_rmse(images, known, mask), _masked_rmse(unguided, known, mask)
   assert np.all(guided <= 0.9 * plain), (guided, plain)
   assert np.all(guided < 0.35), guided
   np.testing.assert_allclose(losses[:, 0], guided, atol=1e-2)

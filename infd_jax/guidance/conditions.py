@@ -105,9 +105,7 @@ class Objective:
   def losses(self, ae_params: PyTree, clip_params: PyTree, z0: jax.Array,
              targets: list[dict[str, jax.Array]]) -> jax.Array:
     variables = {"params": ae_params}
-    if self.quantize:
-      z0 = self.ae.apply(variables, z0, method="quantize").z_q
-    phi = self.ae.apply(variables, z0, method="decode")
+    phi = self.ae.apply(variables, z0, self.quantize, method="decode_latents")
     render = lambda p, f, coord, cell: self.ae.apply(p, f, coord, cell, method="render")
     out = []
     for cond, target in zip(self.conditions, targets):

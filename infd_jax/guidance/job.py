@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from infd_jax import checks, inference, sample_writer
+from infd_jax import checks, inference, sample_writer, sharding
 from infd_jax.guidance import task as task_lib
 
 
@@ -40,6 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     for start in range(0, cc.num_samples, cc.batch_size):
       ids = np.arange(start, min(start + cc.batch_size, cc.num_samples))
       z, losses = model.condition_global(ids, cc.seed, task)
+      sharding.barrier("guided samples")  # a peer still compiling must not time out the gather
       losses = np.asarray(multihost_utils.process_allgather(losses, tiled=True))[:len(ids)]
       for k, c in enumerate(task.objective.conditions):
         logging.info("samples %d-%d: %s loss on %s of %s: %s", ids[0], ids[-1], c.kind, c.box,
