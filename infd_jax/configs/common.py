@@ -109,8 +109,10 @@ def base() -> ml_collections.ConfigDict:
   # Guided sampling (`stage=condition`, infd_jax/guidance/task.py documents `regions`):
   # conditions on boxes of virtual images, DPS guidance on sampler iterations
   # guide_start, +guide_every, ... < guide_stop (-1 = all; 0 = the noisiest).
+  # Outputs are written as `sample`'s: `window` crops each size, sizes above
+  # sample.stream_above stream into BigTIFFs, the tiling is sample.tile / pad.
   c.condition = ml_collections.ConfigDict(dict(
-      regions="", sizes=(256,), num_samples=1, batch_size=1, seed=0,
+      regions="", sizes=(256,), window=(), num_samples=1, batch_size=1, seed=0,
       guide_start=0, guide_stop=-1, guide_every=1,
       clip_checkpoint="", clip_vocab="", out_dir=""))
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from infd_jax.models import layers
 from infd_jax.models.blocks import AttnBlock, Downsample, GN_EPS, ResnetBlock, Upsample, swish
 from infd_jax.models.quantizer import VectorQuantizer, VQOutput
-from infd_jax.rendering.renderer import CLIFRenderer
+from infd_jax.models.renderer import CLIFRenderer
 
 Dtype = Any
 
@@ -181,6 +181,11 @@ class INFDAutoencoder(nn.Module):
   def decode(self, z_q: jax.Array) -> jax.Array:
     """Quantized z [B, h, w, D] -> feature map phi [B, h*f, w*f, ch*ch_mult[0]]."""
     return self.decoder(z_q)
+
+  def decode_latents(self, z: jax.Array, quantize: bool = True) -> jax.Array:
+    """Sampled or encoded z -> phi as sampling decodes it (REFERENCE 7, step 2): quantized
+    (straight-through) first unless `quantize` is False, then decoded."""
+    return self.decode(self.quantize(z).z_q if quantize else z)
 
   def render(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
     """RGB [B, gh, gw, 3] at the query grid coord/cell [B, gh, gw, 2] (one renderer call)."""
