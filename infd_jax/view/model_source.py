@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from infd_jax import checks
-from infd_jax.rendering.stream import to_uint8
+from infd_jax.rendering.pixels import to_uint8
 from infd_jax.view import caches, sources
 from infd_jax.view.dzi import Window
 
