@@ -59,9 +59,11 @@ def test_tiles_equal_model_render_of_their_windows(view_server, latents, level, 
 
 
 def test_concurrent_requests_are_batched_and_then_served_from_disk(view_server, latents):
-  level, tiles = 9, [(c, r) for c in range(4) for r in range(4)]  # all of level 9 (512 px)
+  # All of level 9 (512 px) of the 2048 px image: a size no other test (the browser test
+  # included) requests, so none of these tiles is on disk yet whatever ran before.
+  size, level, tiles = 2 * SIZE, 9, [(c, r) for c in range(4) for r in range(4)]
   before = dict(view_server.service.batcher.stats)
-  paths = [f"dzi/3-0/{SIZE}_files/{level}/{c}_{r}.png" for c, r in tiles] * 2  # duplicates too
+  paths = [f"dzi/3-0/{size}_files/{level}/{c}_{r}.png" for c, r in tiles] * 2  # duplicates too
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     answers = list(pool.map(view_server.get, paths))
   assert [status for status, _ in answers] == [200] * len(paths)
@@ -70,7 +72,7 @@ def test_concurrent_requests_are_batched_and_then_served_from_disk(view_server, 
   assert 1 <= calls < len(tiles), stats  # fewer render calls than distinct tiles
   full = _uint8(view_server.model.render(latents[:1], 512)[0])
   for (c, r), (_, body) in zip(tiles, answers):
-    _, (top, left, h, w) = _tile_window(SIZE, level, c, r)
+    _, (top, left, h, w) = _tile_window(size, level, c, r)
     np.testing.assert_array_equal(_png(body), full[top:top + h, left:left + w])
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     again = list(pool.map(view_server.get, paths))
