@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from infd_jax.guidance import KINDS
+from infd_jax.rendering import tiles
 
 
 class UserError(Exception):
@@ -62,16 +63,33 @@ def parse_window(window: Any, size: tuple[int, int], name: str = "window"
   if not (isinstance(window, (tuple, list)) and len(window) == 4 and all(map(is_int, window))):
     raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
   window = tuple(int(v) for v in window)
-  if not _inside(window, size):
-    raise UserError(f"{name}: window {window} (top, left, height, width) is not inside the "
-                    f"{size[0]}x{size[1]} image")
+  try:
+    tiles.check_window(size, window)
+  except ValueError as e:
+    raise UserError(f"{name}: {e}") from None
   return window
 
 
-def _inside(box: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
-  """A non-empty (top, left, height, width) box within an H x W image."""
-  top, left, h, w = box
-  return 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= size[0] and left + w <= size[1]
+def plan_sizes(sizes: Any, window: Any, *, stream_above: int, tile: int, name: str
+               ) -> list[tuple[tuple[int, int], tuple[int, int, int, int] | None, bool]]:
+  """[(size, window or None, streamed)] of `sizes` x `window` (`sample_writer.plan`), each
+  checked (UserError naming `<name>.sizes`, `<name>.window` or `config.sample.tile`).
+
+  Whole images larger than `stream_above` pixels a side are streamed into BigTIFFs,
+  whose tiles must be a multiple of 16 pixels.
+  """
+  if isinstance(sizes, (str, int)) or not isinstance(sizes, (list, tuple)) or not sizes:
+    raise UserError(f"{name}.sizes={sizes!r}: give a tuple of sizes, "
+                    "e.g. '(256, 1024, \"720x1280\")'")
+  out = []
+  for s in sizes:
+    size = parse_size(s, name=f"{name}.sizes")
+    win = parse_window(tuple(window), size, name=f"{name}.window")
+    streamed = win is None and size[0] * size[1] > stream_above ** 2
+    if streamed and tile % 16:
+      raise UserError(f"config.sample.tile={tile}: a streamed BigTIFF needs a multiple of 16")
+    out.append((size, win, streamed))
+  return out
 
 
 def check_count(n: Any, name: str) -> None:
@@ -108,15 +126,20 @@ def parse_regions(regions: Any, name: str = "config.condition.regions",
             and isinstance(scale, (int, float)) and not isinstance(scale, bool)):
       raise UserError(f"{where}: box {box!r} must be 4 integers (top, left, height, width) "
                       f"and scale {scale!r} a number")
-    if not _inside(box, size):
-      raise UserError(f"{where}: box {tuple(box)} is not inside the {size[0]}x{size[1]} image")
+    try:
+      tiles.check_window(size, tuple(box), name="box")
+    except ValueError as e:
+      raise UserError(f"{where}: {e}") from None
     if r["kind"] == "text" and not r.get("prompt"):
       raise UserError(f"{where}: a text region needs a prompt")
-    if r["kind"] != "text" and not r.get("image"):
+    image = r.get("image")
+    if r["kind"] != "text" and (image is None or isinstance(image, str) and not image):
       raise UserError(f"{where}: a {r['kind']} region needs an image")
-    for key in ("image", "mask"):
-      if r.get(key) and is_local(r[key]) and not os.path.isfile(os.path.expanduser(r[key])):
-        raise UserError(f"{where}: {key} {r[key]} not found")
+    for key in ("image", "mask"):  # a file (an image may also be an array, from the Python API)
+      path = r.get(key)
+      if isinstance(path, (str, os.PathLike)) and path and is_local(os.fspath(path)) and \
+          not os.path.isfile(os.path.expanduser(path)):
+        raise UserError(f"{where}: {key} {path} not found")
   if any(r["kind"] == "text" for r in regions):
     for key, path in zip(("clip_checkpoint", "clip_vocab"), clip_files):
       if not path:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from infd_jax import checks
-from infd_jax.checks import UserError, is_int, is_local, parse_size, parse_window
+from infd_jax.checks import UserError, is_int, is_local, parse_size
 from infd_jax.diffusion import SAMPLERS, SPACINGS
 
 STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
@@ -53,6 +53,14 @@ def _bool(v: Any) -> str:
   return "" if isinstance(v, bool) else "must be True or False"
 
 
+def _subset(*options: str) -> Rule:
+  def rule(v):
+    if isinstance(v, (list, tuple)) and all(x in options for x in v):
+      return ""
+    return f"must be a tuple of names among {', '.join(options)}"
+  return rule
+
+
 def _str(v: Any) -> str:
   return "" if isinstance(v, str) else "must be a string"
 
@@ -79,6 +87,11 @@ def _folder(v: Any) -> str:
     return "must be a string"
   return "is a file, not a folder" if is_local(v) and os.path.isfile(os.path.expanduser(v)) \
       else ""
+
+
+def _window(v: Any) -> str:
+  ok = v in ((), []) or (isinstance(v, (list, tuple)) and len(v) == 4 and all(map(is_int, v)))
+  return "" if ok else "must be () or (top, left, height, width) in integers"
 
 
 def _sizes(v: Any) -> str:
@@ -110,7 +123,7 @@ RULES: dict[str, Rule] = {
     "ae.ch": _int(1), "ae.ch_mult": _ints(1), "ae.num_res_blocks": _int(1),
     "ae.z_channels": _int(1), "ae.num_codes": _int(0), "ae.vq_beta": _num(0),
     "ae.renderer_hidden": _int(1), "ae.codebook_init": _num(0), "ae.norm_groups": _int(1),
-    "ae.renderer_normalize": _bool, "ae.mid_attention": _bool,
+    "ae.renderer_normalize": _bool, "ae.mid_attention": _bool, "ae.kl_encoder": _bool,
     "disc.ndf": _int(1), "disc.n_layers": _int(1),
     **{f"loss.{k}": _num(0) for k in ("l1", "perc", "quant", "gan_g")},
     "loss.adaptive_gan_weight": _bool, "loss.gan_start_step": _int(0),
@@ -124,6 +137,8 @@ RULES: dict[str, Rule] = {
     **{f"optim.{k}": _num(0, lo_open=True) for k in ("ae_lr", "dm_lr")},
     **{f"optim.{k}": _num(0, 1, hi_open=True) for k in ("ae_b1", "ae_b2")},
     "optim.dm_weight_decay": _num(0), "optim.dm_ema": _num(0, 1), "optim.cosine_decay": _bool,
+    # The generator's top-level parts (`models.autoencoder.INFDAutoencoder`).
+    "optim.ae_frozen": _subset("encoder", "quantizer", "decoder", "renderer"),
     **{f"train.{k}": _int(1) for k in ("ae_batch_size", "dm_batch_size", "log_every",
                                        "ckpt_every", "keep_checkpoints")},
     **{f"train.{k}": _int(0) for k in ("ae_steps", "dm_steps", "vis_every", "eval_every",
@@ -133,14 +148,12 @@ RULES: dict[str, Rule] = {
     "sample.num_samples": _int(1), "sample.batch_size": _int(1), "sample.sizes": _sizes,
     "sample.tile": _int(1), "sample.pad": _int(0), "sample.tiles_per_call": _int(1),
     "sample.use_ema": _bool, "sample.quantize": _bool, "sample.seed": _int(),
-    "sample.out_dir": _folder, "sample.window": lambda v: "" if v in ((), []) or (
-        isinstance(v, (list, tuple)) and len(v) == 4 and all(is_int(x) for x in v)) else
-    "must be () or (top, left, height, width) in integers",
+    "sample.out_dir": _folder, "sample.window": _window,
     "sample.stream_above": _int(1), "sample.sampler": _choice(*SAMPLERS),
     "sample.spacing": _choice(*SPACINGS),
     "condition.regions": lambda v: "" if isinstance(v, (str, list, tuple)) else
     "must be a list of dicts or its JSON",
-    "condition.sizes": _sizes, "condition.num_samples": _int(1), "condition.batch_size": _int(1),
+    "condition.sizes": _sizes, "condition.window": _window, "condition.num_samples": _int(1), "condition.batch_size": _int(1),
     "condition.seed": _int(), "condition.guide_start": _int(0), "condition.guide_stop": _int(-1),
     "condition.guide_every": _int(1), "condition.clip_checkpoint": _str,
     "condition.clip_vocab": _str, "condition.out_dir": _folder,
@@ -193,8 +206,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None, 
   if adopted and stage in ("sample", "condition") and not config.diffusion.latent_scale:
     _fail("diffusion.latent_scale", 0.0, "no stage-2 checkpoint learned a scale: set the one "
           "the UNet was trained at (1.0 unless it was changed)")
-  if stage in ("sample", "all"):
-    sample_plan(config)
+  sc = config.sample
+  for section in {"sample": ("sample",), "all": ("sample",), "condition": ("condition",)}.get(
+      stage, ()):
+    checks.plan_sizes(config[section].sizes, config[section].window, tile=sc.tile,
+                      stream_above=sc.stream_above, name=f"config.{section}")
   if stage in ("dm", "sample", "condition", "eval"):
     for part in ("ae", "dm"):
       _need_file(f"ckpt.{part}_checkpoint", config.ckpt[f"{part}_checkpoint"])
@@ -257,20 +273,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       _fail(f"data.{key}", d[key], str(e))
   _need_file("data.source", d.source, folder=True)
-
-
-def sample_plan(config: ml_collections.ConfigDict
-                ) -> list[tuple[tuple[int, int], tuple[int, int, int, int] | None]]:
-  """[(size, window)] of `config.sample`; UserError for a window outside a size or a
-  streamed size whose tile does not fit a BigTIFF."""
-  sc, plan = config.sample, []
-  for s in sc.sizes:
-    size = parse_size(s, name="config.sample.sizes")
-    window = parse_window(tuple(sc.window), size, name="config.sample.window")
-    if window is None and size[0] * size[1] > sc.stream_above ** 2 and sc.tile % 16:
-      _fail("sample.tile", sc.tile, "a streamed BigTIFF needs a multiple of 16")
-    plan.append((size, window))
-  return plan
 
 
 def _check_condition(config: ml_collections.ConfigDict) -> None:

@@ -31,9 +31,9 @@ def test_package_dependencies_are_the_pinned_requirements():
 
 def test_installed_console_scripts_run_from_another_folder(tmp_path):
   """`pip install .` (no network: dependencies come from this interpreter's site-packages
-  through a .pth file) gives `infd`, `infd-prepare` and `infd-convert`, and `--config=demo`
-  finds the shipped config outside the repository: the files of the top-level `configs/`,
-  installed once, as `infd_jax.configs`."""
+  through a .pth file) gives `infd` (and `infd view` with its page), `infd-prepare` and
+  `infd-convert`, and `--config=demo` finds the shipped config outside the repository: the
+  files of the top-level `configs/`, installed once, as `infd_jax.configs`."""
   src = tmp_path / "src"
   src.mkdir()
   for name in ("pyproject.toml", "setup.py", "README.md"):
@@ -72,3 +72,11 @@ def test_installed_console_scripts_run_from_another_folder(tmp_path):
   site = pathlib.Path(purelib)
   assert sorted(p.relative_to(site).as_posix() for p in site.rglob("demo.py")) == [
       "infd_jax/configs/demo.py"]  # one copy, no top-level `configs` package
+  out = run("infd", "view", "--help")
+  assert out.returncode == 0 and "--tile_size" in out.stdout, out.stderr[-2000:]
+  static = subprocess.run([py, "-c", "import infd_jax.view.server as s; print(s.STATIC)"],
+                          cwd=elsewhere, capture_output=True, text=True, check=True).stdout.strip()
+  assert str(venv) in static
+  for name in ("index.html", "viewer.js", "viewer.css", "openseadragon/openseadragon.min.js",
+               "openseadragon/LICENSE.txt", "openseadragon/images/zoomin_rest.png"):
+    assert pathlib.Path(static, name).is_file(), name  # the viewer's page ships as package data

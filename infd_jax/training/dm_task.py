@@ -25,7 +25,8 @@ from infd_jax.data import padded, pipeline
 from infd_jax.diffusion import gaussian
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
-from infd_jax import builders, inference, trained
+from infd_jax import builders, trained
+from infd_jax.model import Model
 from infd_jax.training import loop, optim
 from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
@@ -200,7 +201,7 @@ def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
   """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
   sampling = ml_collections.ConfigDict(config.to_dict())  # the model samples at the learned scale
   sampling.diffusion.latent_scale = latent_scale
-  model = inference.Model(sampling, mesh, ae_params)
+  model = Model(sampling, mesh, ae_params)
   res = config.data.inp_res
 
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:
