@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
     c.dm.update(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
                 attention_resolutions=(8,), num_head_channels=32)
     c.diffusion.update(sample_steps=25, latent_scale=0.0, x0_rms_max=0.0)
-    c.train.update(ae_batch_size=8, ae_steps=2000, dm_batch_size=8, dm_steps=3000,
+    c.train.update(ae_batch_size=4, ae_steps=1400, dm_batch_size=8, dm_steps=2000,
                    log_every=100, ckpt_every=1000, vis_every=100_000, eval_every=0)
     return c
   c.data.update(variant="64_1024_25", dm_variant="64_1024_25", gt_res_max=1024,
