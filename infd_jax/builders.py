@@ -15,9 +15,13 @@ UserError = checks.UserError  # (defined without jax, so config checks import fa
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The modules' compute dtype; float64 (parameters and optimizer state too) needs x64."""
   name = config.train.compute_dtype
-  if name not in ("float32", "bfloat16", "float16"):
+  if name not in checks.DTYPES:
     raise UserError(f"config.train.compute_dtype={name!r}: use float32 or bfloat16")
+  if name == "float64" and not jax.config.jax_enable_x64:
+    raise UserError("config.train.compute_dtype='float64' needs JAX's x64 mode "
+                    "(JAX_ENABLE_X64=1); use float32 or bfloat16")
   return jnp.dtype(name)
 
 

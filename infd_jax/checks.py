@@ -15,7 +15,7 @@ class UserError(Exception):
   """A problem the user can fix (paths, settings); reported in one line, no traceback."""
 
 STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX x64 mode only
 
 
 def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:

@@ -85,7 +85,7 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       ae_batch_size=8, ae_steps=1_000_000,
       dm_batch_size=48, dm_steps=600_000,
-      compute_dtype="float32",     # "bfloat16" for speed on GPU/TPU; params stay float32
+      compute_dtype="float32",     # "bfloat16" for speed (params stay float32); "float64" with x64
       log_every=100, ckpt_every=10_000, keep_checkpoints=3,
       vis_every=100_000, eval_every=50_000, eval_batches=0,  # 0 = whole split
       on_nonfinite="stop",         # "stop" (keep last good checkpoint) or "skip" the step

@@ -256,14 +256,16 @@ def _report(unmapped, unfilled, mismatched, duplicates, limit: int = 40) -> str:
   return "\n".join(lines)
 
 
-def apply(entries: list[Entry], state_dict: Mapping[str, np.ndarray]) -> dict[str, PyTree]:
-  """Builds {part: {collection: nested dict of float32 arrays}} from a plan."""
+def apply(entries: list[Entry], state_dict: Mapping[str, np.ndarray],
+          dtype: np.dtype = np.float32) -> dict[str, PyTree]:
+  """Builds {part: {collection: nested dict of `dtype` arrays}} from a plan (params and
+  stats are float32; float64 keeps float64 tensors, e.g. official gradients, exact)."""
   out: dict[str, Any] = {}
   for e in entries:
     node = out.setdefault(e.part, {}).setdefault(e.collection, {})
     for p in e.path[:-1]:
       node = node.setdefault(p, {})
-    value = np.asarray(state_dict[e.torch_key], np.float32)  # Params and stats are float32.
+    value = np.asarray(state_dict[e.torch_key], dtype)
     node[e.path[-1]] = np.ascontiguousarray(_TRANSFORMS[e.transform](value))
   return out
 

@@ -33,7 +33,7 @@ Dtype = Any
 class Encoder(nn.Module):
   """VQGAN encoder plus the extra 1x1 conv: [B, H, W, 3] -> z [B, H/f, W/f, z_channels].
 
-  z is float32 whatever the compute dtype.
+  z is in full precision (`layers.full_precision`: float32 under bfloat16 compute).
 
   f = 2 ** (len(ch_mult) - 1); 4 for the official (1, 2, 4).
   """
@@ -57,11 +57,12 @@ class Encoder(nn.Module):
     h = _middle(h, self.dtype, self.norm_groups, self.mid_attention)
     h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
                                 name="norm_out")(h))
-    # The two output convs are tiny; float32 keeps z (the VQ argmin input and the
-    # diffusion model's data) at full precision under bfloat16 compute.
-    h = layers.conv(self.z_channels, 3, in_features=h.shape[-1], dtype=jnp.float32,
-                    name="conv_out")(h.astype(jnp.float32))
-    return layers.conv(self.z_channels, 1, in_features=self.z_channels, dtype=jnp.float32,
+    # The two output convs are tiny; full precision keeps z (the VQ argmin input and
+    # the diffusion model's data) exact under bfloat16 compute.
+    full = layers.full_precision(self.dtype)
+    h = layers.conv(self.z_channels, 3, in_features=h.shape[-1], dtype=full,
+                    name="conv_out")(h.astype(full))
+    return layers.conv(self.z_channels, 1, in_features=self.z_channels, dtype=full,
                        name="quant_conv")(h)
 
 
@@ -121,7 +122,8 @@ class INFDAutoencoder(nn.Module):
 
   Submodules `encoder`, `quantizer`, `decoder`, `renderer` match the top-level
   state-dict prefixes (which also name the official optimizer groups).
-  Params stay float32; `dtype` is the compute dtype of the convolutions.
+  Params are float32 (float64 for a float64 `dtype`); `dtype` is the compute dtype of
+  the convolutions.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4)
@@ -142,7 +144,8 @@ class INFDAutoencoder(nn.Module):
                 mid_attention=self.mid_attention)
     self.encoder = Encoder(**arch)
     self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
-                                      self.codebook_init) if self.num_codes else None)
+                                      self.codebook_init, layers.full_precision(self.dtype))
+                      if self.num_codes else None)
     self.decoder = Decoder(**arch)
     self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
                                  hidden=self.renderer_hidden, dtype=self.dtype,
@@ -155,9 +158,10 @@ class INFDAutoencoder(nn.Module):
 
   def quantize(self, z: jax.Array) -> VQOutput:
     """Nearest codes with straight-through gradient and the legacy VQ loss; without a
-    quantizer, z itself (float32) with loss 0 and every index 0."""
+    quantizer, z itself (full precision) with loss 0 and every index 0."""
     if self.quantizer is None:
-      return VQOutput(z_q=z.astype(jnp.float32), loss=jnp.zeros((), jnp.float32),
+      full = layers.full_precision(z.dtype)
+      return VQOutput(z_q=z.astype(full), loss=jnp.zeros((), full),
                       indices=jnp.zeros(z.shape[:-1], jnp.int32))
     return self.quantizer(z)
 
@@ -174,7 +178,7 @@ class INFDAutoencoder(nn.Module):
     return self.renderer.features(phi, coord, cell)
 
   def render_head(self, h: jax.Array) -> jax.Array:
-    """The renderer's last conv: render_features output -> RGB [B, gh, gw, 3] float32."""
+    """The renderer's last conv: render_features output -> RGB [B, gh, gw, 3], full precision."""
     return self.renderer.head(h)
 
   def __call__(self, inp: jax.Array, coord: jax.Array, cell: jax.Array) -> AEOutput:

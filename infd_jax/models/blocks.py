@@ -83,7 +83,7 @@ class AttnBlock(nn.Module):
     # Row-major (h, w) flattening, the same token order as PyTorch's view(b, c, h*w).
     q, k, v = (proj(name)(h).reshape(b, t, 1, c) for name in ("q", "k", "v"))
     attend = jax.checkpoint(
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5))
+        lambda q, k, v: layers.dot_product_attention(q, k, v, scale=c ** -0.5))
     if t > n and t % n == 0:
       chunks = q.reshape(b, t // n, n, 1, c).swapaxes(0, 1)
       out = jax.lax.map(lambda qc: attend(qc, k, v), chunks).swapaxes(0, 1)

@@ -43,15 +43,15 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """[..., C] -> [..., C]; updates `batch_stats` when train (apply with mutable)."""
-    c = x.shape[-1]
+    c, full = x.shape[-1], layers.full_precision(self.dtype)
     scale = self.param("scale", nn.with_logical_partitioning(_normal_around(1.0, 0.02), ("norm",)),
-                       (c,), jnp.float32)
+                       (c,), full)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (c,), jnp.float32)
-    stat = lambda init: nn.with_logical_partitioning(init, ("norm",))(None, (c,), jnp.float32)
+                      (c,), full)
+    stat = lambda init: nn.with_logical_partitioning(init, ("norm",))(None, (c,), full)
     ra_mean = self.variable("batch_stats", "mean", stat, nn.initializers.zeros)
     ra_var = self.variable("batch_stats", "var", stat, nn.initializers.ones)
-    xf = x.astype(jnp.float32)
+    xf = x.astype(full)
     axes = tuple(range(x.ndim - 1))
     if train:
       mean = jnp.mean(xf, axis=axes)
@@ -68,7 +68,8 @@ class BatchNorm(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-  """[B, H, W, 3] -> patch logits [B, H/8 - 2, W/8 - 2, 1] float32 (30x30 for 256).
+  """[B, H, W, 3] -> patch logits [B, H/8 - 2, W/8 - 2, 1] in full precision (30x30 for
+  256).
 
   All convs are k4 with symmetric pad 1 (explicit: 'SAME' would differ for the
   stride-1 layers); strides 2, 2, 2, 1, 1. Conv kernels ~ N(0, 0.02), the two
@@ -93,4 +94,4 @@ class PatchDiscriminator(nn.Module):
       h = BatchNorm(dtype=self.dtype, name=f"main_{idx + 1}")(h, train)
       h = nn.leaky_relu(h, 0.2)
       idx, c = idx + 3, feats
-    return conv(1, 1, True, idx, c)(h).astype(jnp.float32)
+    return conv(1, 1, True, idx, c)(h).astype(layers.full_precision(self.dtype))

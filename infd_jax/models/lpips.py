@@ -46,7 +46,7 @@ def _normalize(f: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-  """Perceptual distance: (x, y) [B, H, W, 3] in [-1, 1] -> [B] float32.
+  """Perceptual distance: (x, y) [B, H, W, 3] in [-1, 1] -> [B] in full precision.
 
   With train=True each lin layer's input goes through Dropout(0.5), as in the
   official training steps (needs a 'dropout' rng); train=False is deterministic.
@@ -54,7 +54,8 @@ class LPIPS(nn.Module):
   dtype: Dtype = jnp.float32
 
   def _features(self, x: jax.Array) -> list[jax.Array]:
-    x = (x - jnp.asarray(INPUT_SHIFT)) / jnp.asarray(INPUT_SCALE)
+    # float32 constants, as the official buffers (also under x64).
+    x = (x - jnp.asarray(INPUT_SHIFT, jnp.float32)) / jnp.asarray(INPUT_SCALE, jnp.float32)
     taps, c_in, current = [], x.shape[-1], 1
     for s, idx, c_out in _VGG_CONVS:
       if s != current:
@@ -72,12 +73,13 @@ class LPIPS(nn.Module):
     b = x.shape[0]
     # One pass over the concatenated pair keeps the VGG convs at twice the batch.
     feats = self._features(jnp.concatenate([x, y], axis=0))
-    total = jnp.zeros((b,), jnp.float32)
+    full = layers.full_precision(self.dtype)
+    total = jnp.zeros((b,), full)
     for k, (f, c) in enumerate(zip(feats, _TAP_CHANNELS)):
-      f = f.astype(jnp.float32)
+      f = f.astype(full)
       d = (_normalize(f[:b]) - _normalize(f[b:])) ** 2
       d = nn.Dropout(0.5, deterministic=not train)(d)
-      d = layers.conv(1, 1, in_features=c, use_bias=False, dtype=jnp.float32,
+      d = layers.conv(1, 1, in_features=c, use_bias=False, dtype=full,
                       name=f"lin{k}")(d)
       total = total + jnp.mean(d, axis=(1, 2, 3))
     return total

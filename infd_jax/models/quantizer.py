@@ -3,16 +3,19 @@
 Naming rule: `quantizer.embedding.weight` (N, D) is the param `embedding` of
 this module, stored as is (no transpose).
 
-All quantizer math runs in float32 whatever the caller's compute dtype (so the
-module has no `dtype` field), because the argmin over 8192 nearly equal
-distances is sensitive to rounding.
+All quantizer math runs in `dtype`, float32 whatever the autoencoder's compute
+dtype (float64 only in x64 mode for a float64 one), because the argmin over 8192
+nearly equal distances is sensitive to rounding.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+Dtype = Any
 
 @flax.struct.dataclass
 class VQOutput:
@@ -80,6 +83,7 @@ class VectorQuantizer(nn.Module):
   code_dim: int = 3
   beta: float = 0.25
   init_bound: float = 0.0
+  dtype: Dtype = jnp.float32  # of the codebook and all quantizer math: float32 or float64
 
   def setup(self):
     bound = self.init_bound or 1.0 / self.num_codes
@@ -89,11 +93,11 @@ class VectorQuantizer(nn.Module):
 
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(init, ("codes", "code_dim")),
-        (self.num_codes, self.code_dim), jnp.float32)
+        (self.num_codes, self.code_dim), self.dtype)
 
   def __call__(self, z: jax.Array) -> VQOutput:
     """Quantizes z [B, h, w, D]; gradients reach z unchanged through z_q."""
-    z = z.astype(jnp.float32)
+    z = z.astype(self.dtype)
     indices = nearest_code(z, self.embedding)
     z_q = self.lookup(indices)
     loss = vq_loss(z, z_q, self.beta)

@@ -104,7 +104,7 @@ class AttentionBlock(nn.Module):
     qkv = layers.dense(3 * c, in_features=c, dtype=self.dtype, name="qkv")(h)
     qkv = qkv.reshape(b, hgt * wid, heads, 3, d)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-    a = jax.nn.dot_product_attention(q, k, v, scale=d ** -0.5,
+    a = layers.dot_product_attention(q, k, v, scale=d ** -0.5,
                                      implementation=self.attention_impl)
     a = a.reshape(b, hgt * wid, c)
     out = layers.dense(c, in_features=c, dtype=self.dtype, kernel_init=_zeros,
@@ -134,8 +134,9 @@ class UNet(nn.Module):
     attention_resolutions: downsampling factors (1, 2, 4, ...) that get attention.
     num_head_channels: channels per attention head.
     in_channels / out_channels: latent channels.
-    dtype: compute dtype (parameters are float32; GroupNorm statistics and
-      softmax are float32; the output is float32).
+    dtype: compute dtype (parameters, GroupNorm statistics, softmax and the
+      output are in `layers.full_precision(dtype)`: float32, float64 in x64 mode;
+      the sinusoidal timestep embedding is float32, as the official one).
     attention_impl: passed to `jax.nn.dot_product_attention` (None/"xla", or
       "cudnn" for flash attention on GPU, which needs bf16/fp16 compute).
     remat: rematerialise each ResBlock/AttentionBlock in the backward pass to
@@ -210,4 +211,4 @@ class UNet(nn.Module):
     h = nn.silu(layers.group_norm(_GN_EPS, num_groups=self.norm_groups, dtype=dt, name="out_0")(h))
     h = layers.conv(self.out_channels, 3, in_features=h.shape[-1], dtype=dt, kernel_init=_zeros,
                     bias_init=_zeros, name="out_2")(h)
-    return h.astype(jnp.float32)
+    return h.astype(layers.full_precision(dt))

@@ -63,9 +63,9 @@ class CLIFRenderer(nn.Module):
     return swish(self.norm_out(h))
 
   def head(self, h: jax.Array) -> jax.Array:
-    """The last conv: [B, h, w, hidden] -> RGB [B, h, w, 3] float32."""
+    """The last conv: [B, h, w, hidden] -> RGB [B, h, w, 3] in full precision."""
     # Losses and uint8 export want full precision.
-    return self.conv_out(h).astype(jnp.float32)
+    return self.conv_out(h).astype(layers.full_precision(self.dtype))
 
   def __call__(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
     return self.head(self.features(phi, coord, cell))

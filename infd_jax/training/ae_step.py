@@ -10,6 +10,10 @@ renderer's last conv kernel. Instead of two extra backward passes through the
 generator, the step differentiates the losses with respect to the prediction,
 maps those two cotangents through the (linear) last conv alone, and runs the
 generator backward pass once with the combined cotangent.
+
+Losses, gradients and updates are in the autoencoder's full precision
+(`layers.full_precision`): float32, or float64 when the compute dtype is float64
+(JAX x64 mode), with parameters and optimizer state in float64 too.
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from infd_jax.evaluation import metrics as metrics_lib
+from infd_jax.models import layers
 from infd_jax.training.state import AEState, select, skip_unless_finite
 
 PyTree = Any
@@ -69,9 +74,9 @@ def _generator_features(ae: nn.Module, params: PyTree, batch: dict[str, jax.Arra
 
 
 def reconstruct(ae: nn.Module, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-  """Full forward: the rendered prediction [B, P, P, 3] (float32)."""
+  """Full forward: the rendered prediction [B, P, P, 3] in full precision."""
   out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
-  return out.pred.astype(jnp.float32)
+  return out.pred.astype(layers.full_precision(ae.dtype))
 
 
 def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyTree, *,
@@ -92,21 +97,22 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
   Returns:
     (new state, scalar metrics).
   """
-  gt = batch["gt"].astype(jnp.float32)
+  full = layers.full_precision(ae.dtype)
+  gt = batch["gt"].astype(full)
   k_drop = jax.random.fold_in(state.rng, state.step)
-  gan_on = (state.step >= loss.gan_start_step).astype(jnp.float32)
+  gan_on = (state.step >= loss.gan_start_step).astype(full)
 
   # Generator forward, split before the last conv (see module docstring).
   (h, quant_loss), gen_vjp, indices = jax.vjp(
       lambda p: _generator_features(ae, p, batch), state.gen_params, has_aux=True)
   pred, head_vjp = jax.vjp(
-      lambda p, x: ae.apply({"params": p}, x, method="render_head").astype(jnp.float32),
+      lambda p, x: ae.apply({"params": p}, x, method="render_head").astype(full),
       state.gen_params, h)
 
   def nll_fn(pred):
     l1 = jnp.mean(jnp.abs(pred - gt))
     if not loss.perc:  # weight 0 (a demo setting): LPIPS is not computed at all
-      return loss.l1 * l1, (l1, jnp.float32(0.0))
+      return loss.l1 * l1, (l1, jnp.zeros((), full))
     perc = jnp.mean(lpips.apply(lpips_params, pred, gt, train=loss.lpips_train_dropout,
                                 rngs={"dropout": k_drop}))
     return loss.l1 * l1 + loss.perc * perc, (l1, perc)
@@ -114,7 +120,7 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
   def gan_fn(pred):
     logits, upd = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats},
                              pred, train=True, mutable=["batch_stats"])
-    return -jnp.mean(logits.astype(jnp.float32)), upd["batch_stats"]
+    return -jnp.mean(logits.astype(full)), upd["batch_stats"]
 
   (nll, (l1, perc)), g_pred_nll = jax.value_and_grad(nll_fn, has_aux=True)(pred)
   gp_nll, gh_nll = head_vjp(g_pred_nll)
@@ -124,9 +130,10 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
   (gan_g, stats), g_pred_gan = jax.value_and_grad(gan_fn, has_aux=True)(pred)
   gp_gan, gh_gan = head_vjp(g_pred_gan)
   adaptive = (adaptive_weight(_get(gp_nll, LAST_LAYER), _get(gp_gan, LAST_LAYER))
-              if loss.adaptive_gan_weight else jnp.float32(1.0))
+              if loss.adaptive_gan_weight else jnp.ones((), full))
   w = loss.gan_g * adaptive * gan_on
-  (g_features,) = gen_vjp(((gh_nll + w * gh_gan).astype(h.dtype), jnp.float32(loss.quant)))
+  (g_features,) = gen_vjp(((gh_nll + w * gh_gan).astype(h.dtype),
+                           jnp.asarray(loss.quant, quant_loss.dtype)))
   grads = jax.tree.map(lambda a, b, c: a + b + w * c, g_features, gp_nll, gp_gan)
   total = loss.quant * quant_loss + nll + w * gan_g
   updates, gen_opt = gen_tx.update(grads, state.gen_opt, state.gen_params)
@@ -140,7 +147,7 @@ def ae_train_step(state: AEState, batch: dict[str, jax.Array], lpips_params: PyT
                                   mutable=["batch_stats"])
     fake_logits, upd = disc.apply({"params": dp, "batch_stats": upd["batch_stats"]}, fake,
                                   train=True, mutable=["batch_stats"])
-    real_logits, fake_logits = real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32)
+    real_logits, fake_logits = real_logits.astype(full), fake_logits.astype(full)
     return hinge_d_loss(real_logits, fake_logits), (upd["batch_stats"], jnp.mean(real_logits),
                                                      jnp.mean(fake_logits))
 
@@ -176,7 +183,7 @@ def _scalars(state: AEState, indices, pred, gt, **values) -> dict[str, jax.Array
 def _without_gan(state, loss, gen_tx, gp_nll, gh_nll, gen_vjp, h, quant_loss, nll, l1, perc, pred,
                  gt, indices, skip_nonfinite):
   """The generator update of `ae_train_step` when loss.gan_g == 0; the discriminator stays."""
-  (g_features,) = gen_vjp((gh_nll.astype(h.dtype), jnp.float32(loss.quant)))
+  (g_features,) = gen_vjp((gh_nll.astype(h.dtype), jnp.asarray(loss.quant, quant_loss.dtype)))
   grads = jax.tree.map(lambda a, b: a + b, g_features, gp_nll)
   total = loss.quant * quant_loss + nll
   updates, gen_opt = gen_tx.update(grads, state.gen_opt, state.gen_params)
@@ -184,7 +191,7 @@ def _without_gan(state, loss, gen_tx, gp_nll, gh_nll, gen_vjp, h, quant_loss, nl
                             gen_params=optax.apply_updates(state.gen_params, updates))
   if skip_nonfinite:
     new_state = skip_unless_finite(jnp.isfinite(total), new_state, state)
-  zero = jnp.float32(0.0)
+  zero = jnp.zeros((), nll.dtype)
   return new_state, _scalars(state, indices, pred, gt, loss=total, quant_loss=quant_loss,
                              l1_loss=l1, perc_loss=perc, gan_g_loss=zero, adaptive_g_w=zero,
                              disc_loss=zero, disc_logits_real=zero, disc_logits_fake=zero)
