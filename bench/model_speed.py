@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from infd_jax import aot, builders, configs, inference, sharding
+from infd_jax import aot, builders, configs, sharding
+from infd_jax.model import Model
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import tiling
 from infd_jax.training import ae_task, dm_task
 
 
@@ -96,9 +96,19 @@ def _sampler(config, batch: int):
   ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
   dm_params = _init_params(dm_task.init_fn(config), 1).params
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  model = inference.Model(config, mesh, ae_params, dm_params)
+  model = Model(config, mesh, ae_params, dm_params)
   seeds = iter(range(10**6))
   return lambda: model.decode_global(model.sample_global(np.arange(batch), next(seeds)))
+
+
+def _renderer(config, batch: int, size: int):
+  """`Model`'s render of `batch` decoded latents at size x size (every process's images)."""
+  ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
+  model = Model(config, sharding.make_mesh(config.mesh.data, config.mesh.fsdp), ae_params)
+  # Rendering time does not depend on phi's values: decode random latents once.
+  z = np.random.default_rng(0).normal(size=(batch, *builders.latent_shape(config)))
+  phi = model.decode_global(z.astype(np.float32))
+  return lambda: model.render_owned(phi, batch, (size, size))
 
 
 def main() -> None:
@@ -138,15 +148,8 @@ def main() -> None:
       return
   elif args.what == "ddim":
     fn = _sampler(config, batch)
-  else:  # rendering time does not depend on phi's values: decode random latents
-    ae = builders.autoencoder(config)
-    ae_params = _init_params(ae_task.init_fn(config), 0).gen_params
-    z = jax.random.normal(jax.random.PRNGKey(0), (batch, *builders.latent_shape(config)))
-    phi = jax.jit(lambda p, z: ae.apply({"params": p}, z, method="decode"))(ae_params, z)
-    renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"),
-                                    config.sample.tile, config.sample.pad,
-                                    config.sample.tiles_per_call)
-    fn = lambda: renderer.render_image({"params": ae_params}, phi, (args.size, args.size))
+  else:
+    fn = _renderer(config, batch, args.size)
   times = _time(fn, args.repeats)
   setup_s = time.perf_counter() - start - sum(times)  # init, compilation and the warm-up call
   median = statistics.median(times)

@@ -35,7 +35,8 @@ def _child(size: int, renderer_name: str, tile: int, tiles_per_call: int, out: s
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from infd_jax import builders, sharding  # pylint: disable=g-import-not-at-top
-  from infd_jax.rendering import coords, stream, tiling  # pylint: disable=g-import-not-at-top
+  from infd_jax.models import renderer as renderer_lib  # pylint: disable=g-import-not-at-top
+  from infd_jax.rendering import stream, tiling  # pylint: disable=g-import-not-at-top
   from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(-1, 1)
@@ -49,7 +50,7 @@ def _child(size: int, renderer_name: str, tile: int, tiles_per_call: int, out: s
     phi, params = jnp.zeros((1, 32, 32, 4)), {"scale": jnp.float32(0.5)}
 
     def render_fn(params, phi, coord, cell):
-      x = coords.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
+      x = renderer_lib.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
       return x - x.mean(axis=(1, 2), keepdims=True)
   phi = jax.random.normal(jax.random.PRNGKey(1), phi.shape)
   phi = jax.device_put(phi, sharding.replicated(mesh))

@@ -4,9 +4,11 @@
       [--num=64] [--steps=5,10,15,20,25,50] [--samplers=ddim,dpmpp_2m,unipc] \
       [--spacings=uniform] [--res=128] [--out=workdir/bench/sampler_quality]
 
-Loads a trained workdir (read-only), draws `--num` initial noises and runs
-every (sampler, spacing, steps) from them; DDIM always with eta 0 (the
-probability-flow ODE that the other solvers solve). For each setting:
+Loads a trained workdir (read-only) as a `Model`, draws `--num` initial noises
+and samples them with every (sampler, spacing, steps) of that model
+(`Model.with_settings`; the model's own settings otherwise, the x0 bound
+included); DDIM always with eta 0 (the probability-flow ODE that the other
+solvers solve). For each setting:
 
 - latent distance: per latent, the RMS over its elements of z - z_ref, with
   z_ref the DDIM-200 latent from the same noise; mean and standard deviation
@@ -35,52 +37,44 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from infd_jax import builders, inference, sharding
-from infd_jax.diffusion import samplers
+from infd_jax import builders, inference
+from infd_jax.model import Model
 from infd_jax.evaluation import fid, pfid
-from infd_jax.generate import to_uint8
+from infd_jax.rendering import pixels
 
 COLOURS = {"ddim": (31, 119, 180), "dpmpp_2m": (214, 39, 40), "unipc": (44, 160, 44)}
 
 
 class Bench:
-  """The trained model, its latent samplers and the image path (decode, render, features)."""
+  """The trained model with each sampler setting (`Model.with_settings`), and its images."""
 
   def __init__(self, workdir: pathlib.Path, num: int, res: int):
     self.num, self.res = num, res
     self.model = inference.load(workdir)  # the saved architecture; decode + tiled render
-    config, self.mesh = self.model.config, self.model.mesh
-    self.config, self.dm_params = config, self.model.dm_params
-    unet = builders.unet(config)
-    self.apply_fn = lambda p, x, t: unet.apply({"params": p}, x, t)
-    self.sched = builders.diffusion_schedule(config)
-    self.shape = (num, *builders.latent_shape(config))
-    self.batch_sharding = (sharding.batch_sharding(self.mesh) if num % self.mesh.size == 0
-                           else None)
+    self.shape = (num, *builders.latent_shape(self.model.config))
     self.extractor = pfid.vgg16_extractor(batch_size=min(num, 64))
 
   @functools.lru_cache(maxsize=None)
-  def sampler(self, name: str, steps: int, spacing: str):
-    return jax.jit(lambda params, key: samplers.sample(
-        name, self.apply_fn, params, key, self.shape, self.sched, num_steps=steps, eta=0.0,
-        spacing=spacing, batch_sharding=self.batch_sharding))
+  def sampler(self, name: str, steps: int, spacing: str) -> Model:
+    """The model sampling with `name` at `steps` calls, DDIM with eta 0 (the ODE)."""
+    return self.model.with_settings(sample=dict(sampler=name, spacing=spacing),
+                                    diffusion=dict(sample_steps=steps, eta=0.0))
 
-  def latents(self, name: str, steps: int, spacing: str, key: jax.Array) -> np.ndarray:
-    z = np.asarray(self.sampler(name, steps, spacing)(self.dm_params, key), np.float64)
-    return z / builders.latent_scale(self.model.config)
+  def latents(self, name: str, steps: int, spacing: str, seed: int) -> np.ndarray:
+    return np.asarray(self.sampler(name, steps, spacing).sample(self.num, seed), np.float64)
 
-  def time_per_image(self, name: str, steps: int, spacing: str, key: jax.Array,
+  def time_per_image(self, name: str, steps: int, spacing: str, seed: int,
                      repeats: int) -> float:
-    fn = self.sampler(name, steps, spacing)  # compiled and run once by `latents` before
+    model = self.sampler(name, steps, spacing)  # compiled and run once by `latents` before
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      jax.block_until_ready(fn(self.dm_params, key))
+      jax.block_until_ready(model.sample_global(np.arange(self.num), seed))
       times.append(time.perf_counter() - start)
     return statistics.median(times) / self.num
 
   def features(self, z: np.ndarray) -> fid.FeatureStats:
-    images = to_uint8(self.model.render(z.astype(np.float32), (self.res, self.res)))
+    images = pixels.to_uint8(self.model.render(z.astype(np.float32), (self.res, self.res)))
     # p = R: the whole image, so the crops are deterministic.
     return pfid.patch_stats(images, [self.res], self.extractor,
                             np.random.default_rng(0))[self.res]
@@ -176,24 +170,23 @@ def main() -> None:
 
   log(f"loading {args.workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
   bench = Bench(pathlib.Path(args.workdir), args.num, args.res)
-  key, key_other = jax.random.split(jax.random.PRNGKey(args.seed))
+  seed = args.seed  # latent i starts from the noise of (seed, i) under every sampler
   ref_steps = args.reference_steps
-  z_ref = bench.latents("ddim", ref_steps, "uniform", key)
+  z_ref = bench.latents("ddim", ref_steps, "uniform", seed)
   ref_stats = bench.features(z_ref)
   ref_scale = float(np.sqrt(np.mean(z_ref ** 2)))
-  ref_time = bench.time_per_image("ddim", ref_steps, "uniform", key, args.repeats)
+  ref_time = bench.time_per_image("ddim", ref_steps, "uniform", seed, args.repeats)
   log(f"DDIM-{ref_steps} reference: {args.num} latents {bench.shape[1:]}, RMS {ref_scale:.4f}, "
       f"{1e3 * ref_time:.2f} ms/image")
   # Noise floors: DDIM-200 sets from independent noise for the pFD; for the latent
   # distance, how far DDIM-200 itself is from DDIM-1000 (its own discretisation error).
-  others = [bench.features(bench.latents("ddim", ref_steps, "uniform",
-                                         jax.random.fold_in(key_other, j)))
+  others = [bench.features(bench.latents("ddim", ref_steps, "uniform", seed + 1 + j))
             for j in range(args.floor_sets)]
   floors = [fid.fid_from_stats(ref_stats, other) for other in others]
   pfd_floor, pfd_floor_sd = float(np.mean(floors)), float(np.std(floors, ddof=1))
   latent_floor = None
   if args.floor_steps:
-    z_fine = bench.latents("ddim", args.floor_steps, "uniform", key)
+    z_fine = bench.latents("ddim", args.floor_steps, "uniform", seed)
     latent_floor = float(np.mean(_rms(z_fine - z_ref)))
   log(f"noise floors: pFD {pfd_floor:.4f} +- {pfd_floor_sd:.4f} (DDIM-{ref_steps} vs "
       f"{args.floor_sets} independent DDIM-{ref_steps} sets), latent "
@@ -203,7 +196,7 @@ def main() -> None:
   for spacing in args.spacings.split(","):
     for name in args.samplers.split(","):
       for steps in (int(s) for s in args.steps.split(",")):
-        z = bench.latents(name, steps, spacing, key)
+        z = bench.latents(name, steps, spacing, seed)
         dist, stats = _rms(z - z_ref), bench.features(z)
         pfd_indep = float(np.mean([fid.fid_from_stats(stats, other) for other in others]))
         row = dict(sampler=name, spacing=spacing, steps=steps,
@@ -211,7 +204,7 @@ def main() -> None:
                    latent_dist_rel=float(dist.mean() / ref_scale),
                    pfd=fid.fid_from_stats(ref_stats, stats), pfd_indep=pfd_indep,
                    matches=bool(pfd_indep <= pfd_floor + 2 * pfd_floor_sd),
-                   sec_per_image=bench.time_per_image(name, steps, spacing, key, args.repeats))
+                   sec_per_image=bench.time_per_image(name, steps, spacing, seed, args.repeats))
         rows.append(row)
         log(f"{name} {spacing} {steps}: latent {row['latent_dist']:.4f}, pFD {row['pfd']:.3f} "
             f"(independent {pfd_indep:.3f}), "

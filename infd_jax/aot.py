@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from infd_jax import builders, configs, inference, sharding
-from infd_jax.rendering import tiling
+from infd_jax import builders, configs, sharding
+from infd_jax.model import Model
 from infd_jax.training import ae_task, dm_task, loop
 from infd_jax.builders import UserError
 
@@ -124,26 +124,27 @@ def sampler_program(config, batch: int, mesh) -> Program:
   dm_params = _params(dm_task.init_fn(config), lambda s: s.params, mesh, rules)
   ae_params = _params(ae_task.init_fn(config), lambda s: s.gen_params, mesh, rules)
   keys = jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=sharding.batch_sharding(mesh))
-  model = inference.Model(config, mesh, ae_params=None)
+  model = Model(config, mesh, ae_params=None)
   return Program("ddim_sampler", model.generation_program(), (dm_params, ae_params, keys))
 
 
 def render_program(config, batch: int, mesh) -> Program:
-  """One call of the tiled renderer: `sample.tiles_per_call` padded tiles of `batch` images."""
+  """One call of `Model`'s tiled renderer: `sample.tiles_per_call` padded tiles of `batch`
+  images (phi replicated, the call's tiles spread over the devices)."""
   rules = sharding.config_rules(config.mesh)
-  ae = builders.autoencoder(config)
   ae_params = _params(ae_task.init_fn(config), lambda s: s.gen_params, mesh, rules)
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
-                                  config.sample.pad, config.sample.tiles_per_call)
-  side = config.data.inp_res
-  phi = jax.eval_shape(lambda p, z: ae.apply({"params": p}, z, method="decode"), ae_params,
-                       jax.ShapeDtypeStruct((batch, *builders.latent_shape(config)), jnp.float32))
+  model = Model(config, mesh, ae_params=None)
+  z = jax.ShapeDtypeStruct((batch, *builders.latent_shape(config)), jnp.float32)
+  phi = jax.eval_shape(lambda p, z: model.ae.apply({"params": p}, z, method="decode"),
+                       ae_params, z)
   rep = sharding.replicated(mesh)
+  phi = jax.ShapeDtypeStruct(phi.shape, phi.dtype, sharding=rep)
   n, h = config.sample.tiles_per_call, config.sample.tile + 2 * config.sample.pad
+  n = -(-n // mesh.size) * mesh.size  # whole tiles per device, as a spread call rounds them
   axis = jax.ShapeDtypeStruct((n, h), jnp.float32, sharding=rep)
-  return Program("render", renderer._tiles_fn,  # pylint: disable=protected-access
-                 ({"params": ae_params}, jax.ShapeDtypeStruct(phi.shape, phi.dtype, sharding=rep),
-                  axis, axis, jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep)))
+  return Program("render", model.renderer.tiles_program(phi),
+                 ({"params": ae_params}, phi, axis, axis,
+                  jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep)))
 
 
 def analysis(compiled) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from infd_jax.rendering import tiles
+
 
 
 class UserError(Exception):
@@ -78,3 +80,25 @@ def parse_size(size: Any, name: str = "size") -> tuple[int, int]:
   if h <= 0 or w <= 0:
     raise UserError(f"{name}={size!r}: height and width must be positive")
   return int(h), int(w)
+
+
+def parse_window(window: Any, size: tuple[int, int], name: str = "window"
+                 ) -> tiles.Window | None:
+  """() / None -> None; (top, left, height, width) inside size -> itself; else UserError."""
+  if window is None or (isinstance(window, (tuple, list)) and not window):
+    return None
+  if not (isinstance(window, (tuple, list)) and len(window) == 4
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window)):
+    raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
+  window = tuple(int(v) for v in window)
+  try:
+    tiles.check_window(size, window)
+  except ValueError as e:
+    raise UserError(f"{name}: {e}") from None
+  return window
+
+
+def check_count(n: Any, name: str) -> None:
+  """UserError unless n is a positive integer."""
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+    raise UserError(f"{name}={n!r} must be a positive integer")

@@ -1,20 +1,17 @@
-"""The inference layer: trained stages -> latents -> phi -> images, on one mesh.
+"""Trained stages on disk -> a `model.Model` on one mesh.
 
-Everything after training goes through here (`generate`, the evaluation job,
-the Python API `infd_jax.load`, training visualisations):
+Everything after training loads its weights here (`generate`, the condition
+and evaluation jobs, the contact sheet, the Python API `infd_jax.load`) and
+then works through the `Model`:
 
 - `adopt_architecture` reads the model architecture from the config saved with
   the checkpoint (orbax `config` item of a workdir, `meta.json` of a converted
   official checkpoint), so later stages never repeat model flags;
 - `load_ae_params` / `load_dm_params` restore only the parameters (a partial
   orbax restore of the train state), sharded by the config's rules;
-- `Model` samples latents (sample i's noise depends only on (seed, i), so the
-  batch layout and the number of hosts do not change it), decodes them and
-  renders them with the official tiling, batch-sharded over the mesh; guided
-  sampling (`Model.condition`, the `condition` job) goes through it too.
+- `load_model` / `load` build the `Model` from them.
 """
 
-import dataclasses
 import logging
 from typing import Any, Iterable, Mapping
 
@@ -22,14 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 
-from infd_jax import builders, checkpointing, checks, sharding
+from infd_jax import builders, checkpointing, sharding
 from infd_jax.configs import common
-from infd_jax.diffusion import samplers
-from infd_jax.guidance import task as task_lib
-from infd_jax.rendering import tiling
+from infd_jax.model import Model
 
 PyTree = Any
 UserError = builders.UserError
@@ -37,7 +31,8 @@ UserError = builders.UserError
 # Config keys that fix a trained stage's parameter shapes or meaning, per stage.
 ARCHITECTURE = {
     "ae": {"ae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "num_codes",
-                  "renderer_hidden", "norm_groups", "renderer_normalize", "mid_attention")},
+                  "renderer_hidden", "norm_groups", "renderer_normalize", "mid_attention",
+                  "kl_encoder")},
     "dm": {"dm": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                   "num_head_channels", "norm_groups"),
            "diffusion": ("num_train_steps", "beta_start", "beta_end", "latent_scale"),
@@ -218,236 +213,6 @@ def load_dm_params(config: ml_collections.ConfigDict, workdir: str | epath.PathL
   return _load(config, workdir, mesh, "dm", _PARAM_FIELDS["dm" if ema else "dm_raw"],
                "dm_ema" if ema else "dm", builders.unet(config), jnp.zeros((1, h, w, c)),
                jnp.zeros((1,), jnp.int32))
-
-
-def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
-                   key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The one call site of the latent sampler: key -> latents [*shape] with
-  `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
-  `diffusion.latent_scale` (the scale the UNet was trained at)."""
-  scale = builders.latent_scale(config)
-  z = samplers.sample(apply_fn=builders.eps_model(config, unet), params=dm_params, key=key,
-                      shape=shape, sched=builders.diffusion_schedule(config),
-                      **builders.sampler_args(config))
-  return z if scale == 1.0 else z / scale
-
-
-def renderer(config: ml_collections.ConfigDict) -> tiling.TiledRenderer:
-  """The official tiled renderer with the `sample` tiling settings."""
-  sc = config.sample
-  return tiling.TiledRenderer(tiling.module_render_fn(builders.autoencoder(config), "render"),
-                              sc.tile, sc.pad, sc.tiles_per_call)
-
-
-@dataclasses.dataclass
-class Model:
-  """A trained INFD model on a mesh: sample latents (plain or guided), decode, render, encode.
-
-  Attributes:
-    config: the config (architecture as saved with the checkpoints).
-    mesh: the device mesh; batches shard over all its axes.
-    ae_params: stage-1 generator parameters.
-    dm_params: stage-2 UNet parameters (None for an autoencoder-only model).
-  """
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  ae_params: PyTree
-  dm_params: PyTree | None = None
-
-  def __post_init__(self):
-    self.ae = builders.autoencoder(self.config)
-    self.renderer = renderer(self.config)
-    self._batch = sharding.batch_sharding(self.mesh)
-    self._sample_fn = jax.jit(self._sample, out_shardings=self._batch)
-    self._decode_fn = jax.jit(self._decode, out_shardings=self._batch)
-    self._encode_fn = jax.jit(self._encode, out_shardings=self._batch)
-    self._condition_fn = jax.jit(self._condition, static_argnums=0,
-                                 out_shardings=(self._batch, self._batch))
-    self._head_fn = jax.jit(lambda x, n: x[:n], static_argnums=1,
-                            out_shardings=sharding.replicated(self.mesh))
-    self._row_fn = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1),
-                           out_shardings=sharding.replicated(self.mesh))
-
-  # -- jitted bodies --------------------------------------------------------------------------
-
-  def _sample(self, dm_params: PyTree, keys: jax.Array) -> jax.Array:
-    shape = (1, *builders.latent_shape(self.config))
-    unet = builders.unet(self.config)
-    one = lambda key: sample_latents(self.config, unet, dm_params, key, shape)[0]
-    return jax.vmap(one)(keys)
-
-  def _decode(self, ae_params: PyTree, z: jax.Array) -> jax.Array:
-    if self.config.sample.quantize:
-      z = self.ae.apply({"params": ae_params}, z, method="quantize").z_q
-    return self.ae.apply({"params": ae_params}, z, method="decode")
-
-  def _encode(self, ae_params: PyTree, images: jax.Array) -> jax.Array:
-    return self.ae.apply({"params": ae_params}, images, method="encode")
-
-  def _condition(self, objective, dm_params: PyTree, ae_params: PyTree, inputs: tuple,
-                 keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    shape = (1, *builders.latent_shape(self.config))
-    unet = builders.unet(self.config)
-
-    def one(key):
-      z, losses = task_lib.guided_latents(self.config, unet, dm_params, ae_params, objective,
-                                          inputs, key, shape)
-      return z[0], losses[:, 0]
-    return jax.vmap(one)(keys)
-
-  def generation_program(self):
-    """Jitted (dm_params, ae_params, keys [n, 2]) -> phi [n, ...] batch-sharded: sampling and
-    decoding as one program, as generation runs them (for ahead-of-time compiles)."""
-    return jax.jit(lambda dm_params, ae_params, keys: self._decode(
-        ae_params, self._sample(dm_params, keys)), out_shardings=self._batch)
-
-  # -- global arrays (every process calls these together) ------------------------------------
-
-  def padded(self, n: int) -> int:
-    """n rounded up to a multiple of the device count (one row per device at least)."""
-    return -(-n // self.mesh.size) * self.mesh.size
-
-  def put_batch(self, x: np.ndarray) -> jax.Array:
-    """A host batch, the same on every process, padded and sharded over the mesh."""
-    x = np.asarray(x)
-    pad = self.padded(len(x)) - len(x)
-    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-    return jax.make_array_from_callback(x.shape, self._batch, lambda i: x[i])
-
-  def sample_global(self, ids: np.ndarray, seed: int, dm_params: PyTree | None = None
-                    ) -> jax.Array:
-    """Latents of samples `ids` (padded to the device count), batch-sharded.
-
-    Sample i's noise comes from fold_in(PRNGKey(seed), i) alone. `dm_params`
-    replaces the model's UNet parameters (e.g. the EMA weights during training).
-    """
-    dm_params = self.dm_params if dm_params is None else dm_params
-    if dm_params is None:
-      raise UserError("this model has no stage-2 (diffusion) parameters")
-    return self._sample_fn(dm_params, self._keys(ids, seed))
-
-  def _keys(self, ids: np.ndarray, seed: int) -> jax.Array:
-    keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
-        np.asarray(ids, np.uint32)))
-    return self.put_batch(keys)
-
-  def condition_global(self, ids: np.ndarray, seed: int, task: task_lib.Task
-                       ) -> tuple[jax.Array, jax.Array]:
-    """Guided latents of samples `ids` (padded to the device count) and their final losses
-    [n, conditions], batch-sharded; sample i depends only on (seed, i), as in `sample_global`."""
-    if self.dm_params is None:
-      raise UserError("this model has no stage-2 (diffusion) parameters")
-    inputs = jax.device_put(task.inputs, sharding.replicated(self.mesh))
-    return self._condition_fn(task.objective, self.dm_params, self.ae_params, inputs,
-                              self._keys(ids, seed))
-
-  def decode_global(self, z: jax.Array) -> jax.Array:
-    """Latents (quantized if `sample.quantize`) -> phi, batch-sharded."""
-    if not isinstance(z, jax.Array) or z.sharding != self._batch:
-      z = self.put_batch(np.asarray(z))
-    return self._decode_fn(self.ae_params, z)
-
-  def phi_row(self, phi: jax.Array, row: int) -> jax.Array:
-    """phi[row:row + 1], replicated (a single image whose tiles spread over the mesh)."""
-    return self._row_fn(phi, row)
-
-  def render_local(self, phi: jax.Array, size: tuple[int, int],
-                   window: tiling.Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of phi held here, their images [b, h, w, 3] float32)."""
-    return self.renderer.render_local({"params": self.ae_params}, phi, size, window)
-
-  # -- the Python API (host numpy in and out) --------------------------------------------------
-
-  def sample(self, n: int, seed: int = 0) -> np.ndarray:
-    """n latents [n, h, w, c] (before quantization); sample i depends only on (seed, i)."""
-    check_count(n, "n")
-    return _gather(self.sample_global(np.arange(n), seed))[:n]
-
-  def render(self, z: np.ndarray, size: tuple[int, int] | int,
-             window: tiling.Window | None = None) -> np.ndarray:
-    """Images [n, h, w, 3] float32 of latents z [n, ...] at size (H, W), clipped to [-1, 1].
-
-    window=(top, left, height, width) renders only that crop of the H x W image
-    (equal to the same crop of the full render).
-    """
-    size = checks.parse_size(size)
-    window = parse_window(window, size)
-    phi = self.decode_global(z)
-    if len(z) < self.mesh.size:  # fewer images than devices: spread each call's tiles instead
-      phi = self._head_fn(phi, len(z))
-    rows, images = self.render_local(phi, size, window)
-    if jax.process_count() > 1:
-      images = _gather_rows(rows, images, phi.shape[0])
-    return np.clip(images[:len(z)], -1.0, 1.0)
-
-  def encode(self, images: np.ndarray) -> np.ndarray:
-    """Latents [n, h, w, c] (before quantization) of images [n, H, W, 3] (uint8 or [-1, 1])."""
-    x = np.asarray(images)
-    if x.dtype == np.uint8:
-      x = x.astype(np.float32) / 127.5 - 1
-    return _gather(self._encode_fn(self.ae_params, self.put_batch(x.astype(np.float32))))[:len(x)]
-
-  def reconstruct(self, images: np.ndarray, size: tuple[int, int] | int) -> np.ndarray:
-    """Encode, quantize, decode and render the images at `size`."""
-    return self.render(self.encode(images), size)
-
-  def condition(self, regions: Any, n: int = 1, seed: int = 0, **settings: Any
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Guided sampling: n latents [n, h, w, c] that satisfy `regions`, and each one's final
-    loss per region [n, regions]; render them with `render` at any size.
-
-    Args:
-      regions: list of {kind, size, box, image, mask, prompt, scale} (as the
-        `condition` job's `regions`; `infd_jax.guidance.task` documents them).
-      n, seed: how many; sample i depends only on (seed, i) (guided DDIM).
-      **settings: `condition` settings for this call: guide_start, guide_stop,
-        guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab.
-    """
-    check_count(n, "n")
-    unknown = set(settings) - set(task_lib.SETTINGS)
-    if unknown:
-      raise UserError(f"Model.condition: unknown settings {sorted(unknown)} (known: "
-                      f"{', '.join(task_lib.SETTINGS)})")
-    config = ml_collections.ConfigDict(self.config.to_dict())
-    config.condition.update(settings)
-    task = task_lib.from_config(config, regions, name="regions")
-    z, losses = self.condition_global(np.arange(n), seed, task)
-    return _gather(z)[:n], _gather(losses)[:n]
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _gather_rows(rows: np.ndarray, images: np.ndarray, total: int) -> np.ndarray:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  full = np.zeros((total, *images.shape[1:]), np.float32)
-  full[rows] = images
-  # Each row is non-zero on exactly one process.
-  return np.asarray(multihost_utils.process_allgather(full)).sum(axis=0)
-
-
-def parse_window(window: Any, size: tuple[int, int], name: str = "window") -> tiling.Window | None:
-  """() / None -> None; (top, left, height, width) inside size -> itself; else UserError."""
-  if window is None or (isinstance(window, (tuple, list)) and not window):
-    return None
-  if not (isinstance(window, (tuple, list)) and len(window) == 4
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window)):
-    raise UserError(f"{name}={window!r} is not (top, left, height, width) in integers")
-  window = tuple(int(v) for v in window)
-  try:
-    tiling.check_window(size, window)
-  except ValueError as e:
-    raise UserError(f"{name}: {e}") from None
-  return window
-
-
-def check_count(n: Any, name: str) -> None:
-  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
-    raise UserError(f"{name}={n!r} must be a positive integer")
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,

@@ -1,5 +1,7 @@
 """Entry point: `infd --config=ffhq --workdir=W` (or `python -m infd_jax.main ...`).
 
+`infd view PATH` starts the deep-zoom viewer instead (`infd_jax/view/cli.py`).
+
 Kept thin on purpose: flags -> config checks -> logging, compilation cache and
 (multi-host) init -> `jobs.run(config, workdir)`. `--config` is a file or a
 packaged config name (`ffhq`, `configs/ffhq.py`, `custom:size=small`; see
@@ -134,7 +136,11 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  """The `infd` console script."""
+  """The `infd` console script; `infd view ...` is the deep-zoom viewer (`infd_jax.view`)."""
+  if sys.argv[1:2] == ["view"]:
+    from infd_jax.view import cli  # pylint: disable=g-import-not-at-top
+    cli.run(sys.argv[2:])
+    return
   app.run(main, flags_parser=_parse_flags)
 
 

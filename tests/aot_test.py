@@ -13,7 +13,7 @@ import pytest
 
 from infd_jax.configs import tiny
 from infd_jax import aot
-from infd_jax import builders
+from infd_jax import builders, sharding
 from infd_jax.training import dm_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +37,16 @@ def test_compiles_the_tiny_dm_step_once_and_skips_it_on_rerun(tmp_path):
                                    + record["temp_bytes"] - record["alias_bytes"])
   assert run() == [] and len(results.read_text().splitlines()) == 1
   assert json.loads(results.read_text())["key"] == record["key"]
+
+
+def test_render_program_is_one_call_of_the_models_tiled_renderer():
+  config = tiny.get_config("stage=sample")
+  mesh = sharding.make_mesh(-1, 1)
+  program = aot.render_program(config, 2, mesh)
+  compiled, _ = aot.compile_program(program)
+  n, side = config.sample.tiles_per_call, config.sample.tile + 2 * config.sample.pad
+  out = compiled.memory_analysis().output_size_in_bytes
+  assert out == -(-n // 8) * 8 * 2 * side * side * 3 * 4  # [tiles, batch, h, w, RGB] float32
 
 
 @pytest.mark.parametrize("topology,batch,message", [

@@ -39,6 +39,16 @@ def test_tokenizer_matches_open_clip(ref):
   np.testing.assert_array_equal(tok([str(t) for t in ref["texts"]]), ref["tokens"])
 
 
+def test_tokenizer_pads_with_end_of_text_for_sd1(ref):
+  """Hugging Face's SD 1.x tokenizer pads with end-of-text: open_clip's ids, the padding
+  after the first end-of-text replaced (id 0 is also the byte "!")."""
+  tok = tokenizer.Tokenizer(FIXTURE / "tiny_bpe.txt.gz", context_length=16, pad_with_eot=True)
+  ids = ref["tokens"]
+  after_eot = np.arange(ids.shape[1]) > np.argmax(ids == tok.eot, axis=1)[:, None]
+  want = np.where(after_eot, tok.eot, ids)
+  np.testing.assert_array_equal(tok([str(t) for t in ref["texts"]]), want)
+
+
 def test_both_formats_map_to_the_same_params(converted):
   (cfg_oc, p_oc), (cfg_ai, p_ai) = converted["openclip"], converted["openai"]
   assert not cfg_oc.quick_gelu and cfg_ai.quick_gelu  # only the TorchScript is OpenAI's

@@ -17,7 +17,7 @@ from PIL import Image
 
 import infd_jax
 from infd_jax import builders, sharding
-from infd_jax.rendering import stream
+from infd_jax.rendering import pixels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, BOX = (32, 32), (4, 2, 24, 28)  # the known box, in the 32 x 32 images the job writes
@@ -44,23 +44,23 @@ def _known_region(model, path: pathlib.Path) -> tuple[dict, np.ndarray, np.ndarr
   rng = np.random.default_rng(5)
   z = rng.normal(size=(N, *builders.latent_shape(model.config))).astype(np.float32)
   top, left, h, w = BOX
-  pixels = stream.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
+  known = pixels.to_uint8(model.render(z, SIZE))[0, top:top + h, left:left + w]
   mask = rng.random((h, w)) < 0.5
-  Image.fromarray(np.dstack([pixels, 255 * mask.astype(np.uint8)]), "RGBA").save(path)
+  Image.fromarray(np.dstack([known, 255 * mask.astype(np.uint8)]), "RGBA").save(path)
   region = {"kind": "known", "size": list(SIZE), "box": list(BOX), "image": str(path),
             "scale": 10}
-  return region, pixels.astype(np.float64) / 127.5 - 1, mask
+  return region, known.astype(np.float64) / 127.5 - 1, mask
 
 
-def _masked_rmse(images: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _masked_rmse(images: np.ndarray, known: np.ndarray, mask: np.ndarray) -> np.ndarray:
   top, left, h, w = BOX
-  err = (images[:, top:top + h, left:left + w].astype(np.float64) - pixels) ** 2
+  err = (images[:, top:top + h, left:left + w].astype(np.float64) - known) ** 2
   return np.sqrt((err * mask[..., None]).sum(axis=(1, 2, 3)) / (3 * mask.sum()))
 
 
 def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
     model, tiny_trained, tmp_path):
-  region, pixels, mask = _known_region(model, tmp_path / "known.png")
+  region, known, mask = _known_region(model, tmp_path / "known.png")
   worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path),
             json.dumps([region]), f"127.0.0.1:{portpicker.pick_unused_port()}", "2"]
   procs = [subprocess.Popen(worker + [str(i)], env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
@@ -80,12 +80,12 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   job = np.stack([np.asarray(Image.open(tmp_path / f"p{i}" / "32" / name))
                   for i, files in enumerate(written) for name in files])
   assert z.shape == (N, *builders.latent_shape(model.config))
-  np.testing.assert_array_equal(stream.to_uint8(images), job)  # the job wrote the API's samples
+  np.testing.assert_array_equal(pixels.to_uint8(images), job)  # the job wrote the API's samples
   # Reference: RMSE over the known pixels in float64. Guidance (scale 10, 4 DDIM steps)
   # brings every sample to at most 90% of the same noise unguided, below 0.35 (measured
   # 0.329-0.333 against 0.377-0.382), and the returned losses are that RMSE (measured
   # within 5e-3: the renders here are clipped to [-1, 1]).
-  guided, plain = _masked_rmse(images, pixels, mask), _masked_rmse(unguided, pixels, mask)
+  guided, plain = _masked_rmse(images, known, mask), _masked_rmse(unguided, known, mask)
   assert np.all(guided <= 0.9 * plain), (guided, plain)
   assert np.all(guided < 0.35), guided
   np.testing.assert_allclose(losses[:, 0], guided, atol=1e-2)
@@ -95,7 +95,8 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
 @pytest.mark.parametrize("regions,settings,message", [
     ([{"kind": "blur", "size": 32, "image": "x.png"}], {}, r"regions\[0\]: condition kind 'blur'"),
     ([{"kind": "known", "size": 32, "box": [20, 20, 16, 16], "image": "x.png"}], {},
-     r"regions\[0\]: box \(20, 20, 16, 16\) is not inside the 32x32 image"),
+     r"regions\[0\]: box \(20, 20, 16, 16\) \(top, left, height, width\) is not inside the "
+     "32x32 image"),
     ([{"kind": "low_res", "size": "32x48", "image": "missing.png"}], {},
      r"regions\[0\]: image missing.png not found"),
     ([{"kind": "text", "size": 32, "prompt": "a red square"}], {}, "clip_checkpoint"),

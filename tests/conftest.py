@@ -41,3 +41,23 @@ def tiny_trained(tmp_path_factory):
     c.dm.update(channel_mult=(1, 1), num_head_channels=16)
     jobs.run(c, work)
   return work
+
+
+@pytest.fixture(scope="session")
+def view_server(tiny_trained, tmp_path_factory):
+  """The viewer serving the tiny model's samples on 127.0.0.1, shared by the viewer tests.
+
+  DZI tiles of 128 px (overlap 1), two cached feature maps and a 4 MB tile cache,
+  so that the caches' bounds are reached within a test.
+  """
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  from infd_jax.view import batching, caches, model_source, server, tiles  # pylint: disable=g-import-not-at-top
+  from tests import view_support  # pylint: disable=g-import-not-at-top
+  model = infd_jax.load(tiny_trained)
+  source = model_source.ModelSource(model, phi_cache=2)
+  service = tiles.TileService(
+      source, caches.DiskCache(tmp_path_factory.mktemp("view_cache"), 4 << 20),
+      batching.Batcher(source.render), tile_size=128, overlap=1, max_export=512)
+  with view_support.ServerThread(server.make_app(service, {"size": 1024, "seed": 0})) as running:
+    running.model, running.service = model, service
+    yield running

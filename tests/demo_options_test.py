@@ -12,7 +12,8 @@ import optax
 from etils import epath
 from PIL import Image
 
-from infd_jax import builders, inference
+from infd_jax import builders
+from infd_jax import model as model_lib
 from infd_jax.configs import tiny
 from infd_jax.data import latents as latents_lib
 from infd_jax.data import transforms
@@ -60,8 +61,8 @@ def test_sampled_latents_come_back_at_the_data_scale():
   key = jax.random.PRNGKey(0)
   for scale in (1.0, 1.0 / 0.3):
     module = ExactDenoiser(DATA * scale)
-    z = np.asarray(inference.sample_latents(_config(scale), module, {"unused": jnp.zeros(1)}, key,
-                                            (4, *DATA.shape[1:])), np.float64)
+    z = np.asarray(model_lib.sample_latents(_config(scale), module, {"unused": jnp.zeros(1)},
+                                            key, (4, *DATA.shape[1:])), np.float64)
     dist = np.sqrt(((z[:, None] - DATA[None]) ** 2).mean(axis=(2, 3, 4))).min(axis=1)
     assert np.all(dist < 0.02 * DATA.std()), (scale, dist)
 

@@ -8,8 +8,8 @@ from infd_jax.configs import demo
 from infd_jax.data import pipeline
 from infd_jax.evaluation import contact_sheet
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import tiling
-from infd_jax import builders
+from infd_jax import builders, sharding
+from infd_jax.model import Model
 from infd_jax.training import ae_task
 
 STEPS = 120
@@ -25,7 +25,6 @@ def _psnr(pred, gt) -> float:
 def test_demo_stage1_improves_training_and_held_out_psnr(tmp_path):
   c = demo.get_config()
   c.data.data_dir = str(tmp_path)
-  ae = builders.autoencoder(c)
   step = jax.jit(ae_task.make_step(c), donate_argnums=0)  # the training job's step
   state = jax.tree.map(lambda x: getattr(x, "value", x),
                        ae_task.init_fn(c)(jax.random.PRNGKey(0)),
@@ -33,18 +32,10 @@ def test_demo_stage1_improves_training_and_held_out_psnr(tmp_path):
   batches = iter(pipeline.make_ae_dataset(builders.pipeline_config(c.data, "ae"),
                                           global_batch_size=c.train.ae_batch_size, seed=0))
   crops = contact_sheet.held_out_crops(128)  # a photo the demo never trains on
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), c.sample.tile,
-                                  c.sample.pad)
-
-  @jax.jit
-  def feature_map(params, x):
-    q = ae.apply({"params": params}, ae.apply({"params": params}, x, method="encode"),
-                 method="quantize")
-    return ae.apply({"params": params}, q.z_q, method="decode")
+  model = Model(c, sharding.make_mesh(-1, 1), ae_params=None)  # as the contact sheet renders
 
   def held_out(params):
-    phi = feature_map(params, crops)
-    return _psnr(renderer.render_image({"params": params}, phi, (128, 128)), crops)
+    return _psnr(model.with_params(ae_params=params).reconstruct(crops, 128), crops)
 
   lp = load_lpips_params()
   before = held_out(state.gen_params)

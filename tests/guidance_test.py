@@ -51,15 +51,21 @@ def test_box_render_is_that_window_of_the_tiled_render(setup):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_unguided_is_plain_ddim():
-  """With guidance off the sampler is `samplers.ddim_sample` (tested against numpy)."""
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+def test_unguided_is_plain_ddim_with_the_same_spacing(spacing):
+  """With guidance off the sampler is `samplers.ddim_sample` (tested against numpy) with the
+  same time-step spacing; a spacing the guided sampler ignored would fail one of these."""
   eps = lambda p, x, t: jnp.tanh(x * p + t[:, None, None, None] / 1000.0)
   sched = samplers.schedules.linear_schedule()
   key, shape = jax.random.PRNGKey(4), (2, 4, 4, 3)
-  want = samplers.ddim_sample(eps, 0.5, key, shape, sched, num_steps=5, eta=1.0)
+  want = samplers.ddim_sample(eps, 0.5, key, shape, sched, num_steps=5, eta=1.0, spacing=spacing)
+  other = samplers.ddim_sample(eps, 0.5, key, shape, sched, num_steps=5, eta=1.0,
+                               spacing="logsnr" if spacing == "uniform" else "uniform")
   got, _ = sampler.guided_ddim_sample(eps, 0.5, key, shape, sched, lambda x0: (jnp.sum(x0), x0),
-                                      num_steps=5, eta=1.0, guide=np.zeros(5, bool))
+                                      num_steps=5, eta=1.0, spacing=spacing,
+                                      guide=np.zeros(5, bool))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-2
   np.testing.assert_array_equal(sampler.guided_steps(10, 2, 8, 3),
                                 [0, 0, 1, 0, 0, 1, 0, 0, 0, 0])
 

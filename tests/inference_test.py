@@ -1,5 +1,6 @@
 """The inference layer: saved architectures, the Python API, windows, streamed BigTIFFs,
-size checks, and 2 processes x 2 devices == 1 process x 4 devices for sampling and pFID."""
+size checks, and 2 processes x 2 devices == 1 process x 4 devices for sampling, pFID and
+`Model.render` / `reconstruct` of fewer and more images than devices."""
 
 import json
 import os
@@ -20,7 +21,8 @@ from PIL import Image
 from infd_jax.configs import demo, tiny
 from infd_jax import inference, jobs, sharding
 from infd_jax.evaluation import pfid
-from infd_jax.rendering import coords, stream, tiling
+from infd_jax.models import renderer as renderer_lib
+from infd_jax.rendering import pixels, stream, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,7 @@ def test_readme_python_api_example_runs_and_windows_equal_crops(tiny_trained):
 
 def _toy_render_fn(params, phi, coord, cell):
   """A cheap stand-in network whose output depends on the tile (like GroupNorm)."""
-  x = coords.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
+  x = renderer_lib.renderer_input(phi, coord, cell)[..., :3] * params["scale"]
   return x - x.mean(axis=(1, 2), keepdims=True) * 0.5
 
 
@@ -99,9 +101,9 @@ def test_streamed_bigtiff_equals_the_in_memory_render(tmp_path):
     assert [lvl.shape for lvl in series.levels] == [(4096 >> k, 4096 >> k, 3) for k in range(5)]
     assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 256
     level0, last = series.levels[0].asarray(), series.levels[-1].asarray()
-  np.testing.assert_array_equal(level0, stream.to_uint8(
+  np.testing.assert_array_equal(level0, pixels.to_uint8(
       renderer.render_image(params, phi, (4096, 4096))[0]))
-  np.testing.assert_array_equal(last, stream.to_uint8(
+  np.testing.assert_array_equal(last, pixels.to_uint8(
       renderer.render_image(params, phi, (256, 256))[0]))
 
 
@@ -150,7 +152,7 @@ def _result(stdout: str) -> dict:
   return json.loads(line[len("RESULT "):])
 
 
-def test_two_processes_write_the_same_samples_and_pfid_as_one(tiny_trained, tmp_path):
+def test_two_processes_write_samples_pfid_and_render_as_one(tiny_trained, tmp_path):
   real = tmp_path / "real"
   _write_images(real, 9, 1)  # 9 real, 10 generated: uneven shares over 2 processes
   worker = [sys.executable, "-m", "tests.inference_worker", str(tiny_trained)]
@@ -174,6 +176,23 @@ def test_two_processes_write_the_same_samples_and_pfid_as_one(tiny_trained, tmp_
   for k, v in one["reference"].items():
     np.testing.assert_allclose(one["scores"][k], v, rtol=1e-6)
     np.testing.assert_allclose(two_a["scores"][k], v, rtol=1e-6)
+  # Model.render and reconstruct of fewer and more images than the 4 devices: what every
+  # process of 2 x 2 devices gets equals 1 x 4 (each image rendered by one device, or its
+  # tiles spread over the 4, the same computations either way). A sum of copies gathered
+  # from the processes would double the images.
+  with np.load(tmp_path / "one" / "model_0.npz") as f:
+    want = dict(f)
+  for process in range(2):
+    with np.load(tmp_path / "two" / f"model_{process}.npz") as got:
+      assert sorted(got) == sorted(want)
+      for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=f"{key} on process {process}")
+  for n in (1, 3, 5):
+    assert want[f"render_{n}"].shape == (n, 32, 32, 3)
+    np.testing.assert_array_equal(want[f"render_{n}"], want["render_5"][:n])
+  for n in (3, 5):
+    assert want[f"reconstruct_{n}"].shape == (n, 32, 24, 3)
+  assert want["render_5"].std() > 0.01 and np.abs(want["render_5"]).max() <= 1
 
 
 def test_import_infd_jax_is_light():

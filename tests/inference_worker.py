@@ -1,8 +1,11 @@
-"""One process of the inference multi-process test: samples PNGs, then patch FID.
+"""One process of the inference multi-process test: samples PNGs, patch FID, then `Model`.
 
 Usage: python -m tests.inference_worker TRAINED WORKDIR REAL_DIR [COORDINATOR NUM_PROCESSES ID]
 Prints `RESULT {json}` with the patch-FID scores (and, with one process, the
-scores recomputed from all features at once with np.cov as the reference).
+scores recomputed from all features at once with np.cov as the reference), and
+writes `WORKDIR/model_<process index>.npz`: `Model.render` of 1, 3 and 5
+latents and `Model.reconstruct` of 3 and 5 images (fewer and more than the 4
+devices), as every process gets them.
 """
 
 import json
@@ -10,6 +13,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 
 import jax
 
@@ -23,6 +27,8 @@ def main(argv: list[str]) -> None:
       "INFD_TEST_JAX_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "infd_jax_test_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import infd_jax  # pylint: disable=g-import-not-at-top
   from infd_jax.configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
   from infd_jax.evaluation import fid, pfid  # pylint: disable=g-import-not-at-top
@@ -50,6 +56,14 @@ def main(argv: list[str]) -> None:
         ref[(stream, p)] = (feats.mean(0), np.cov(feats, rowvar=False))
     result["reference"] = {f"pfd_vgg16_{p}_32": fid.frechet_distance(*ref[(0, p)], *ref[(1, p)])
                            for p in (32, 16)}
+  started = time.perf_counter()
+  model = infd_jax.load(trained)  # every device: 4 on one process or on two
+  z = model.sample(5, seed=7)
+  images = np.stack([np.asarray(Image.open(f"{fake_dir}/{i}.png")) for i in range(5)])
+  np.savez(f"{workdir}/model_{jax.process_index()}.npz", latents=z,
+           **{f"render_{n}": model.render(z[:n], 32) for n in (1, 3, 5)},
+           **{f"reconstruct_{n}": model.reconstruct(images[:n], (32, 24)) for n in (3, 5)})
+  result["model_seconds"] = round(time.perf_counter() - started, 1)
   print("RESULT " + json.dumps(result))
 
 

@@ -101,11 +101,56 @@ def test_eval_job_reports_reconstruction_and_scale_consistency(trained):
   c = _config(data, "eval")
   c.data.eval_split = "train"
   c.eval.update(recon_resolutions=(32, 48), scale_consistency_base=16, scale_factors=(2,),
-                max_images=2)
+                max_images=3, batch_size=2)  # batches of 2 and 1, fewer than the 8 devices
   jobs.run(c, work)
   results = json.loads((work / "eval.json").read_text())
   assert set(results) >= {"recon_psnr_32", "recon_lpips_48", "scale_psnr_x2", "scale_lpips_x2"}
   assert all(np.isfinite(v) for v in results.values())
+  # The reconstruction PSNR is that of Model.reconstruct (quantized as sampling does) against
+  # the LANCZOS ground truth, recomputed here in float64 numpy.
+  from infd_jax import inference  # pylint: disable=g-import-not-at-top
+  from infd_jax.data import image_io, sources  # pylint: disable=g-import-not-at-top
+  model = inference.load(work)
+  assert model.config.sample.quantize
+  records = sources.open_split(str(data), "demo", "default", "train")
+  photos = [image_io.decode_rgb(records[i]["image"]) for i in range(3)]
+  resized = lambda side: np.stack([np.asarray(p.resize((side, side), Image.LANCZOS))
+                                   for p in photos])
+  for res in (32, 48):
+    recon = model.reconstruct(resized(32), res).astype(np.float64)
+    err = (recon - (resized(res).astype(np.float64) / 127.5 - 1)) / 2
+    want = np.mean(-10 * np.log10(np.mean(err ** 2, axis=(1, 2, 3))))
+    np.testing.assert_allclose(results[f"recon_psnr_{res}"], want, rtol=1e-4)
+
+
+def test_ae_visualiser_shows_the_models_predictions_on_its_fixed_crops(trained):
+  """Through Model with the state's parameters, the pairs are the autoencoder's own forward
+  pass on each crop's coordinates (the training prediction) next to the crop."""
+  import types  # pylint: disable=g-import-not-at-top
+  from infd_jax import inference  # pylint: disable=g-import-not-at-top
+  from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from infd_jax.evaluation import writers  # pylint: disable=g-import-not-at-top
+  from infd_jax.training import on_device  # pylint: disable=g-import-not-at-top
+  data, work = trained
+  c = _config(data, "ae")
+  params = inference.load(work).ae_params
+  logged = {}
+  writer = types.SimpleNamespace(write_images=lambda step, images: logged.update(images))
+  ae_task.make_visualizer(c, sharding.make_mesh(-1, 1))(
+      types.SimpleNamespace(gen_params=params), 3, writer)
+  batch = next(iter(pipeline.make_ae_dataset(
+      builders.pipeline_config(c.data, "ae") | {"num_workers": 0}, global_batch_size=8,
+      seed=c.seed + 1)))
+  expanded = on_device.ae_batch(batch)
+  pred = builders.autoencoder(c).apply({"params": params}, expanded["inp"], expanded["coord"],
+                                       expanded["cell"]).pred
+  pairs = np.stack([np.asarray(pred), np.asarray(expanded["gt"])], axis=1).reshape(16, 32, 32, 3)
+  want = writers.make_image_grid(pairs, ncols=4, min_side=128)
+  got = logged["ae/recon_pred_gt"][0]
+  assert got.shape == want.shape and "ae/center_zoom_128" in logged
+  # uint8 levels; Model.encode reads uint8 as x / 127.5 - 1, training as x * 2 / 255 - 1.
+  assert np.abs(got.astype(int) - want).max() <= 1
+  assert np.mean(got == want) > 0.99
 
 
 def test_dm_resumed_run_equals_straight_run(trained, tmp_path):

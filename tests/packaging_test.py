@@ -31,8 +31,8 @@ def test_package_dependencies_are_the_pinned_requirements():
 
 def test_installed_console_scripts_run_from_another_folder(tmp_path):
   """`pip install .` (no network: dependencies come from this interpreter's site-packages
-  through a .pth file) gives `infd`, `infd-prepare` and `infd-convert`, and `--config=demo`
-  finds the packaged config outside the repository."""
+  through a .pth file) gives `infd` (and `infd view` with its page), `infd-prepare` and
+  `infd-convert`, and `--config=demo` finds the packaged config outside the repository."""
   src = tmp_path / "src"
   src.mkdir()
   for name in ("pyproject.toml", "README.md"):
@@ -65,3 +65,11 @@ def test_installed_console_scripts_run_from_another_folder(tmp_path):
   imported = subprocess.run([py, "-c", "import infd_jax.configs as c; print(c.__file__)"],
                             cwd=elsewhere, capture_output=True, text=True, check=True).stdout
   assert str(venv) in imported  # the installed copy, not the repository
+  out = run("infd", "view", "--help")
+  assert out.returncode == 0 and "--tile_size" in out.stdout, out.stderr[-2000:]
+  static = subprocess.run([py, "-c", "import infd_jax.view.server as s; print(s.STATIC)"],
+                          cwd=elsewhere, capture_output=True, text=True, check=True).stdout.strip()
+  assert str(venv) in static
+  for name in ("index.html", "viewer.js", "viewer.css", "openseadragon/openseadragon.min.js",
+               "openseadragon/LICENSE.txt", "openseadragon/images/zoomin_rest.png"):
+    assert pathlib.Path(static, name).is_file(), name  # the viewer's page ships as package data

@@ -1,15 +1,25 @@
-"""Coordinate grids, nearest-feature lookup, the CLIF renderer and official tiling."""
+"""Coordinate grids, the renderer's nearest-feature lookup, the CLIF renderer and official tiling."""
+
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from infd_jax.rendering import coords, tiling
-from infd_jax.rendering.renderer import CLIFRenderer
+from infd_jax.rendering import coords, tiles, tiling
+from infd_jax.models import renderer as renderer_lib
+from infd_jax.models.renderer import CLIFRenderer
 
 _FEAT_C = 8
 _TILE, _PAD = 16, 4
+
+
+def _tile_dependent_render(params, phi, coord, cell):
+  """A cheap stand-in network whose output depends on the whole tile (like GroupNorm)."""
+  del params
+  x = renderer_lib.renderer_input(phi, coord, cell)[..., :3]
+  return x - 0.5 * x.mean(axis=(1, 2), keepdims=True)
 
 
 class CoordsTest(absltest.TestCase):
@@ -44,7 +54,7 @@ class CoordsTest(absltest.TestCase):
     np.testing.assert_array_equal(ce, full_ce[371:380, 17:30])
 
   def test_nearest_index_ties_round_half_to_even(self):
-    k = coords.nearest_index(jnp.asarray([-0.5, 0.0, 0.5, -0.99, 0.99]), 4)
+    k = renderer_lib.nearest_index(jnp.asarray([-0.5, 0.0, 0.5, -0.99, 0.99]), 4)
     np.testing.assert_array_equal(k, [0, 2, 2, 0, 3])
 
   def test_lookup_matches_formulas(self):
@@ -54,7 +64,7 @@ class CoordsTest(absltest.TestCase):
     feat = np.stack([rr, cc, 10 * rr + cc], -1).astype(np.float32)[None]
     coord = np.array([[[[-0.9, -0.95], [0.0, 0.2]], [[0.3, 0.99], [-0.26, 1.5]]]], np.float32)
     cell = np.full_like(coord, 0.125)
-    q_feat, rel_coord, rel_cell = coords.lookup_nearest(jnp.asarray(feat), coord, cell)
+    q_feat, rel_coord, rel_cell = renderer_lib.lookup_nearest(jnp.asarray(feat), coord, cell)
     for i in range(2):
       for j in range(2):
         y, x = coord[0, i, j]
@@ -68,14 +78,14 @@ class CoordsTest(absltest.TestCase):
         np.testing.assert_allclose(rel_coord[0, i, j], [(y - centre[0]) * hf, (x - centre[1]) * wf],
                                    rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rel_cell[0, 0, 0], [0.125 * hf, 0.125 * wf])
-    inp = coords.renderer_input(jnp.asarray(feat), coord, cell)
+    inp = renderer_lib.renderer_input(jnp.asarray(feat), coord, cell)
     self.assertEqual(inp.shape, (1, 2, 2, c + 4))
     np.testing.assert_array_equal(inp[..., c:c + 2], rel_coord)
     np.testing.assert_array_equal(inp[..., c + 2:], rel_cell)
 
   def test_rel_coord_within_unit_cell_for_pixel_grids(self):
     coord, cell = coords.make_coord_cell_grid((24, 10), batch=1)
-    _, rel_coord, rel_cell = coords.lookup_nearest(jnp.zeros((1, 8, 8, 1)), coord, cell)
+    _, rel_coord, rel_cell = renderer_lib.lookup_nearest(jnp.zeros((1, 8, 8, 1)), coord, cell)
     self.assertLessEqual(float(jnp.max(jnp.abs(rel_coord))), 1.0)
     np.testing.assert_allclose(rel_cell[0, 0, 0], [8 / 24 * 2, 8 / 10 * 2], rtol=1e-6)
 
@@ -83,14 +93,49 @@ class CoordsTest(absltest.TestCase):
 class OfficialTilesTest(absltest.TestCase):
 
   def test_tile_shapes_at_1024(self):
-    shapes = [t.in_hw for t in tiling.official_tiles((1024, 1024))]
+    shapes = [t.in_hw for t in tiles.official_tiles((1024, 1024))]
     self.assertLen(shapes, 16)
     self.assertEqual(shapes.count((272, 272)), 4)
     self.assertEqual(shapes.count((264, 272)) + shapes.count((272, 264)), 8)
     self.assertEqual(shapes.count((264, 264)), 4)
-    self.assertEqual({t.in_hw for t in tiling.official_tiles((512, 512))}, {(264, 264)})
-    self.assertEqual(tiling.official_tiles((256, 256)),
-                     [tiling.Tile((0, 0), (256, 256), (0, 0), (256, 256))])
+    self.assertEqual({t.in_hw for t in tiles.official_tiles((512, 512))}, {(264, 264)})
+    self.assertEqual(list(tiles.official_tiles((256, 256))),
+                     [tiles.Tile((0, 0), (256, 256), (0, 0), (256, 256))])
+
+  def test_window_tiles_are_those_of_the_image_that_meet_it(self):
+    out_hw, tile, pad = (1000, 700), 256, 8
+    every = list(tiles.official_tiles(out_hw, tile, pad))
+    for window in ((0, 0, 1000, 700), (255, 511, 2, 2), (256, 512, 1, 188), (700, 3, 300, 50)):
+      top, left, h, w = window
+      meets = [t for t in every
+               if t.out_origin[0] < top + h and top < t.out_origin[0] + t.out_hw[0]
+               and t.out_origin[1] < left + w and left < t.out_origin[1] + t.out_hw[1]]
+      self.assertEqual(list(tiles.official_tiles(out_hw, tile, pad, window)), meets)
+
+  def test_a_window_of_a_2_20_image_creates_only_its_own_tiles(self):
+    side, window = 2 ** 20, (2 ** 19 - 24, 2 ** 19 - 40, 64, 80)  # across 2 x 2 tiles
+    created, tile_record = [], tiles.Tile
+
+    def counted(**fields):
+      created.append(tile_record(**fields))
+      return created[-1]
+
+    phi = jax.random.normal(jax.random.key(3), (1, 16, 16, 4))
+    renderer = tiling.TiledRenderer(_tile_dependent_render, tile=256, pad=8, tiles_per_call=4)
+    with mock.patch.object(tiles, "Tile", counted):
+      got = renderer.render_image(None, phi, (side, side), window)
+    self.assertLen(created, 4)
+    # Reference: the official loop's rule for these four interior tiles: render the
+    # 272 x 272 padded tile in one call, keep its 256 x 256 centre.
+    want = np.zeros((1, side // 2 ** 11, side // 2 ** 11, 3), np.float32)  # rows/cols 2^19 +- 256
+    base = 2 ** 19 - 256
+    for x0 in (base, base + 256):
+      for y0 in (base, base + 256):
+        coord, cell = coords.window_coord_cell((side, side), (x0 - 8, y0 - 8), (272, 272))
+        out = np.asarray(_tile_dependent_render(None, phi, coord[None], cell[None]))
+        want[:, x0 - base:x0 - base + 256, y0 - base:y0 - base + 256] = out[:, 8:264, 8:264]
+    top, left = window[0] - base, window[1] - base
+    np.testing.assert_array_equal(got, want[:, top:top + 64, left:left + 80])
 
 
 def _official_loop(render_fn, params, phi, out_hw, tile, pad):
@@ -173,7 +218,7 @@ class TiledRenderTest(absltest.TestCase):
     # single-call window must equal the crop of the single-call full render.
     def pointwise(params, phi, coord, cell):
       del params
-      return coords.renderer_input(phi, coord, cell)[..., :3] + coords.renderer_input(
+      return renderer_lib.renderer_input(phi, coord, cell)[..., :3] + renderer_lib.renderer_input(
           phi, coord, cell)[..., -3:]
     coord, cell = coords.make_coord_cell_grid((40, 30), batch=2)
     full = pointwise(None, self.phi, coord, cell)

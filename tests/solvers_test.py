@@ -247,7 +247,9 @@ class SolverTest(parameterized.TestCase):
                       static_argnums=1)
     got = sharded(jax.random.key(0), _fake_eps)
     self.assertEqual(got.sharding, batch)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(a), rtol=1e-6, atol=1e-6)
+    # Sharded and single-device programs fuse differently: a few float32 ulps (4.3e-6 seen on
+    # some hosts), far below the 0.1 that separates two seeds.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(a), rtol=1e-5, atol=1e-5)
     low = sharded(jax.random.key(0), bf16_eps)
     self.assertEqual(low.dtype, jnp.float32)
     self.assertLess(float(jnp.linalg.norm(low - a) / jnp.linalg.norm(a)), 1e-2)

@@ -36,7 +36,7 @@ class MakeImageGridTest(absltest.TestCase):
     self.assertEqual(grid.shape, (2 * 5 + 1, 2 * 6 + 1, 3))
     self.assertEqual(grid.dtype, np.uint8)
     np.testing.assert_array_equal(grid[1:5, 1:6], 0)        # -1 -> 0
-    np.testing.assert_array_equal(grid[1:5, 7:12], 128)     # 0 -> round(127.5)
+    np.testing.assert_array_equal(grid[1:5, 7:12], 127)     # 0 -> floor(127.5), as saved PNGs
     np.testing.assert_array_equal(grid[6:10, 1:6], 255)     # 1 -> 255
     np.testing.assert_array_equal(grid[6:10, 7:12], 0)      # empty cell stays black
     np.testing.assert_array_equal(grid[0], 0)               # border

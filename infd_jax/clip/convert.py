@@ -73,7 +73,7 @@ _RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _DROPPED = re.compile(r"^(input_resolution|context_length|vocab_size|(.+\.)?attn_mask)$")
 
 
-def _rule(key: str) -> tuple[str, Callable[[np.ndarray], np.ndarray] | None] | None:
+def flax_rule(key: str) -> tuple[str, Callable[[np.ndarray], np.ndarray] | None] | None:
   if key in _TOP:
     return _TOP[key]
   m = _RESBLOCK.match(key)
@@ -163,7 +163,7 @@ def to_flax(sd: dict[str, np.ndarray], config: CLIPConfig) -> PyTree:
   for key, value in sd.items():
     if _DROPPED.match(key):
       continue
-    rule = _rule(key)
+    rule = flax_rule(key)
     if rule is None or rule[0] not in wanted:
       unknown.append(key)
       continue

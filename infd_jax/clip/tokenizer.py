@@ -10,8 +10,9 @@ collapsed, lower-cased; ftfy's mojibake repair is not applied), split into words
 by Unicode category (letter runs, single number characters, runs of other
 non-space characters, English contractions, as OpenAI's regular expression), each word's UTF-8 bytes mapped to
 printable characters and merged by rank. A sequence is
-[start-of-text, tokens..., end-of-text] padded with 0 to the context length;
-longer texts are cut and end with end-of-text.
+[start-of-text, tokens..., end-of-text] padded with 0 to the context length
+(OpenCLIP's; `pad_with_eot` pads with end-of-text instead, as the Hugging Face
+tokenizer of Stable Diffusion 1.x does); longer texts are cut and end with end-of-text.
 """
 
 import functools
@@ -65,7 +66,8 @@ def split_words(text: str) -> list[str]:
 class Tokenizer:
   """Text -> CLIP token ids [N, context_length] int32."""
 
-  def __init__(self, bpe_path: str | epath.PathLike, context_length: int = 77):
+  def __init__(self, bpe_path: str | epath.PathLike, context_length: int = 77,
+               pad_with_eot: bool = False):
     path = epath.Path(bpe_path)
     if not path.exists():
       raise FileNotFoundError(f"CLIP BPE vocabulary {path} not found (bpe_simple_vocab_16e6.txt.gz)")
@@ -79,6 +81,7 @@ class Tokenizer:
     self.sot, self.eot = len(vocab), len(vocab) + 1
     self.vocab_size = len(vocab) + 2
     self.context_length = context_length
+    self.pad = self.eot if pad_with_eot else 0
     self._cache: dict[str, str] = {}
 
   def bpe(self, word: str) -> list[str]:
@@ -115,7 +118,7 @@ class Tokenizer:
 
   def __call__(self, texts: str | list[str]) -> np.ndarray:
     texts = [texts] if isinstance(texts, str) else texts
-    out = np.zeros((len(texts), self.context_length), np.int32)
+    out = np.full((len(texts), self.context_length), self.pad, np.int32)
     for row, text in zip(out, texts):
       ids = [self.sot, *self.encode(text), self.eot][:self.context_length]
       ids[-1] = self.eot

@@ -56,7 +56,8 @@ def base() -> ml_collections.ConfigDict:
       codebook_init=0.0,   # 0: official U(-1/N, 1/N) codes; the demo starts them wider
       norm_groups=32,      # GroupNorm groups (32: official; the demo's narrow nets use fewer)
       renderer_normalize=True,  # the renderer's GroupNorms (official); the demo drops them
-      mid_attention=True))  # self-attention in the encoder's and decoder's mid stage (official)
+      mid_attention=True,  # self-attention in the encoder's and decoder's mid stage (official)
+      kl_encoder=False))   # True: Stable Diffusion's KL encoder (mean of 2 z_channels moments)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,
@@ -80,7 +81,8 @@ def base() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       ae_lr=3.6e-5, ae_b1=0.5, ae_b2=0.9,
       dm_lr=9.6e-5, dm_weight_decay=0.01, dm_ema=0.9999,
-      cosine_decay=False))  # False: constant rates (official); True: cosine to 0 at each stage's end
+      cosine_decay=False,  # False: constant rates (official); True: cosine to 0 at each stage's end
+      ae_frozen=()))       # stage-1 parts left untouched, e.g. ("encoder",) on SD's latents
 
   c.train = ml_collections.ConfigDict(dict(
       ae_batch_size=8, ae_steps=1_000_000,
@@ -107,8 +109,10 @@ def base() -> ml_collections.ConfigDict:
   # Guided sampling (`stage=condition`, infd_jax/guidance/task.py documents `regions`):
   # conditions on boxes of virtual images, DPS guidance on sampler iterations
   # guide_start, +guide_every, ... < guide_stop (-1 = all; 0 = the noisiest).
+  # Outputs are written as `sample`'s: `window` crops each size, sizes above
+  # sample.stream_above stream into BigTIFFs, the tiling is sample.tile / pad.
   c.condition = ml_collections.ConfigDict(dict(
-      regions="", sizes=(256,), num_samples=1, batch_size=1, seed=0,
+      regions="", sizes=(256,), window=(), num_samples=1, batch_size=1, seed=0,
       guide_start=0, guide_stop=-1, guide_every=1,
       clip_checkpoint="", clip_vocab="", out_dir=""))
 

@@ -55,8 +55,9 @@ from infd_jax.models import autoencoder, discriminator, lpips, unet
 
 PyTree = Any
 
+Prefixes = tuple[tuple[str, str, tuple[str, ...]], ...]
 # Torch key prefix -> (part, Flax path prefix). No prefix starts another one.
-_PREFIXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+_PREFIXES: Prefixes = (
     ("encoder.0.", "ae", ("encoder",)),
     ("encoder.1.", "ae", ("encoder", "quant_conv")),
     ("decoder.0.", "ae", ("decoder", "post_quant_conv")),
@@ -167,10 +168,10 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
   return out
 
 
-def _destination(key: str, targets: Mapping[str, Mapping[str, PyTree]]
-                 ) -> tuple[str, str, tuple[str, ...]] | str:
+def _destination(key: str, targets: Mapping[str, Mapping[str, PyTree]],
+                 prefixes: Prefixes) -> tuple[str, str, tuple[str, ...]] | str:
   """(part, collection, Flax path) of one torch key, or why there is none."""
-  prefix = next((p for p in _PREFIXES if key.startswith(p[0])), None)
+  prefix = next((p for p in prefixes if key.startswith(p[0])), None)
   if prefix is None or prefix[1] not in targets:
     return "no target part"
   torch_prefix, part, flax_prefix = prefix
@@ -196,13 +197,16 @@ def _destination(key: str, targets: Mapping[str, Mapping[str, PyTree]]
 
 
 def plan(torch_shapes: Mapping[str, tuple[int, ...]],
-         targets: Mapping[str, Mapping[str, PyTree]]) -> list[Entry]:
+         targets: Mapping[str, Mapping[str, PyTree]],
+         prefixes: Prefixes = _PREFIXES) -> list[Entry]:
   """Finds the destination of every torch tensor and checks full, exact coverage.
 
   Args:
     torch_shapes: state-dict key -> shape.
     targets: part -> collection -> tree of Flax leaf shapes (tuples); keys of
       parts not in `targets` count as unmapped.
+    prefixes: (torch key prefix, part, Flax path prefix), the first match wins;
+      INFD's by default.
 
   Returns:
     One Entry per torch key, except BN step counters and constant buffers.
@@ -216,7 +220,7 @@ def plan(torch_shapes: Mapping[str, tuple[int, ...]],
     shape = tuple(shape)
     if key.rsplit(".", 1)[-1] in _DROPPED_LEAVES or key in _CONSTANT_BUFFERS:
       continue
-    dest = _destination(key, targets)
+    dest = _destination(key, targets, prefixes)
     if isinstance(dest, str):
       unmapped.append(f"{key} {shape}: {dest}")
       continue

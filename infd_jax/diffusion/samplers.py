@@ -99,9 +99,8 @@ def spaced_timesteps(sched: Schedule, num_steps: int, spacing: str = "uniform") 
   if num_steps == 1:  # one step: from pure noise at the last training step
     return np.array([t_max - 1], np.int32)
   if spacing == "uniform":
-    stride = _integer_stride(num_steps, t_max)
-    if stride is not None:
-      return np.arange(0, t_max, stride, dtype=np.int32)
+    if _integer_stride(num_steps, t_max) is not None:
+      return ddim_timesteps(num_steps, t_max)
     return _distinct(np.arange(num_steps) * t_max / num_steps, t_max)
   if spacing == "logsnr":
     lam = schedules.log_snr(sched, np.arange(t_max))  # decreasing in t
@@ -111,6 +110,34 @@ def spaced_timesteps(sched: Schedule, num_steps: int, spacing: str = "uniform") 
   return _distinct((t_max - 1) * np.linspace(0.0, 1.0, num_steps) ** 2, t_max)
 
 
+def ddim_x0(spaced: Schedule, k: jax.Array, x: jax.Array, eps_hat: jax.Array) -> jax.Array:
+  """x0 predicted at spaced step k: sqrt(1/ab_k) x - sqrt(1/ab_k - 1) eps_hat (no clipping)."""
+  recip, recipm1 = spaced.sqrt_recip_alphas_cumprod_at(k), spaced.sqrt_recipm1_alphas_cumprod_at(k)
+  return recip * x - recipm1 * eps_hat
+
+
+def ddim_update(spaced: Schedule, k: jax.Array, x: jax.Array, x0: jax.Array, *, eta: float,
+                key: jax.Array) -> jax.Array:
+  """One DDIM step from x at spaced step k to step k - 1, given the predicted x0.
+
+  eps is re-derived from x0, sigma = eta sqrt((1 - ab_prev)/(1 - ab_k)) sqrt(1 - ab_k/ab_prev)
+  and x <- sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + [k > 0] sigma z, with
+  z ~ N(0, I) from fold_in(key, k) (REFERENCE 6.3).
+  """
+  recip, recipm1 = spaced.sqrt_recip_alphas_cumprod_at(k), spaced.sqrt_recipm1_alphas_cumprod_at(k)
+  eps = (recip * x - x0) / recipm1
+  ab, ab_prev = spaced.alphas_cumprod_at(k), spaced.alphas_cumprod_prev_at(k)
+  sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
+  mean = x0 * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
+  noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, jnp.float32)
+  return mean + jnp.where(k > 0, sigma, 0.0) * noise
+
+
+def ddim_order(num_steps: int) -> jax.Array:
+  """Spaced step indices in sampling order, from the noisiest (num_steps - 1) down to 0."""
+  return jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+
+
 def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[int, ...],
                 sched: Schedule, *, num_steps: int = 200, eta: float = 1.0,
                 spacing: str = "uniform", return_intermediates: int | None = None,
@@ -118,11 +145,9 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   """DDIM from x ~ N(0, I) down to step 0, no clipping of x0.
 
-  With spaced alpha-bars ab_k = ab[t_k] (ab_prev = 1 at k = 0), each step does
-  x0 = sqrt(1/ab_k) x - sqrt(1/ab_k - 1) eps_hat, re-derives eps from x0,
-  sigma = eta sqrt((1 - ab_prev)/(1 - ab_k)) sqrt(1 - ab_k/ab_prev) and
-  x <- sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + [k > 0] sigma z.
-  The model is called with the original step t_k. Randomness: the initial
+  With spaced alpha-bars ab_k = ab[t_k] (ab_prev = 1 at k = 0), each step
+  predicts x0 (`ddim_x0`) and moves to step k - 1 (`ddim_update`). The model is
+  called with the original step t_k. Randomness: the initial
   noise and the noise of spaced step k come from split/fold_in of `key`, so a
   key fixes the sample. Jit with `apply_fn`, `shape`, `sched`, `num_steps`,
   `eta`, `spacing`, `return_intermediates` and `batch_sharding` static.
@@ -152,18 +177,11 @@ def ddim_sample(apply_fn: ApplyFn, params: PyTree, key: jax.Array, shape: tuple[
 
   def step(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = jnp.full((shape[0],), ts[k], dtype=jnp.int32)
-    eps_hat = apply_fn(params, x, t).astype(jnp.float32)
-    recip, recipm1 = spaced.sqrt_recip_alphas_cumprod_at(k), spaced.sqrt_recipm1_alphas_cumprod_at(k)
-    x0 = recip * x - recipm1 * eps_hat
-    eps = (recip * x - x0) / recipm1
-    ab, ab_prev = spaced.alphas_cumprod_at(k), spaced.alphas_cumprod_prev_at(k)
-    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
-    mean = x0 * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
-    noise = jax.random.normal(jax.random.fold_in(key_loop, k), shape, jnp.float32)
-    x = mean + jnp.where(k > 0, sigma, 0.0) * noise
+    x0 = ddim_x0(spaced, k, x, apply_fn(params, x, t).astype(jnp.float32))
+    x = ddim_update(spaced, k, x, x0, eta=eta, key=key_loop)
     return solvers.constrain(x, batch_sharding), x0
 
-  order = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)  # spaced indices, high to low
+  order = ddim_order(num_steps)
   if return_intermediates is None:
     x, _ = jax.lax.scan(lambda x, k: (step(x, k)[0], None), x_init, order)
     return x

@@ -84,6 +84,14 @@ def linear_schedule(beta_start: float = 0.0015, beta_end: float = 0.0195,
   return Schedule.from_betas(linear_betas(beta_start, beta_end, num_steps))
 
 
+def scaled_linear_schedule(beta_start: float = 0.00085, beta_end: float = 0.012,
+                           num_steps: int = 1000) -> Schedule:
+  """Stable Diffusion's schedule: betas linear in sqrt(beta), then squared (LDM "linear",
+  diffusers "scaled_linear")."""
+  return Schedule.from_betas(
+      np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2)
+
+
 def respace(base: Schedule, timesteps: Sequence[int]) -> Schedule:
   """The schedule that keeps only `timesteps` of `base` (guided-diffusion `SpacedDiffusion`).
 

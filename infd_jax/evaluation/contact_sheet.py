@@ -23,8 +23,8 @@ from PIL import Image
 
 from infd_jax.data import sources
 from infd_jax.evaluation import metrics, scale_consistency
-from infd_jax.rendering import tiling
-from infd_jax import builders, inference
+from infd_jax.rendering import pixels
+from infd_jax import inference
 
 
 def held_out_crops(base: int) -> np.ndarray:
@@ -41,10 +41,6 @@ def held_out_crops(base: int) -> np.ndarray:
   return np.stack(out)
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.floor(np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _centre(images: np.ndarray, side: int) -> np.ndarray:
   top = (images.shape[1] - side) // 2
   left = (images.shape[2] - side) // 2
@@ -57,31 +53,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   workdir = pathlib.Path(workdir)
   base = config.eval.scale_consistency_base
   factors = tuple(config.eval.scale_factors)
-  ae = builders.autoencoder(config)
-  params = inference.load_ae_params(config, workdir, mesh)
-  renderer = tiling.TiledRenderer(tiling.module_render_fn(ae, "render"), config.sample.tile,
-                                  config.sample.pad, config.sample.tiles_per_call)
-
-  @jax.jit
-  def feature_map(p, x):
-    q = ae.apply({"params": p}, ae.apply({"params": p}, x, method="encode"), method="quantize")
-    return ae.apply({"params": p}, q.z_q, method="decode")
-
+  model = inference.load_model(config, workdir, mesh, need_dm=False)
   crops = held_out_crops(base)
-  phi = feature_map(params, crops)
+  z = model.encode(crops)
   renders = {}
 
   def render(size: int) -> np.ndarray:
     if size not in renders:
-      renders[size] = np.clip(renderer.render_image({"params": params}, phi, (size, size)),
-                              -1.0, 1.0)  # as saved images are
+      renders[size] = model.render(z, (size, size))  # clipped, as saved images are
     return renders[size]
 
   numbers = {f"recon_psnr_{base}": float(np.mean(metrics.psnr(render(base), crops)))}
   numbers |= scale_consistency.scale_consistency(render, base, factors)
   big = render(max(factors) * base)
   down = np.asarray(scale_consistency.downsample(big, max(factors)))
-  rows = [np.concatenate([_to_uint8(x) for x in (crop, rec, zoom, d)], axis=1)
+  rows = [np.concatenate([pixels.to_uint8(x) for x in (crop, rec, zoom, d)], axis=1)
           for crop, rec, zoom, d in zip(crops, render(base), _centre(big, base), down)]
   rows += _sample_rows(workdir / "samples", base, max(factors) * base)
   sheet = workdir / "contact_sheet.png"

@@ -8,8 +8,9 @@ Computes, for what the config points at:
   processes, and the real-set statistics are cached in `<workdir>/fid_stats/`
   (keyed by the file list and the protocol);
 - autoencoder reconstruction PSNR/LPIPS at each of `eval.recon_resolutions` on the
-  validation split: encode the 256 input, render the whole image at R (official
-  tiling) and compare with the ground truth resized to R;
+  validation split: `Model` encodes the 256 input, quantizes (`sample.quantize`),
+  decodes and renders the whole image at R (official tiling), compared with the
+  ground truth resized to R; batched over all devices, each image scored once;
 - scale consistency: the same latent rendered at s and k*s, the larger one
   box-downsampled, PSNR/LPIPS between them for k in `eval.scale_factors`.
 Results go to TensorBoard (through CLU, once) and `<workdir>/eval.json`.
@@ -20,59 +21,72 @@ import logging
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from infd_jax import builders, inference
+from infd_jax import model as model_lib
 from infd_jax.data import image_io, prepare, sources
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import pfid, scale_consistency, writers
 from infd_jax.models.lpips import load_lpips_params
 
 
-def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[np.ndarray]:
-  """Up to `num` whole validation images as uint8 squares (the split `data.eval_split`)."""
+def _validation_images(config: ml_collections.ConfigDict, num: int) -> list[Image.Image]:
+  """Up to `num` whole validation images as RGB squares (the split `data.eval_split`)."""
   d = builders.pipeline_config(config.data, "ae")
   split = config.data.eval_split or d["split"]
   records = sources.open_split(d["data_dir"], d["name"],
                                prepare.configs_needed(d["name"], d["variant"])[0], split)
-  return [np.asarray(image_io.decode_rgb(records[i]["image"]))
-          for i in range(min(num, len(records)))]
+  return [image_io.decode_rgb(records[i]["image"]) for i in range(min(num, len(records)))]
+
+
+def _resized(images: list[Image.Image], side: int) -> np.ndarray:
+  """uint8 [n, side, side, 3] LANCZOS resizes (as the official data and ground truth)."""
+  out = np.zeros((len(images), side, side, 3), np.uint8)
+  for i, img in enumerate(images):
+    out[i] = np.asarray(img.resize((side, side), Image.LANCZOS))
+  return out
 
 
 def reconstruction_metrics(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
                            mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """PSNR/LPIPS of AE reconstructions rendered at each resolution, and scale consistency."""
+  """PSNR/LPIPS of AE reconstructions rendered at each resolution, and scale consistency.
+
+  Through `Model` (what `Model.reconstruct` gives: quantized if `sample.quantize`,
+  clipped as saved images), in batches of `eval.batch_size` images over all
+  devices; each process scores the images it owns and the per-image values are
+  gathered, so every image counts once whatever the number of hosts.
+  """
   ec = config.eval
-  ae = builders.autoencoder(config)
-  params = inference.load_ae_params(config, workdir, mesh)
+  model = inference.load_model(config, workdir, mesh, need_dm=False)
   lp, lp_params = builders.lpips(config), load_lpips_params()
-  renderer = inference.renderer(config)
-  encode_decode = jax.jit(lambda p, x: ae.apply({"params": p}, ae.apply(
-      {"params": p}, ae.apply({"params": p}, x, method="encode"), method="quantize").z_q,
-      method="decode"))
-  lpips_fn = jax.jit(lambda x, y: lp.apply(lp_params, x, y, train=False))
-  inp_res = config.data.inp_res
+  lpips_batch = jax.jit(lambda x, y: lp.apply(lp_params, x, y, train=False))
+  # A process may own none of a batch's images; it still takes part in every render.
+  lpips_fn = lambda x, y: lpips_batch(x, y) if len(x) else np.zeros(0, np.float32)
   images = _validation_images(config, ec.max_images or 16)
   if not images:
     raise builders.UserError("eval: the validation split is empty")
-  sums: dict[str, list[float]] = {}
-  for image in images:
-    pil = Image.fromarray(image)
-    inp = np.asarray(pil.resize((inp_res, inp_res), Image.LANCZOS), np.float32)[None] / 127.5 - 1
-    phi = encode_decode(params, jnp.asarray(inp))
+  values: dict[str, list[np.ndarray]] = {}
+  for start in range(0, len(images), ec.batch_size):
+    batch = images[start:start + ec.batch_size]
+    n = len(batch)
+    phi = model.decode_global(model.encode(_resized(batch, config.data.inp_res)))
+    rows = model.owned_rows(phi, n)
+    render = lambda size: np.clip(model.render_owned(phi, n, (size, size))[1], -1.0, 1.0)
+    scores = {}
     for res in ec.recon_resolutions:
-      gt = np.asarray(pil.resize((res, res), Image.LANCZOS), np.float32)[None] / 127.5 - 1
-      pred = renderer.render_image({"params": params}, phi, (res, res))
-      sums.setdefault(f"recon_psnr_{res}", []).append(float(metrics_lib.psnr(pred, gt)[0]))
-      sums.setdefault(f"recon_lpips_{res}", []).append(float(lpips_fn(pred, gt)[0]))
-    render = lambda size: jnp.asarray(renderer.render_image({"params": params}, phi, (size, size)))
-    for k, v in scale_consistency.scale_consistency(
-        render, ec.scale_consistency_base, ec.scale_factors, lpips_fn=lpips_fn).items():
-      sums.setdefault(k, []).append(v)
-  return {k: float(np.mean(v)) for k, v in sums.items()}
+      pred = render(res)
+      gt = _resized([batch[r] for r in rows], res).astype(np.float32) / 127.5 - 1
+      scores[f"recon_psnr_{res}"] = metrics_lib.psnr(pred, gt)
+      scores[f"recon_lpips_{res}"] = lpips_fn(pred, gt)
+    scores |= scale_consistency.per_image(render, ec.scale_consistency_base, ec.scale_factors,
+                                          lpips_fn=lpips_fn)
+    for name, owned in scores.items():  # the same names, in the same order, everywhere
+      values.setdefault(name, []).append(
+          model_lib.gather_owned(rows, np.asarray(owned, np.float32), n))
+  return {k: float(np.mean(np.concatenate(v))) for k, v in values.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infd_jax.evaluation import metrics
 
@@ -29,10 +30,9 @@ def downsample(images: jax.Array, factor: int, method: str = "box") -> jax.Array
   return jax.image.resize(x, (b, h // factor, w // factor, c), method, antialias=True)
 
 
-def scale_consistency(render_fn: RenderFn, size: int, factors: Sequence[int] = (2, 4),
-                      lpips_fn: LpipsFn | None = None,
-                      method: str = "box") -> dict[str, float]:
-  """Compares render_fn(size) with downsampled render_fn(k * size) for each k.
+def per_image(render_fn: RenderFn, size: int, factors: Sequence[int] = (2, 4),
+              lpips_fn: LpipsFn | None = None, method: str = "box") -> dict[str, np.ndarray]:
+  """Compares render_fn(size) with downsampled render_fn(k * size) for each k, per image.
 
   Args:
     render_fn: size -> images [B, size, size, 3] in [-1, 1], the same latents
@@ -43,14 +43,21 @@ def scale_consistency(render_fn: RenderFn, size: int, factors: Sequence[int] = (
     method: "box" or a jax.image.resize method, see the module docstring.
 
   Returns:
-    {'scale_psnr_x<k>': mean PSNR in dB (inf when identical),
-     'scale_lpips_x<k>': mean LPIPS, only with lpips_fn}.
+    {'scale_psnr_x<k>': [B] PSNR in dB (inf when identical),
+     'scale_lpips_x<k>': [B] LPIPS, only with lpips_fn}.
   """
-  base = render_fn(size).astype(jnp.float32)
+  base = jnp.asarray(render_fn(size), jnp.float32)
   out = {}
   for k in factors:
-    down = downsample(render_fn(k * size), k, method)
-    out[f"scale_psnr_x{k}"] = float(jnp.mean(metrics.psnr(down, base)))
+    down = downsample(jnp.asarray(render_fn(k * size)), k, method)
+    out[f"scale_psnr_x{k}"] = np.asarray(metrics.psnr(down, base))
     if lpips_fn is not None:
-      out[f"scale_lpips_x{k}"] = float(jnp.mean(lpips_fn(down, base)))
+      out[f"scale_lpips_x{k}"] = np.asarray(lpips_fn(down, base))
   return out
+
+
+def scale_consistency(render_fn: RenderFn, size: int, factors: Sequence[int] = (2, 4),
+                      lpips_fn: LpipsFn | None = None, method: str = "box") -> dict[str, float]:
+  """`per_image`, averaged over the images: {'scale_psnr_x<k>': dB, 'scale_lpips_x<k>': ...}."""
+  return {k: float(np.mean(v)) for k, v in per_image(render_fn, size, factors, lpips_fn,
+                                                     method).items()}

@@ -20,6 +20,8 @@ import tensorboardX
 from tensorboardX import record_writer as tbx_record_writer
 from tensorboardX import summary as tbx_summary
 
+from infd_jax.rendering import pixels
+
 
 def _register_tf_free_summary_writer() -> None:
   name = "clu.metric_writers.summary_writer"
@@ -81,7 +83,7 @@ def make_image_grid(images: Array, ncols: int, padding: int = 2, min_side: int =
   """Tiles images in [-1, 1] into one uint8 picture for `write_images`.
 
   Args:
-    images: [N, H, W, C] float in [-1, 1] (values outside are clipped).
+    images: [N, H, W, C] float in [-1, 1] (values outside are clipped; pixels as saved PNGs).
     ncols: images per row.
     padding: black border between and around images, in pixels.
     min_side: enlarge each image by the smallest integer factor k (pixel
@@ -90,8 +92,7 @@ def make_image_grid(images: Array, ncols: int, padding: int = 2, min_side: int =
   Returns:
     [rows*(kH+padding)+padding, ncols*(kW+padding)+padding, C] uint8.
   """
-  x = np.asarray(images, np.float32)
-  u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  u8 = pixels.to_uint8(images)
   k = max(1, -(-min_side // min(u8.shape[1:3])))
   return _tile(u8.repeat(k, axis=1).repeat(k, axis=2), ncols, padding)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from infd_jax.clip import model as clip_model
 from infd_jax.guidance import regions
 from infd_jax.models.autoencoder import INFDAutoencoder
+from infd_jax.rendering import tiles
 
 PyTree = Any
 KINDS = ("low_res", "known", "text")
@@ -36,13 +37,13 @@ class Condition:
   """The static part of one condition (its data goes in the `targets` list)."""
   kind: str
   size: tuple[int, int]         # virtual image (H, W) the box lives in
-  box: regions.Window           # (top, left, h, w) in its pixels
+  box: tiles.Window             # (top, left, h, w) in its pixels
   scale: float = 1.0            # guidance scale (step = scale * gradient of the loss)
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"condition kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-    regions.check_window(self.size, self.box)
+    tiles.check_window(self.size, self.box, "box")
 
 
 def downsample(images: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -104,9 +105,7 @@ class Objective:
   def losses(self, ae_params: PyTree, clip_params: PyTree, z0: jax.Array,
              targets: list[dict[str, jax.Array]]) -> jax.Array:
     variables = {"params": ae_params}
-    if self.quantize:
-      z0 = self.ae.apply(variables, z0, method="quantize").z_q
-    phi = self.ae.apply(variables, z0, method="decode")
+    phi = self.ae.apply(variables, z0, self.quantize, method="decode_latents")
     render = lambda p, f, coord, cell: self.ae.apply(p, f, coord, cell, method="render")
     out = []
     for cond, target in zip(self.conditions, targets):

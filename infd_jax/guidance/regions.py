@@ -1,6 +1,6 @@
 """Differentiable rendering of one window of a virtual image, exactly as the tiled render.
 
-The full render of a virtual H x W image is the official tiling (`tiling.official_tiles`):
+The full render of a virtual H x W image is the official tiling (`tiles.official_tiles`):
 each tile is one renderer call on its padded grid, so a pixel depends on the
 tile it falls in (the renderer's GroupNorm statistics are per padded tile).
 `render_window` renders only the tiles whose kept centre meets the window, at
@@ -18,31 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from infd_jax.rendering import coords, tiling
+from infd_jax.rendering import tiles as tiles_lib
 
 PyTree = Any
-Window = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the virtual image
-
-
-def _axis_tiles(size: int, start: int, length: int, tile: int, pad: int
-                ) -> list[tuple[int, int, int, int]]:
-  """(in_start, in_len, keep_from, keep_to) of the tiles of one axis meeting [start, start+len)."""
-  out = []
-  for x0 in range(start // tile * tile, start + length, tile):
-    xl = min(tile, size - x0)
-    before, after = min(pad, x0), min(pad, size - (x0 + xl))
-    out.append((x0 - before, before + xl + after, max(x0, start), min(x0 + xl, start + length)))
-  return out
-
-
-def check_window(out_hw: tuple[int, int], window: Window) -> None:
-  top, left, h, w = window
-  if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= out_hw[0]
-          and left + w <= out_hw[1]):
-    raise ValueError(f"box {window} is not inside the {out_hw[0]}x{out_hw[1]} image")
 
 
 def render_window(render_fn: tiling.RenderFn, params: PyTree, phi: jax.Array,
-                  out_hw: tuple[int, int], window: Window, tile: int = 256, pad: int = 8
+                  out_hw: tuple[int, int], window: tiles_lib.Window, tile: int = 256, pad: int = 8
                   ) -> jax.Array:
   """RGB [B, h, w, 3] of `window` of the tiled render of a virtual out_hw image.
 
@@ -50,30 +32,19 @@ def render_window(render_fn: tiling.RenderFn, params: PyTree, phi: jax.Array,
   pad are static. Equal (to float rounding) to
   `TiledRenderer(render_fn, tile, pad).render_image(params, phi, out_hw, window)`.
   """
-  check_window(out_hw, window)
-  top, left, h, w = window
+  tiles_lib.check_window(out_hw, window, "box")
   cell = jnp.asarray([2 / out_hw[0], 2 / out_hw[1]], jnp.float32)
   groups = collections.defaultdict(list)
-  for r in _axis_tiles(out_hw[0], top, h, tile, pad):
-    for c in _axis_tiles(out_hw[1], left, w, tile, pad):
-      groups[r[1], c[1]].append((r, c))
-
-  @jax.checkpoint
-  def one(axes):
-    rows, cols = axes
-    coord = coords.grid_from_axes(rows, cols)
-    shape = (phi.shape[0], *coord.shape)
-    return render_fn(params, phi, jnp.broadcast_to(coord, shape), jnp.broadcast_to(cell, shape))
-
-  pieces = []
-  for (th, tw), tiles in groups.items():
-    rows = np.stack([coords.axis_centers(out_hw[0], r[0], th) for r, _ in tiles])
-    cols = np.stack([coords.axis_centers(out_hw[1], c[0], tw) for _, c in tiles])
+  for t in tiles_lib.official_tiles(out_hw, tile, pad, window):
+    groups[t.in_hw].append(t)
+  one = jax.checkpoint(lambda axes: tiling.render_tile(render_fn, params, phi, *axes, cell))
+  out = jnp.zeros((phi.shape[0], window[2], window[3], 3), jnp.float32)
+  for (th, tw), group in groups.items():
+    rows = np.stack([coords.axis_centers(out_hw[0], t.in_origin[0], th) for t in group])
+    cols = np.stack([coords.axis_centers(out_hw[1], t.in_origin[1], tw) for t in group])
     rendered = jax.lax.map(one, (jnp.asarray(rows), jnp.asarray(cols)))
-    for k, (r, c) in enumerate(tiles):
-      img = rendered[k, :, r[2] - r[0]:r[3] - r[0], c[2] - c[0]:c[3] - c[0]]
-      pieces.append(((r[2] - top, c[2] - left), img))
-  out = jnp.zeros((phi.shape[0], h, w, 3), jnp.float32)
-  for (r0, c0), img in pieces:
-    out = jax.lax.dynamic_update_slice(out, img.astype(jnp.float32), (0, r0, c0, 0))
+    for k, t in enumerate(group):
+      src_rows, src_cols, top, left = t.piece(window)
+      piece = rendered[k, :, src_rows, src_cols].astype(jnp.float32)
+      out = jax.lax.dynamic_update_slice(out, piece, (0, top, left, 0))
   return out

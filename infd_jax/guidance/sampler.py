@@ -7,8 +7,9 @@ update by minus its gradient with respect to x_t (through the denoiser):
   x_{k-1} = DDIM(x_t, eps) - grad_{x_t} loss_fn(x0(x_t)).
 
 `loss_fn` carries the per-condition scales (`conditions.Objective.weighted`).
-The DDIM part is that of `infd_jax.diffusion.samplers.ddim_sample` (same
-respacing, same noise draws from the key), so guidance off reproduces it.
+The DDIM part is `infd_jax.diffusion.samplers`' own (`ddim_x0`, `ddim_update`,
+the same time-step spacings and noise draws from the key), so guidance off
+reproduces `samplers.ddim_sample`.
 """
 
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infd_jax.diffusion import samplers, schedules
+from infd_jax.diffusion import samplers, schedules, solvers
 from infd_jax.diffusion.schedules import Schedule
 
 PyTree = Any
@@ -37,13 +38,14 @@ def guided_steps(num_steps: int, start: int = 0, stop: int = -1, every: int = 1)
 
 def guided_ddim_sample(apply_fn: samplers.ApplyFn, params: PyTree, key: jax.Array,
                        shape: tuple[int, ...], sched: Schedule, loss_fn: LossFn, *,
-                       num_steps: int, eta: float = 1.0,
+                       num_steps: int, eta: float = 1.0, spacing: str = "uniform",
                        guide: Sequence[bool] | jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array]:
   """DDIM from N(0, I) with guidance on the iterations where `guide` is True.
 
   Args:
-    apply_fn, params, key, shape, sched, num_steps, eta: as `samplers.ddim_sample`.
+    apply_fn, params, key, shape, sched, num_steps, eta, spacing: as
+      `samplers.ddim_sample`.
     loss_fn: x0 [*shape] -> (scalar to descend, aux losses [n, B] to report).
     guide: bool [num_steps] per iteration (noisiest first), may be traced (one
       compilation serves guided and unguided runs); None guides all of them.
@@ -55,42 +57,30 @@ def guided_ddim_sample(apply_fn: samplers.ApplyFn, params: PyTree, key: jax.Arra
   guide = jnp.ones(num_steps, bool) if guide is None else jnp.asarray(guide, bool)
   if guide.shape != (num_steps,):
     raise ValueError(f"guide has {guide.shape} entries for {num_steps} steps")
-  ts = samplers.ddim_timesteps(num_steps, sched.num_steps)
+  ts = samplers.spaced_timesteps(sched, num_steps, spacing)
   spaced = schedules.respace(sched, ts)
   ts = jnp.asarray(ts)
-  key_init, key_loop = jax.random.split(key)
-  x_init = jax.random.normal(key_init, shape, jnp.float32)
+  x_init, key_loop = solvers.initial_noise(key, shape, None)
   _, aux_shape = jax.eval_shape(loss_fn, x_init)
 
   def step(x: jax.Array, k_and_guide: tuple[jax.Array, jax.Array]
            ) -> tuple[jax.Array, jax.Array]:
     k, guided_here = k_and_guide
     t = jnp.full((shape[0],), ts[k], dtype=jnp.int32)
-    recip, recipm1 = spaced.sqrt_recip_alphas_cumprod_at(k), spaced.sqrt_recipm1_alphas_cumprod_at(k)
-
-    def predict(x):
-      eps_hat = apply_fn(params, x, t).astype(jnp.float32)
-      return eps_hat, recip * x - recipm1 * eps_hat
+    predict = lambda x: samplers.ddim_x0(spaced, k, x, apply_fn(params, x, t).astype(jnp.float32))
 
     def guided(x):
       def objective(x):
-        eps_hat, x0 = predict(x)
+        x0 = predict(x)
         loss, aux = loss_fn(x0)
-        return loss, (eps_hat, x0, aux)
-      (_, (eps_hat, x0, aux)), grad = jax.value_and_grad(objective, has_aux=True)(x)
-      return eps_hat, x0, aux, grad
+        return loss, (x0, aux)
+      (_, (x0, aux)), grad = jax.value_and_grad(objective, has_aux=True)(x)
+      return x0, aux, grad
 
     def plain(x):
-      eps_hat, x0 = predict(x)
-      return eps_hat, x0, jnp.zeros(aux_shape.shape, aux_shape.dtype), jnp.zeros_like(x)
+      return predict(x), jnp.zeros(aux_shape.shape, aux_shape.dtype), jnp.zeros_like(x)
 
-    eps_hat, x0, aux, grad = jax.lax.cond(guided_here, guided, plain, x)
-    eps = (recip * x - x0) / recipm1
-    ab, ab_prev = spaced.alphas_cumprod_at(k), spaced.alphas_cumprod_prev_at(k)
-    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
-    mean = x0 * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
-    noise = jax.random.normal(jax.random.fold_in(key_loop, k), shape, jnp.float32)
-    return mean + jnp.where(k > 0, sigma, 0.0) * noise - grad, aux
+    x0, aux, grad = jax.lax.cond(guided_here, guided, plain, x)
+    return samplers.ddim_update(spaced, k, x, x0, eta=eta, key=key_loop) - grad, aux
 
-  order = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)  # spaced indices, high to low
-  return jax.lax.scan(step, x_init, (order, guide))
+  return jax.lax.scan(step, x_init, (samplers.ddim_order(num_steps), guide))

@@ -1,22 +1,25 @@
 """A guidance task from a region list, and the guided sampler of one latent.
 
-Shared by the `condition` job and `inference.Model.condition`. A region list is
+Shared by the `condition` job and `model.Model.condition`. A region list is
 a list of dicts (a JSON list as a string is accepted too):
   kind   "low_res" | "known" | "text"
   size   virtual image the box lives in: N or "HxW"
   box    (top, left, h, w) in its pixels; default the whole image
   image  low_res: the observation (any smaller size: the factor is box / image);
-         known: the box's pixels (the box's size); alpha (or `mask`) marks known pixels
+         known: the box's pixels (the box's size); alpha (or `mask`) marks known pixels.
+         A file, or (Python API) an array [h, w, 3], uint8 or float in [-1, 1]
   mask   optional grayscale file for known (white = known)
   prompt text
   scale  guidance scale (default 1)
 The guided steps and the CLIP files come from the `condition` config section
-(`SETTINGS`), the tiling from `sample`, the DDIM steps and eta from `diffusion`.
+(`SETTINGS`), the tiling and the step spacing from `sample`, the DDIM steps and eta
+from `diffusion`.
 """
 
 import dataclasses
 import functools
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -46,8 +49,18 @@ def _read_image(path: str, what: str, where: str) -> Image.Image:
   return img
 
 
-def _to_unit(img: Image.Image) -> np.ndarray:
-  return np.asarray(img.convert("RGB"), np.float32) / 127.5 - 1.0
+def _load_image(value: Any, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """(RGB [h, w, 3] float32 in [-1, 1], alpha [h, w] uint8 or None) of a region's image: a
+  file, or an array [h, w, 3] (uint8, or float in [-1, 1]) from the Python API."""
+  if isinstance(value, (str, os.PathLike)):
+    img = _read_image(value, "image", where)
+    alpha = np.asarray(img.getchannel("A")) if "A" in img.getbands() else None
+    return np.asarray(img.convert("RGB"), np.float32) / 127.5 - 1.0, alpha
+  x = np.asarray(value)
+  if x.ndim != 3 or x.shape[-1] != 3:
+    raise UserError(f"{where}: an image array must be [H, W, 3], not {list(x.shape)}")
+  return (x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8
+          else x.astype(np.float32)), None
 
 
 def parse_regions(regions: Any, name: str = "config.condition.regions") -> list[dict]:
@@ -93,26 +106,26 @@ def build(regions: list[dict], text_embed: Callable[[str], np.ndarray] | None = 
         raise UserError(f"{where}: a text region needs a prompt")
       targets.append({"embedding": np.asarray(text_embed(r["prompt"]), np.float32)})
     else:
-      if not r.get("image"):
+      if r.get("image") is None or isinstance(r["image"], str) and not r["image"]:
         raise UserError(f"{where}: a {cond.kind} region needs an image")
-      img = _read_image(r["image"], "image", where)
+      rgb, alpha = _load_image(r["image"], where)
+      h, w = rgb.shape[:2]
       if cond.kind == "low_res":
-        if img.height > box[2] or img.width > box[3]:
-          raise UserError(f"{where}: observation {img.width}x{img.height} is larger than the "
-                          f"box {box[3]}x{box[2]}")
-        targets.append({"image": _to_unit(img)})
+        if h > box[2] or w > box[3]:
+          raise UserError(f"{where}: observation {w}x{h} is larger than the box {box[3]}x{box[2]}")
+        targets.append({"image": rgb})
       else:
-        if (img.height, img.width) != box[2:]:
-          raise UserError(f"{where}: known image {r['image']} is {img.height}x{img.width}, the "
-                          f"box is {box[2]}x{box[3]} (HxW)")
+        if (h, w) != box[2:]:
+          name_of = "array" if isinstance(r["image"], np.ndarray) else r["image"]
+          raise UserError(f"{where}: known image {name_of} is {h}x{w}, the box is "
+                          f"{box[2]}x{box[3]} (HxW)")
         if r.get("mask"):
-          mask = np.asarray(_read_image(r["mask"], "mask", where).convert("L").resize(img.size))
-        elif "A" in img.getbands():
-          mask = np.asarray(img.getchannel("A"))
+          mask = np.asarray(_read_image(r["mask"], "mask", where).convert("L").resize((w, h)))
+        elif alpha is not None:
+          mask = alpha
         else:
           mask = np.full(box[2:], 255, np.uint8)
-        targets.append({"image": _to_unit(img),
-                        "mask": (mask >= 128).astype(np.float32)[..., None]})
+        targets.append({"image": rgb, "mask": (mask >= 128).astype(np.float32)[..., None]})
     conds.append(cond)
   return tuple(conds), targets
 
@@ -181,6 +194,7 @@ def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTr
       builders.eps_model(config, unet), dm_params, key, shape,
       builders.diffusion_schedule(config),
       lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
-      num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta, guide=guide)
+      num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta,
+      spacing=config.sample.spacing, guide=guide)
   z = x / scale
   return z, objective.losses(ae_params, clip_params, z, targets)

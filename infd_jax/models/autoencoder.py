@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from infd_jax.models import layers
 from infd_jax.models.blocks import AttnBlock, Downsample, GN_EPS, ResnetBlock, Upsample, swish
 from infd_jax.models.quantizer import VectorQuantizer, VQOutput
-from infd_jax.rendering.renderer import CLIFRenderer
+from infd_jax.models.renderer import CLIFRenderer
 
 Dtype = Any
 
@@ -67,10 +67,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """1x1 post-quant conv plus the VQGAN decoder without its output head.
+  """1x1 post-quant conv plus the VQGAN decoder, by default without its output head.
 
   [B, h, w, z_channels] -> phi [B, h*f, w*f, ch * ch_mult[0]], the raw output of
-  the last ResnetBlock (no norm, no activation).
+  the last ResnetBlock (no norm, no activation). With `out_channels` > 0 the
+  LDM decoder's head follows (`norm_out`, swish, `conv_out`): -> [B, h*f, w*f,
+  out_channels], e.g. Stable Diffusion's image decoder.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4)
@@ -79,6 +81,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   norm_groups: int = 32
   mid_attention: bool = True  # False: the official attn_type="none" (no self-attention)
+  out_channels: int = 0  # 0: headless (INFD's phi); > 0: the LDM output head
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -94,6 +97,11 @@ class Decoder(nn.Module):
                         norm_groups=self.norm_groups, name=f"up_{level}_block_{i}")(h)
       if level != 0:
         h = Upsample(dtype=self.dtype, name=f"up_{level}_upsample")(h)
+    if self.out_channels:
+      h = swish(layers.group_norm(GN_EPS, num_groups=self.norm_groups, dtype=self.dtype,
+                                  name="norm_out")(h))
+      h = layers.conv(self.out_channels, 3, in_features=h.shape[-1], dtype=self.dtype,
+                      name="conv_out")(h)
     return h
 
 
@@ -136,13 +144,17 @@ class INFDAutoencoder(nn.Module):
   norm_groups: int = 32  # GroupNorm groups everywhere (32: official; the demo uses fewer)
   renderer_normalize: bool = True  # False: no GroupNorm in the renderer (tile-independent)
   mid_attention: bool = True  # False: no self-attention in encoder and decoder (attn_type="none")
+  # True: a KL encoder (Stable Diffusion's) whose conv_out / quant_conv give the posterior's
+  # mean and log-variance (2 z_channels); `encode` returns the mean.
+  kl_encoder: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
     arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 z_channels=self.z_channels, dtype=self.dtype, norm_groups=self.norm_groups,
                 mid_attention=self.mid_attention)
-    self.encoder = Encoder(**arch)
+    self.encoder = Encoder(**(arch | dict(z_channels=2 * self.z_channels) if self.kl_encoder
+                              else arch))
     self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
                                       self.codebook_init, layers.full_precision(self.dtype))
                       if self.num_codes else None)
@@ -154,7 +166,8 @@ class INFDAutoencoder(nn.Module):
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""
-    return self.encoder(x)
+    z = self.encoder(x)
+    return z[..., :self.z_channels] if self.kl_encoder else z
 
   def quantize(self, z: jax.Array) -> VQOutput:
     """Nearest codes with straight-through gradient and the legacy VQ loss; without a
@@ -168,6 +181,11 @@ class INFDAutoencoder(nn.Module):
   def decode(self, z_q: jax.Array) -> jax.Array:
     """Quantized z [B, h, w, D] -> feature map phi [B, h*f, w*f, ch*ch_mult[0]]."""
     return self.decoder(z_q)
+
+  def decode_latents(self, z: jax.Array, quantize: bool = True) -> jax.Array:
+    """Sampled or encoded z -> phi as sampling decodes it (REFERENCE 7, step 2): quantized
+    (straight-through) first unless `quantize` is False, then decoded."""
+    return self.decode(self.quantize(z).z_q if quantize else z)
 
   def render(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
     """RGB [B, gh, gw, 3] at the query grid coord/cell [B, gh, gw, 2] (one renderer call)."""

@@ -79,14 +79,14 @@ def conv(features: int, kernel: int, *, in_features: int, strides: int = 1,
       bias_init=nn.with_logical_partitioning(binit, ("conv_out",)), name=name)
 
 
-def dense(features: int, *, in_features: int, dtype: Dtype = jnp.float32,
-          kernel_init: nn.initializers.Initializer | None = None,
+def dense(features: int, *, in_features: int, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, kernel_init: nn.initializers.Initializer | None = None,
           bias_init: nn.initializers.Initializer | None = None, name: str | None = None) -> nn.Dense:
   """A dense layer with PyTorch-like init and logical axis names."""
   kinit = kernel_init or torch_default_kernel_init
   binit = bias_init or torch_default_bias_init(in_features)
   return nn.Dense(
-      features, dtype=dtype, param_dtype=full_precision(dtype),
+      features, use_bias=use_bias, dtype=dtype, param_dtype=full_precision(dtype),
       kernel_init=nn.with_logical_partitioning(kinit, DENSE_AXES),
       bias_init=nn.with_logical_partitioning(binit, ("mlp_out",)), name=name)
 

@@ -1,4 +1,5 @@
-"""Coordinate and cell grids and the nearest-feature lookup of the CLIF renderer.
+"""Coordinate and cell grids of output pixels, built exactly (the renderer's lookup is in
+`models/renderer.py`).
 
 Conventions (REFERENCE 3.5.1): coordinates are in [-1, 1], the last axis is
 (row, col), grids hold pixel centres `-1 + (2i + 1)/h` and the cell is the pixel
@@ -9,7 +10,7 @@ Grids are built on the host in numpy float32 with the official operation order,
 XLA's vectorised CPU division is not (it differed from IEEE in ~60% of the
 elements of a 1000-point axis), and the nearest-feature tie rule depends on the
 last bit of a coordinate. A window of a virtual image therefore has coordinates
-bit-identical to the same crop of the full grid. The lookup itself is pure jnp.
+bit-identical to the same crop of the full grid.
 """
 
 from typing import Sequence
@@ -126,50 +127,3 @@ def crop_coord_cell(crop: jax.Array, patch: int) -> tuple[jax.Array, jax.Array]:
   coord = grid_from_axes(axis(crop[:, 1:2]), axis(crop[:, 2:3]))
   cell = jnp.broadcast_to((2 * exact_ratio(1, r))[:, :, None, None], coord.shape)
   return coord, cell
-
-
-def nearest_index(c: jax.Array, size: int) -> jax.Array:
-  """Index of the feature cell nearest to coordinate c on an axis of `size` cells.
-
-  Uses PyTorch's CUDA grid_sample(nearest, align_corners=False) formula
-  `((c + 1) * size - 1) / 2` with round-half-to-even, so exact cell boundaries
-  pick the even index (on 4 cells: -0.5 -> 0, 0.0 -> 2, 0.5 -> 2).
-  """
-  u = ((c.astype(jnp.float32) + 1.0) * size - 1.0) / 2.0
-  return jnp.round(u).astype(jnp.int32)
-
-
-def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Nearest-feature lookup with relative coordinate and cell (REFERENCE 3.5.2).
-
-  Args:
-    feat: [B, Hf, Wf, C] feature map.
-    coord: [B, h, w, 2] query coordinates (row, col).
-    cell: [B, h, w, 2] query pixel sizes (row, col).
-
-  Returns:
-    q_feat [B, h, w, C] (zeros for queries outside the map, as grid_sample's
-    zero padding), rel_coord [B, h, w, 2] = (coord - q_coord) * (Hf, Wf) and
-    rel_cell [B, h, w, 2] = cell * (Hf, Wf), both float32.
-  """
-  b, hf, wf, c = feat.shape
-  coord = coord.astype(jnp.float32)
-  kr, kc = nearest_index(coord[..., 0], hf), nearest_index(coord[..., 1], wf)
-  valid = (kr >= 0) & (kr < hf) & (kc >= 0) & (kc < wf)
-  flat = jnp.where(valid, kr * wf + kc, 0).reshape(b, -1)
-  q_feat = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(feat.reshape(b, hf * wf, c), flat)
-  q_feat = jnp.where(valid[..., None], q_feat.reshape(*coord.shape[:-1], c), 0)
-  sizes = jnp.asarray([hf, wf], jnp.float32)
-  k = jnp.stack([kr, kc], axis=-1).astype(jnp.float32)
-  # Official q_coord is a nearest sample of the centre grid: zero when out of range.
-  q_coord = jnp.where(valid[..., None], -1.0 + 2.0 * ((0.5 + k) / sizes), 0.0)
-  rel_coord = (coord - q_coord) * sizes
-  rel_cell = cell.astype(jnp.float32) * sizes
-  return q_feat, rel_coord, rel_cell
-
-
-def renderer_input(feat: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
-  """[q_feat | rel_coord (row, col) | rel_cell (row, col)] -> [B, h, w, C + 4] float32."""
-  q_feat, rel_coord, rel_cell = lookup_nearest(feat, coord, cell)
-  return jnp.concatenate([q_feat.astype(jnp.float32), rel_coord, rel_cell], axis=-1)

@@ -1,6 +1,6 @@
 """Images larger than memory: render tile by tile straight into a pyramidal BigTIFF.
 
-The official tiles (tile x tile kept centres, `tiling.official_tiles`) line up
+The official tiles (tile x tile kept centres, `tiles.official_tiles`) line up
 with the TIFF tiles, so each rendered tile is written as soon as it arrives, in
 raster order; host memory holds one batch of tiles, whatever the image size.
 Each overview level (half the size, down to one tile) is the neural field
@@ -19,37 +19,24 @@ import numpy as np
 import tifffile
 from etils import epath
 
+from infd_jax.rendering import pixels
+from infd_jax.rendering import tiles as tiles_lib
 from infd_jax.rendering import tiling
 
 PyTree = Any
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8 with the official truncation: floor(clip(x/2 + 0.5, 0, 1) * 255)."""
-  return np.floor(np.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def _raster_tiles(out_hw: tuple[int, int], tile: int, pad: int) -> Iterator[tiling.Tile]:
-  """`official_tiles` in the same order, generated lazily (no list of every tile)."""
-  cols = tiling._axis_tiles(out_hw[1], tile, pad)  # pylint: disable=protected-access
-  for x0, xl, xpl, xpr in tiling._axis_tiles(out_hw[0], tile, pad):  # pylint: disable=protected-access
-    for y0, yl, ypl, ypr in cols:
-      yield tiling.Tile(in_origin=(x0 - xpl, y0 - ypl), in_hw=(xpl + xl + xpr, ypl + yl + ypr),
-                        out_origin=(x0, y0), out_hw=(xl, yl))
 
 
 def iter_tiles(renderer: tiling.TiledRenderer, params: PyTree, phi: jax.Array,
                out_hw: tuple[int, int]) -> Iterator[np.ndarray]:
   """uint8 [tile, tile, 3] TIFF tiles of phi[0] rendered at out_hw, raster order, edges zero-padded."""
   t = renderer.tile
-  for chunk, result in renderer.iter_chunks(params, phi, out_hw,
-                                            _raster_tiles(out_hw, t, renderer.pad)):
+  tiles = tiles_lib.official_tiles(out_hw, t, renderer.pad)  # lazily: no list of every tile
+  for chunk, result in renderer.iter_chunks(params, phi, out_hw, tiles):
     images = np.asarray(jax.device_get(result[:len(chunk), 0]), np.float32)
     for tile, img in zip(chunk, images):
-      ir, ic = tile.out_origin[0] - tile.in_origin[0], tile.out_origin[1] - tile.in_origin[1]
+      rows, cols, _, _ = tile.piece((*tile.out_origin, *tile.out_hw))
       out = np.zeros((t, t, 3), np.uint8)
-      out[:tile.out_hw[0], :tile.out_hw[1]] = to_uint8(
-          img[ir:ir + tile.out_hw[0], ic:ic + tile.out_hw[1]])
+      out[:tile.out_hw[0], :tile.out_hw[1]] = pixels.to_uint8(img[rows, cols])
       yield out
 
 

@@ -1,10 +1,8 @@
 """Rendering whole images and windows of any size with the official tiling (REFERENCE 7).
 
-The official `render_output_patchwise` walks the output in tile x tile steps
-(256), renders each tile with up to `pad` (8) pixels of context on each side
-that exists, and keeps the centre. Each tile is one renderer call, so the
-renderer's GroupNorm statistics are per padded tile; reproducing the tiling is
-what makes outputs match the official samples.
+Each tile (`tiles.official_tiles`) is one renderer call on its padded grid, so
+the renderer's GroupNorm statistics are per padded tile; reproducing the
+tiling is what makes outputs match the official samples.
 
 Here tiles of one padded shape (interior / edge / corner classes) are
 rendered in batched calls (a loop over tiles, phi shared), and the kept
@@ -29,10 +27,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from infd_jax.rendering import coords
+from infd_jax.rendering import tiles as tiles_lib
 
 PyTree = Any
 RenderFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
-Window = tuple[int, int, int, int]  # (top, left, height, width) in output pixels
 
 
 def module_render_fn(module: nn.Module, method: Callable | str | None = None) -> RenderFn:
@@ -42,32 +40,15 @@ def module_render_fn(module: nn.Module, method: Callable | str | None = None) ->
   return render_fn
 
 
-@dataclasses.dataclass(frozen=True)
-class Tile:
-  """One official tile: the padded input window and the kept centre, in output pixels."""
-  in_origin: tuple[int, int]   # top-left of the padded input tile
-  in_hw: tuple[int, int]       # padded input size (the renderer call's grid)
-  out_origin: tuple[int, int]  # top-left of the kept centre (x0, y0)
-  out_hw: tuple[int, int]      # kept centre size (xl, yl)
+def render_tile(render_fn: RenderFn, params: PyTree, phi: jax.Array, rows: jax.Array,
+                cols: jax.Array, cell: jax.Array) -> jax.Array:
+  """One renderer call on the grid of a tile's coordinate axes rows [h], cols [w].
 
-
-def _axis_tiles(size: int, tile: int, pad: int) -> list[tuple[int, int, int, int]]:
-  """Per-axis (start, length, pad_before, pad_after), as the official loop computes them."""
-  out = []
-  for x0 in range(0, size, tile):
-    xl = min(tile, size - x0)
-    out.append((x0, xl, min(pad, x0), min(pad, size - (x0 + xl))))
-  return out
-
-
-def official_tiles(out_hw: tuple[int, int], tile: int = 256, pad: int = 8) -> list[Tile]:
-  """All tiles of an out_hw image in the official order (rows outer, columns inner)."""
-  tiles = []
-  for x0, xl, xpl, xpr in _axis_tiles(out_hw[0], tile, pad):
-    for y0, yl, ypl, ypr in _axis_tiles(out_hw[1], tile, pad):
-      tiles.append(Tile(in_origin=(x0 - xpl, y0 - ypl), in_hw=(xpl + xl + xpr, ypl + yl + ypr),
-                        out_origin=(x0, y0), out_hw=(xl, yl)))
-  return tiles
+  cell: [2] pixel size of the virtual image. Returns [B, h, w, 3].
+  """
+  coord = coords.grid_from_axes(rows, cols)
+  shape = (phi.shape[0], *coord.shape)
+  return render_fn(params, phi, jnp.broadcast_to(coord, shape), jnp.broadcast_to(cell, shape))
 
 
 def _render_tiles(render_fn: RenderFn, params: PyTree, phi: jax.Array, rows: jax.Array,
@@ -80,14 +61,7 @@ def _render_tiles(render_fn: RenderFn, params: PyTree, phi: jax.Array, rows: jax
 
   cell: [2] pixel size of the virtual image. Returns [n, B, h, w, 3].
   """
-  batch = phi.shape[0]
-
-  def one(rc):
-    coord = coords.grid_from_axes(*rc)
-    shape = (batch, *coord.shape)
-    return render_fn(params, phi, jnp.broadcast_to(coord, shape), jnp.broadcast_to(cell, shape))
-
-  return jax.lax.map(one, (rows, cols))
+  return jax.lax.map(lambda rc: render_tile(render_fn, params, phi, *rc, cell), (rows, cols))
 
 
 class TiledRenderer:
@@ -116,7 +90,7 @@ class TiledRenderer:
     return self._grid_fn(params, phi, coord, cell)
 
   def render_image(self, params: PyTree, phi: jax.Array, out_hw: tuple[int, int],
-                   window: Window | None = None) -> np.ndarray:
+                   window: tiles_lib.Window | None = None) -> np.ndarray:
     """Official tiled rendering of an out_hw image, or of a window of it.
 
     Args:
@@ -135,7 +109,7 @@ class TiledRenderer:
     return images
 
   def render_local(self, params: PyTree, phi: jax.Array, out_hw: tuple[int, int],
-                   window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   window: tiles_lib.Window | None = None) -> tuple[np.ndarray, np.ndarray]:
     """As `render_image`, for the rows of phi this process holds.
 
     When phi is batch-sharded over a mesh, every device renders its own images
@@ -145,26 +119,24 @@ class TiledRenderer:
     Returns:
       (global row indices [b] of phi held here, images [b, h, w, 3] float32).
     """
-    check_window(out_hw, window)
+    tiles_lib.check_window(out_hw, window)
     window = window or (0, 0, *out_hw)
     placement = _Placement.of(phi)
     rows = placement.local_rows(phi)
     out = np.zeros((len(rows), window[2], window[3], 3), np.float32)
-    # Tiles of one padded shape together: few, full calls.
-    tiles = sorted((t for t in official_tiles(out_hw, self.tile, self.pad) if _overlap(t, window)),
+    # Only the window's tiles, those of one padded shape together: few, full calls.
+    tiles = sorted(tiles_lib.official_tiles(out_hw, self.tile, self.pad, window),
                    key=lambda t: t.in_hw)
     for chunk, result in self.iter_chunks(params, phi, out_hw, tiles, placement):
       for t, img in zip(chunk, placement.local_result(result, rows)):
-        (r0, r1), (c0, c1) = _overlap(t, window)
-        # Kept centre starts at out_origin - in_origin inside the padded tile.
-        ir, ic = r0 - t.in_origin[0], c0 - t.in_origin[1]
-        out[:, r0 - window[0]:r1 - window[0], c0 - window[1]:c1 - window[1]] = (
-            img[:, ir:ir + r1 - r0, ic:ic + c1 - c0])
+        src_rows, src_cols, top, left = t.piece(window)
+        piece = img[:, src_rows, src_cols]
+        out[:, top:top + piece.shape[1], left:left + piece.shape[2]] = piece
     return rows, out
 
   def iter_chunks(self, params: PyTree, phi: jax.Array, out_hw: tuple[int, int],
-                  tiles: Iterable[Tile], placement: "_Placement | None" = None
-                  ) -> Iterator[tuple[list[Tile], jax.Array]]:
+                  tiles: Iterable[tiles_lib.Tile], placement: "_Placement | None" = None
+                  ) -> Iterator[tuple[list[tiles_lib.Tile], jax.Array]]:
     """Renders `tiles` in batched calls; yields (tiles, result [n, B, h, w, 3]) in order.
 
     Consecutive tiles of one padded shape share a call of up to `tiles_per_call`
@@ -188,6 +160,11 @@ class TiledRenderer:
       pending = (chunk, result)
     if pending is not None:
       yield pending
+
+  def tiles_program(self, phi: jax.Array | jax.ShapeDtypeStruct) -> Callable:
+    """The jitted call `(params, phi, rows [n, h], cols [n, w], cell [2]) -> [n, B, h, w, 3]`
+    that renders n tiles of shape (h, w) for phi's placement (for ahead-of-time compiles)."""
+    return self._tiles_fn(_Placement.of(phi))
 
   def _tiles_fn(self, placement: "_Placement") -> Callable:
     key = (placement.mesh, placement.out_spec)
@@ -249,9 +226,15 @@ class _Placement:
     return np.concatenate([np.asarray(parts[a], np.float32) for a in sorted(parts)], axis=1)
 
 
-def _runs(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
+def local_rows(phi: jax.Array) -> np.ndarray:
+  """Global row indices of phi whose images a render on this process returns, ascending:
+  the rows it holds when phi is batch-sharded over a mesh, else every row."""
+  return _Placement.of(phi).local_rows(phi)
+
+
+def _runs(tiles: Iterable[tiles_lib.Tile], size: int) -> Iterator[list[tiles_lib.Tile]]:
   """Consecutive tiles of one padded shape, in groups of at most `size`."""
-  run: list[Tile] = []
+  run: list[tiles_lib.Tile] = []
   for t in tiles:
     if run and (t.in_hw != run[0].in_hw or len(run) == size):
       yield run
@@ -261,29 +244,7 @@ def _runs(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
     yield run
 
 
-def check_window(out_hw: tuple[int, int], window: Window | None) -> None:
-  """Raises ValueError unless window=(top, left, h, w) is a non-empty part of the image."""
-  if window is None:
-    return
-  top, left, h, w = window
-  if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= out_hw[0]
-          and left + w <= out_hw[1]):
-    raise ValueError(f"window {tuple(window)} (top, left, height, width) is not inside the "
-                     f"{out_hw[0]}x{out_hw[1]} image")
-
-
-def _overlap(t: Tile, window: Window) -> tuple[tuple[int, int], tuple[int, int]] | None:
-  """Row and column ranges (output pixels) where a tile's kept centre meets the window."""
-  (tr, tc), (th, tw) = t.out_origin, t.out_hw
-  top, left, h, w = window
-  r0, r1 = max(tr, top), min(tr + th, top + h)
-  c0, c1 = max(tc, left), min(tc + tw, left + w)
-  if r0 >= r1 or c0 >= c1:
-    return None
-  return (r0, r1), (c0, c1)
-
-
-def window_grid(out_hw: tuple[int, int], window: Window, batch: int) -> tuple[jax.Array, jax.Array]:
+def window_grid(out_hw: tuple[int, int], window: tiles_lib.Window, batch: int) -> tuple[jax.Array, jax.Array]:
   """Query grid (coord, cell) [batch, h, w, 2] of a window of a virtual out_hw image.
 
   For single-call rendering of a crop, as in training (global coordinates, cell 2/H).

@@ -14,8 +14,9 @@ from infd_jax.training import on_device
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax.models.lpips import load_lpips_params
-from infd_jax.rendering import tiling
-from infd_jax import builders, inference
+from infd_jax.rendering import coords
+from infd_jax import builders
+from infd_jax.model import Model
 from infd_jax.training import loop, optim
 from infd_jax.training.ae_step import AELoss, ae_train_step
 from infd_jax.training.state import AEState
@@ -27,6 +28,7 @@ def init_fn(config: ml_collections.ConfigDict):
   """key -> boxed AEState (parameters carry logical axis names)."""
   ae, disc = builders.autoencoder(config), builders.discriminator(config)
   tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
+  gen_tx = optim.frozen_parts(tx, tuple(config.optim.ae_frozen))
   r, p = config.data.inp_res, config.data.patch
 
   def init(key: jax.Array) -> AEState:
@@ -35,7 +37,8 @@ def init_fn(config: ml_collections.ConfigDict):
                   jnp.full((1, p, p, 2), 2.0 / p))["params"]
     d = disc.init(k_disc, jnp.zeros((1, p, p, 3)), train=False)
     return AEState(step=jnp.zeros((), jnp.int32), gen_params=gen, disc_params=d["params"],
-                   disc_stats=d["batch_stats"], gen_opt=tx.init(gen), disc_opt=tx.init(d["params"]),
+                   disc_stats=d["batch_stats"], gen_opt=gen_tx.init(gen),
+                   disc_opt=tx.init(d["params"]),
                    rng=k_rng)
   return init
 
@@ -46,7 +49,8 @@ def make_step(config: ml_collections.ConfigDict):
   tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
   step = functools.partial(
       ae_train_step, ae=builders.autoencoder(config), disc=builders.discriminator(config),
-      lpips=builders.lpips(config), gen_tx=tx, disc_tx=tx, loss=AELoss(**config.loss),
+      lpips=builders.lpips(config), gen_tx=optim.frozen_parts(tx, tuple(config.optim.ae_frozen)),
+      disc_tx=tx, loss=AELoss(**config.loss),
       skip_nonfinite=config.train.on_nonfinite == "skip")
   return lambda state, batch, lpips_params: step(state, on_device.ae_batch(batch), lpips_params)
 
@@ -129,23 +133,19 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """Reconstruction grid (pred, gt pairs) and the centre of a 4x zoom rendering.
+  """Reconstruction grid (pred, gt pairs) and the centre of a 4x zoom rendering, through
+  `Model` with the state's generator parameters.
 
-  The samples are fixed: the first batch of the pipeline under seed+1, so the
-  training iterator is not consumed and resumed runs see the same samples.
+  As the official trainer (REFERENCE 4.7): each reconstruction is rendered in one
+  call on its crop's own coordinates, the zoom on the central window of a 4x
+  rendering. The samples are fixed: the first batch of the pipeline under
+  seed+1, so the training iterator is not consumed and resumed runs see the
+  same samples.
   """
-  ae = builders.autoencoder(config)
   r = config.data.patch
   zoom = 4 * r  # official: a 256 window of a 1024 rendering
-  renderer = inference.renderer(config)
+  model = Model(config, mesh, ae_params=None)
   samples: dict[str, np.ndarray] = {}
-
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def reconstruct(params, batch):
-    batch = on_device.ae_batch(batch)
-    out = ae.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
-    phi = ae.apply({"params": params}, out.z_q, method="decode")
-    return out.pred.astype(jnp.float32), phi
 
   def visualize(state: AEState, step: int, writer: writers.MetricWriter) -> None:
     if not samples:
@@ -153,18 +153,16 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       ds = pipeline.make_ae_dataset(builders.pipeline_config(config.data, "ae") | {"num_workers": 0},
                                     global_batch_size=n, seed=config.seed + 1)
       samples.update(next(iter(ds)))
-    # Every process holds the same few samples: place them replicated, so the
-    # results are readable on every host.
-    batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding.replicated(mesh), x), samples)
-    pred, phi = reconstruct(state.gen_params, batch)
-    window = ((zoom - r) // 2, (zoom - r) // 2, r, r)
-    centre = renderer.render_grid({"params": state.gen_params}, phi,
-                                  *tiling.window_grid((zoom, zoom), window, phi.shape[0]))
+    trained = model.with_params(ae_params=state.gen_params)
+    z = trained.encode(samples["inp"])
+    grids = [coords.window_coord_cell((res, res), (top, left), (r, r))
+             for res, top, left in samples["crop"]]
+    pred = trained.render_grid(z, *(np.stack(g) for g in zip(*grids)))
+    centre = coords.window_coord_cell((zoom, zoom), ((zoom - r) // 2,) * 2, (r, r))
+    centre = trained.render_grid(z, *(np.broadcast_to(g, (len(z), *g.shape)) for g in centre))
     gt = transforms.to_float(samples["gt"])
-    pairs = np.stack([np.asarray(pred), gt], axis=1).reshape(-1, r, r, 3)
+    pairs = np.stack([pred, gt], axis=1).reshape(-1, r, r, 3)
     writer.write_images(step, {
         "ae/recon_pred_gt": writers.make_image_grid(pairs, ncols=4, min_side=128)[None],
-        f"ae/center_zoom_{zoom}": writers.make_image_grid(np.asarray(centre), ncols=4,
-                                                          min_side=128)[None]})
+        f"ae/center_zoom_{zoom}": writers.make_image_grid(centre, ncols=4, min_side=128)[None]})
   return visualize

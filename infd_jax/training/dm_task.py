@@ -26,6 +26,7 @@ from infd_jax.diffusion import gaussian
 from infd_jax.evaluation import metrics as metrics_lib
 from infd_jax.evaluation import writers
 from infd_jax import builders, inference
+from infd_jax.model import Model
 from infd_jax.training import loop, optim
 from infd_jax.training.dm_step import dm_train_step, encode_latents
 from infd_jax.training.state import DMState
@@ -195,7 +196,7 @@ def make_evaluator(config: ml_collections.ConfigDict, ae_params: PyTree,
 def make_visualizer(config: ml_collections.ConfigDict, ae_params: PyTree,
                     mesh: jax.sharding.Mesh):
   """Samples from the EMA weights rendered at the input resolution (fixed seed)."""
-  model = inference.Model(config, mesh, ae_params)
+  model = Model(config, mesh, ae_params)
   res = config.data.inp_res
 
   def visualize(state: DMState, step: int, writer: writers.MetricWriter) -> None:

@@ -1,6 +1,8 @@
 """CLIF renderer: nearest-feature lookup followed by a small CNN on the query grid.
 
 Official modules: `renderer_concat_wrapper` + `simple_renderer_net` (REFERENCE 3.5).
+Queries are (row, col) pixel centres in [-1, 1] with the pixel size as cell
+(`rendering/coords.py` builds such grids; REFERENCE 3.5.1).
 
 Naming rule: `renderer.net.<k>` -> `renderer/<k>` with `model.<i>` joined as
 `model_<i>`: `model.0` -> `model_0` (conv3x3 132 -> hidden), `model.1` /
@@ -16,9 +18,55 @@ import jax.numpy as jnp
 
 from infd_jax.models import layers
 from infd_jax.models.blocks import ResnetBlock, group_norm_or_identity, swish
-from infd_jax.rendering import coords
 
 Dtype = Any
+
+
+def nearest_index(c: jax.Array, size: int) -> jax.Array:
+  """Index of the feature cell nearest to coordinate c on an axis of `size` cells.
+
+  Uses PyTorch's CUDA grid_sample(nearest, align_corners=False) formula
+  `((c + 1) * size - 1) / 2` with round-half-to-even, so exact cell boundaries
+  pick the even index (on 4 cells: -0.5 -> 0, 0.0 -> 2, 0.5 -> 2).
+  """
+  u = ((c.astype(jnp.float32) + 1.0) * size - 1.0) / 2.0
+  return jnp.round(u).astype(jnp.int32)
+
+
+def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Nearest-feature lookup with relative coordinate and cell (REFERENCE 3.5.2).
+
+  Args:
+    feat: [B, Hf, Wf, C] feature map.
+    coord: [B, h, w, 2] query coordinates (row, col).
+    cell: [B, h, w, 2] query pixel sizes (row, col).
+
+  Returns:
+    q_feat [B, h, w, C] (zeros for queries outside the map, as grid_sample's
+    zero padding), rel_coord [B, h, w, 2] = (coord - q_coord) * (Hf, Wf) and
+    rel_cell [B, h, w, 2] = cell * (Hf, Wf), both float32.
+  """
+  b, hf, wf, c = feat.shape
+  coord = coord.astype(jnp.float32)
+  kr, kc = nearest_index(coord[..., 0], hf), nearest_index(coord[..., 1], wf)
+  valid = (kr >= 0) & (kr < hf) & (kc >= 0) & (kc < wf)
+  flat = jnp.where(valid, kr * wf + kc, 0).reshape(b, -1)
+  q_feat = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(feat.reshape(b, hf * wf, c), flat)
+  q_feat = jnp.where(valid[..., None], q_feat.reshape(*coord.shape[:-1], c), 0)
+  sizes = jnp.asarray([hf, wf], jnp.float32)
+  k = jnp.stack([kr, kc], axis=-1).astype(jnp.float32)
+  # Official q_coord is a nearest sample of the centre grid: zero when out of range.
+  q_coord = jnp.where(valid[..., None], -1.0 + 2.0 * ((0.5 + k) / sizes), 0.0)
+  rel_coord = (coord - q_coord) * sizes
+  rel_cell = cell.astype(jnp.float32) * sizes
+  return q_feat, rel_coord, rel_cell
+
+
+def renderer_input(feat: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
+  """[q_feat | rel_coord (row, col) | rel_cell (row, col)] -> [B, h, w, C + 4] float32."""
+  q_feat, rel_coord, rel_cell = lookup_nearest(feat, coord, cell)
+  return jnp.concatenate([q_feat.astype(jnp.float32), rel_coord, rel_cell], axis=-1)
 
 
 class CLIFRenderer(nn.Module):
@@ -57,7 +105,7 @@ class CLIFRenderer(nn.Module):
 
   def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
     """Everything before conv_out: -> [B, h, w, hidden] in the compute dtype."""
-    h = self.model_0(coords.renderer_input(phi, coord, cell))
+    h = self.model_0(renderer_input(phi, coord, cell))
     for block in self.blocks:
       h = block(h)
     return swish(self.norm_out(h))
