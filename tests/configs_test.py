@@ -2,12 +2,13 @@
 
 import pytest
 
-from infd_jax.configs import common, custom, demo, ffhq, ffhq_mix6k, tiny
+from infd_jax.configs import common, custom, demo, ffhq, ffhq_mix6k, openmoji, tiny
 
 
 @pytest.mark.parametrize("module,arg", [(ffhq, None), (ffhq_mix6k, None), (custom, None),
                                         (custom, "size=small,stage=all"), (demo, None),
-                                        (tiny, None)])
+                                        (tiny, None), (openmoji, None),
+                                        (openmoji, "size=full,stage=ae")])
 def test_every_config_loads_with_known_data_keys_and_passes_the_checks(module, arg):
   from infd_jax import checks  # pylint: disable=g-import-not-at-top
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
