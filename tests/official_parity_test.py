@@ -8,10 +8,10 @@ training steps of both stages are compared gradient by gradient in
 `official_step_test.py`.
 """
 
+import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,10 +52,15 @@ def autoencoder(converted, comp):
   """Our autoencoder on the official input: (module, params, outputs of each stage)."""
   _, meta, trees = converted
   ae, p = INFDAutoencoder(**meta["ae"]), {"params": trees["ae"]}
-  z = ae.apply(p, comp["inp"], method="encode")
-  q = ae.apply(p, z, method="quantize")
-  phi = ae.apply(p, q.z_q, method="decode")
-  return ae, p, dict(z=z, z_q=q.z_q, indices=q.indices, quant_loss=q.loss, phi=phi)
+
+  @jax.jit
+  def stages(p, inp):
+    z = ae.apply(p, inp, method="encode")
+    q = ae.apply(p, z, method="quantize")
+    return dict(z=z, z_q=q.z_q, indices=q.indices, quant_loss=q.loss,
+                phi=ae.apply(p, q.z_q, method="decode"))
+
+  return ae, p, stages(p, comp["inp"])
 
 
 def test_converter_finds_the_official_architecture(converted):
@@ -82,7 +87,8 @@ def test_encoder_quantizer_decoder(autoencoder, comp):
 @pytest.mark.parametrize("grid", ["grid", "zoom"])
 def test_renderer_on_query_grids(autoencoder, comp, grid):
   ae, p, out = autoencoder
-  rgb = ae.apply(p, out["phi"], comp[f"{grid}_coord"], comp[f"{grid}_cell"], method="render")
+  render = jax.jit(functools.partial(ae.apply, method="render"))
+  rgb = render(p, out["phi"], comp[f"{grid}_coord"], comp[f"{grid}_cell"])
   assert_matches(rgb, comp[f"{grid}_rgb"], what=f"renderer on {grid}")
 
 
@@ -97,19 +103,20 @@ def test_tiled_rendering_as_gen_samples(converted, comp):
 
 def test_unet_at_several_timesteps(converted, comp):
   _, meta, trees = converted
-  unet = UNet(**meta["dm"])
-  for i in range(2):
-    eps = unet.apply({"params": trees["dm"]}, comp["unet_x"], comp[f"unet_t{i}"])
+  apply = jax.jit(UNet(**meta["dm"]).apply)
+  for i in range(2):  # one compilation: the same shapes
+    eps = apply({"params": trees["dm"]}, comp["unet_x"], comp[f"unet_t{i}"])
     assert_matches(eps, comp[f"unet_eps{i}"], what=f"UNet at t={comp[f'unet_t{i}']}")
 
 
 def test_discriminator_with_running_statistics(converted, comp):
   _, meta, trees = converted
-  logits = PatchDiscriminator(**meta["disc"]).apply(trees["disc"], comp["lpips_x"], train=False)
+  apply = jax.jit(functools.partial(PatchDiscriminator(**meta["disc"]).apply, train=False))
+  logits = apply(trees["disc"], comp["lpips_x"])
   assert_matches(logits, comp["disc_logits"], what="discriminator logits")
 
 
 def test_lpips_with_the_package_weights(comp):
-  d = lpips_lib.LPIPS().apply(lpips_lib.load_lpips_params(), jnp.asarray(comp["lpips_x"]),
-                              jnp.asarray(comp["lpips_y"]), train=False)
+  apply = jax.jit(functools.partial(lpips_lib.LPIPS().apply, train=False))
+  d = apply(lpips_lib.load_lpips_params(), comp["lpips_x"], comp["lpips_y"])
   assert_matches(d, comp["lpips"], what="LPIPS")

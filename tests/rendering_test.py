@@ -53,6 +53,18 @@ class CoordsTest(absltest.TestCase):
     np.testing.assert_array_equal(c, full_c[371:380, 17:30])
     np.testing.assert_array_equal(ce, full_ce[371:380, 17:30])
 
+  def test_float64_grid_is_the_official_float64_formula(self):
+    # In float64 (x64 steps) the same operation order, rounded in float64.
+    coord, cell = coords.window_coord_cell((1000, 384), (371, 17), (9, 13), dtype=np.float64)
+    rows = [-1.0 + 2.0 * ((0.5 + i) / 1000) for i in range(371, 380)]
+    cols = [-1.0 + 2.0 * ((0.5 + j) / 384) for j in range(17, 30)]
+    self.assertEqual((coord.dtype, cell.dtype), (np.float64, np.float64))
+    np.testing.assert_array_equal(coord[:, 0, 0], rows)
+    np.testing.assert_array_equal(coord[0, :, 1], cols)
+    np.testing.assert_array_equal(cell[0, 0], [2 / 1000, 2 / 384])
+    np.testing.assert_array_equal(coord, coords.make_coord_cell_grid(
+        (1000, 384), dtype=np.float64)[0][371:380, 17:30])
+
   def test_nearest_index_ties_round_half_to_even(self):
     k = renderer_lib.nearest_index(jnp.asarray([-0.5, 0.0, 0.5, -0.99, 0.99]), 4)
     np.testing.assert_array_equal(k, [0, 2, 2, 0, 3])

@@ -22,51 +22,55 @@ from infd_jax.models.blocks import ResnetBlock, group_norm_or_identity, swish
 Dtype = Any
 
 
-def nearest_index(c: jax.Array, size: int) -> jax.Array:
+def nearest_index(c: jax.Array, size: int, dtype: Dtype = jnp.float32) -> jax.Array:
   """Index of the feature cell nearest to coordinate c on an axis of `size` cells.
 
   Uses PyTorch's CUDA grid_sample(nearest, align_corners=False) formula
-  `((c + 1) * size - 1) / 2` with round-half-to-even, so exact cell boundaries
-  pick the even index (on 4 cells: -0.5 -> 0, 0.0 -> 2, 0.5 -> 2).
+  `((c + 1) * size - 1) / 2` in `dtype` with round-half-to-even, so exact cell
+  boundaries pick the even index (on 4 cells: -0.5 -> 0, 0.0 -> 2, 0.5 -> 2).
   """
-  u = ((c.astype(jnp.float32) + 1.0) * size - 1.0) / 2.0
+  u = ((c.astype(dtype) + 1.0) * size - 1.0) / 2.0
   return jnp.round(u).astype(jnp.int32)
 
 
-def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array,
+                   dtype: Dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Nearest-feature lookup with relative coordinate and cell (REFERENCE 3.5.2).
 
   Args:
     feat: [B, Hf, Wf, C] feature map.
     coord: [B, h, w, 2] query coordinates (row, col).
     cell: [B, h, w, 2] query pixel sizes (row, col).
+    dtype: of the coordinate arithmetic: float32, or float64 in a float64 step
+      (x64 mode), where the official code's feature-centre grid is float64 too.
 
   Returns:
     q_feat [B, h, w, C] (zeros for queries outside the map, as grid_sample's
     zero padding), rel_coord [B, h, w, 2] = (coord - q_coord) * (Hf, Wf) and
-    rel_cell [B, h, w, 2] = cell * (Hf, Wf), both float32.
+    rel_cell [B, h, w, 2] = cell * (Hf, Wf), both in `dtype`.
   """
   b, hf, wf, c = feat.shape
-  coord = coord.astype(jnp.float32)
-  kr, kc = nearest_index(coord[..., 0], hf), nearest_index(coord[..., 1], wf)
+  coord = coord.astype(dtype)
+  kr, kc = nearest_index(coord[..., 0], hf, dtype), nearest_index(coord[..., 1], wf, dtype)
   valid = (kr >= 0) & (kr < hf) & (kc >= 0) & (kc < wf)
   flat = jnp.where(valid, kr * wf + kc, 0).reshape(b, -1)
   q_feat = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(feat.reshape(b, hf * wf, c), flat)
   q_feat = jnp.where(valid[..., None], q_feat.reshape(*coord.shape[:-1], c), 0)
-  sizes = jnp.asarray([hf, wf], jnp.float32)
-  k = jnp.stack([kr, kc], axis=-1).astype(jnp.float32)
+  sizes = jnp.asarray([hf, wf], dtype)
+  k = jnp.stack([kr, kc], axis=-1).astype(dtype)
   # Official q_coord is a nearest sample of the centre grid: zero when out of range.
   q_coord = jnp.where(valid[..., None], -1.0 + 2.0 * ((0.5 + k) / sizes), 0.0)
   rel_coord = (coord - q_coord) * sizes
-  rel_cell = cell.astype(jnp.float32) * sizes
+  rel_cell = cell.astype(dtype) * sizes
   return q_feat, rel_coord, rel_cell
 
 
-def renderer_input(feat: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
-  """[q_feat | rel_coord (row, col) | rel_cell (row, col)] -> [B, h, w, C + 4] float32."""
-  q_feat, rel_coord, rel_cell = lookup_nearest(feat, coord, cell)
-  return jnp.concatenate([q_feat.astype(jnp.float32), rel_coord, rel_cell], axis=-1)
+def renderer_input(feat: jax.Array, coord: jax.Array, cell: jax.Array,
+                   dtype: Dtype = jnp.float32) -> jax.Array:
+  """[q_feat | rel_coord (row, col) | rel_cell (row, col)] -> [B, h, w, C + 4] in `dtype`
+  (float32, or float64 in a float64 step)."""
+  q_feat, rel_coord, rel_cell = lookup_nearest(feat, coord, cell, dtype)
+  return jnp.concatenate([q_feat.astype(dtype), rel_coord, rel_cell], axis=-1)
 
 
 class CLIFRenderer(nn.Module):
@@ -105,7 +109,7 @@ class CLIFRenderer(nn.Module):
 
   def features(self, phi: jax.Array, coord: jax.Array, cell: jax.Array) -> jax.Array:
     """Everything before conv_out: -> [B, h, w, hidden] in the compute dtype."""
-    h = self.model_0(renderer_input(phi, coord, cell))
+    h = self.model_0(renderer_input(phi, coord, cell, layers.full_precision(self.dtype)))
     for block in self.blocks:
       h = block(h)
     return swish(self.norm_out(h))

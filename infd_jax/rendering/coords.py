@@ -5,8 +5,10 @@ Conventions (REFERENCE 3.5.1): coordinates are in [-1, 1], the last axis is
 (row, col), grids hold pixel centres `-1 + (2i + 1)/h` and the cell is the pixel
 size `(2/h, 2/w)`.
 
-Grids are built on the host in numpy float32 with the official operation order,
-`minv + (maxv - minv) * ((0.5 + i) / s)`. numpy's division is IEEE-exact, while
+Grids are built on the host in numpy with the official operation order,
+`minv + (maxv - minv) * ((0.5 + i) / s)`, in float32 (the official default dtype)
+or in float64 (float64 training steps under JAX's x64 mode; the official grids
+when its default dtype is float64). numpy's division is IEEE-exact, while
 XLA's vectorised CPU division is not (it differed from IEEE in ~60% of the
 elements of a 1000-point axis), and the nearest-feature tie rule depends on the
 last bit of a coordinate. A window of a virtual image therefore has coordinates
@@ -18,6 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 Range = tuple[float, float]
 
@@ -29,31 +32,34 @@ def _axis_ranges(ndim: int, ranges: Range | Sequence[Range]) -> list[Range]:
 
 
 def axis_centers(size: int, start: int = 0, length: int | None = None,
-                 value_range: Range = (-1.0, 1.0)) -> np.ndarray:
-  """Centres [length] float32 of pixels start, start+1, ... of a `size`-pixel axis."""
+                 value_range: Range = (-1.0, 1.0), dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+  """Centres [length] (float32 or float64) of pixels start, start+1, ... of a `size`-pixel axis."""
   length = size - start if length is None else length
-  frac = (np.float32(0.5) + np.arange(start, start + length, dtype=np.float32)) / np.float32(size)
+  real = np.dtype(dtype).type
+  frac = (real(0.5) + np.arange(start, start + length, dtype=real)) / real(size)
   lo, hi = value_range
-  return np.float32(lo) + np.float32(hi - lo) * frac
+  return real(lo) + real(hi - lo) * frac
 
 
-def make_coord_grid(shape: Sequence[int], ranges: Range | Sequence[Range] = (-1.0, 1.0)
-                    ) -> np.ndarray:
+def make_coord_grid(shape: Sequence[int], ranges: Range | Sequence[Range] = (-1.0, 1.0),
+                    dtype: npt.DTypeLike = np.float32) -> np.ndarray:
   """Pixel-centre grid over `ranges` (one (min, max) for all axes, or one per axis).
 
   Returns:
-    [*shape, len(shape)] float32, 'ij' indexing.
+    [*shape, len(shape)] in `dtype`, 'ij' indexing.
   """
-  axes = [axis_centers(s, value_range=r) for s, r in zip(shape, _axis_ranges(len(shape), ranges))]
+  axes = [axis_centers(s, value_range=r, dtype=dtype)
+          for s, r in zip(shape, _axis_ranges(len(shape), ranges))]
   return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
 def make_coord_cell_grid(shape: Sequence[int], ranges: Range | Sequence[Range] = (-1.0, 1.0),
-                         batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Coordinate and cell grids, each [*shape, k] (or [batch, *shape, k]) float32."""
-  coord = make_coord_grid(shape, ranges)
+                         batch: int | None = None, dtype: npt.DTypeLike = np.float32
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Coordinate and cell grids, each [*shape, k] (or [batch, *shape, k]) in `dtype`."""
+  coord = make_coord_grid(shape, ranges, dtype)
   sizes = [(hi - lo) / s for s, (lo, hi) in zip(shape, _axis_ranges(len(shape), ranges))]
-  cell = np.broadcast_to(np.asarray(sizes, np.float32), coord.shape)
+  cell = np.broadcast_to(np.asarray(sizes, dtype), coord.shape)
   if batch is not None:
     coord = np.broadcast_to(coord, (batch, *coord.shape))
     cell = np.broadcast_to(cell, (batch, *cell.shape))
@@ -61,15 +67,16 @@ def make_coord_cell_grid(shape: Sequence[int], ranges: Range | Sequence[Range] =
 
 
 def window_coord_cell(full_hw: tuple[int, int], origin: tuple[int, int],
-                      window_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """Grids [h, w, 2] of the window [r0:r0+h, c0:c0+w] of a virtual full_hw image.
+                      window_hw: tuple[int, int], dtype: npt.DTypeLike = np.float32
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Grids [h, w, 2] in `dtype` of the window [r0:r0+h, c0:c0+w] of a virtual full_hw image.
 
-  Equal bit for bit to `make_coord_cell_grid(full_hw)[r0:r0+h, c0:c0+w]`.
+  Equal bit for bit to `make_coord_cell_grid(full_hw, dtype=dtype)[r0:r0+h, c0:c0+w]`.
   """
-  rows = axis_centers(full_hw[0], origin[0], window_hw[0])
-  cols = axis_centers(full_hw[1], origin[1], window_hw[1])
+  rows = axis_centers(full_hw[0], origin[0], window_hw[0], dtype=dtype)
+  cols = axis_centers(full_hw[1], origin[1], window_hw[1], dtype=dtype)
   coord = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
-  cell = np.broadcast_to(np.asarray([2 / full_hw[0], 2 / full_hw[1]], np.float32), coord.shape)
+  cell = np.broadcast_to(np.asarray([2 / full_hw[0], 2 / full_hw[1]], dtype), coord.shape)
   return coord, cell
 
 
