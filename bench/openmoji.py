@@ -4,29 +4,31 @@
       [--sections=fidelity,consistency,samples,inverse] [--num=48] [--samples=1000]
 
 Every comparison is on held-out emoji (`infd_jax.data.openmoji`), whose truth at
-any size is rasterised from the SVG. Through the public `Model` API only:
+any size is rasterised from the SVG. Through the public `Model` API only; renders
+are scored as the uint8 images a user gets (`rendering.pixels.to_uint8`). With
+B = `--base` (64, the size the quick preset encodes):
 
-- fidelity: encode the 64 px emoji, render at 64 x k (k = 1, 2, 4, 8, 16) and
+- fidelity: encode the B px emoji, render at B x k (k = 1, 2, 4, 8, 16) and
   compare with the SVG at that size, next to bicubic and Lanczos upsampling of the
-  same 64 px input: PSNR of the whole image, LPIPS (VGG) of one `--crop` px window
+  same B px input: PSNR of the whole image, LPIPS (VGG) of one `--crop` px window
   per image at fixed positions (the whole image when smaller), the same windows
   for every method;
-- consistency: the k x render box-averaged to 64 px against the 64 px render
+- consistency: the k x render box-averaged to B px against the B px render
   (PSNR), for the same latents;
-- samples: `--samples` latents rendered at 64 and 256; VGG16 patch Frechet
-  distance (`pfd_vgg16`, 64 px patches) to the held-out emoji at 64 and to their
-  SVGs at 256, next to the training emoji (as many, from the SVGs) against the
+- samples: `--samples` latents rendered at B and 4B; VGG16 patch Frechet
+  distance (`pfd_vgg16`, B px patches) to the held-out emoji at B and to their
+  SVGs at 4B, next to the training emoji (as many, from the SVGs) against the
   same held-out sets (the floor); and the nearest training emoji of each sample
-  at 64 px (MSE), next to the held-out emoji's own nearest training emoji;
+  at B px (MSE), next to the held-out emoji's own nearest training emoji;
 - inverse: guided sampling (`Model.condition`) of `--inverse_num` held-out emoji
-  at 256 px: `low_res` from the SVG at 256 / 4 and 256 / 8 (`--inverse_factors`; bicubic
-  downsampling, the guidance's own observation model) against bicubic upsampling
-  of that observation; `known` with a centre box of 96 px masked against the
-  unguided sample of the same seed (PSNR and LPIPS inside the box).
+  at 4B px: `low_res` from the SVG at 4B / 4 and 4B / 8 (`--inverse_factors`;
+  bicubic downsampling, the guidance's own observation model) against bicubic
+  upsampling of that observation; `known` with a centre box of 3/8 of the side
+  masked against the unguided sample of the same seed (PSNR and LPIPS inside the box).
 
 Writes `<out>/openmoji.json`, prints markdown tables, and (`--sheet`) a contact
-sheet: held-out inputs, renders at 1x / 4x / 16x (16x: the centre 256 px) beside
-the SVG truth and bicubic, samples at 64 / 256 / 1024 (1024: the centre 256 px).
+sheet of 4B px cells: held-out inputs, renders at 1x / 4x / 16x (16x: the centre
+cell) beside the SVG truth and bicubic, samples at B / 4B / 16B (16B: the centre cell).
 """
 
 import argparse
@@ -44,8 +46,8 @@ import infd_jax
 from infd_jax.data import openmoji
 from infd_jax.evaluation import fid, fidelity, pfid, scale_consistency
 from infd_jax.models.lpips import LPIPS, load_lpips_params
+from infd_jax.rendering import pixels
 
-BASE = 64
 FACTORS = (1, 2, 4, 8, 16)
 METHODS = ("infd", "bicubic", "lanczos")
 
@@ -57,6 +59,7 @@ def _args(argv=None) -> argparse.Namespace:
                  "and inverse).")
   p.add_argument("--out", default="", help="Output folder (default <workdir>/bench).")
   p.add_argument("--sections", default="fidelity,consistency,samples,inverse")
+  p.add_argument("--base", type=int, default=64, help="Side of the encoded input (B).")
   p.add_argument("--num", type=int, default=48, help="Held-out emoji for fidelity.")
   p.add_argument("--factors", default=",".join(map(str, FACTORS)))
   p.add_argument("--crop", type=int, default=128, help="LPIPS window side.")
@@ -75,6 +78,7 @@ class Bench:
 
   def __init__(self, args: argparse.Namespace):
     self.args = args
+    self.base = args.base
     self.model = infd_jax.load(args.workdir)
     self.svgs = args.source or None
     train, held_out = openmoji.split_names(openmoji.list_names(openmoji.svg_dir(self.svgs)))
@@ -94,13 +98,13 @@ class Bench:
 
   def fidelity(self) -> tuple[list[dict], dict]:
     names = self.held_out[:self.args.num]
-    inp = self.truth(names, BASE)
+    inp = self.truth(names, self.base)
     z = self.model.encode(inp)
     rows, renders = [], {}
     for k in (int(f) for f in self.args.factors.split(",")):
-      size = BASE * k
+      size = self.base * k
       gt = self.truth(names, size)
-      preds = {"infd": self.model.render(z, size)}
+      preds = {"infd": pixels.to_uint8(self.model.render(z, size))}
       preds.update({m: fidelity.upsample(inp, size, m) for m in METHODS[1:]})
       for method, pred in preds.items():
         rows.append(dict(k=k, size=size, method=method,
@@ -108,49 +112,55 @@ class Bench:
                          lpips=float(np.mean(self.lpips(pred, gt, size)))))
         print(json.dumps(rows[-1]), flush=True)
       if k in (1, 4, 16):
-        renders[k] = dict(gt=gt[:4], **{m: fidelity.to_uint8(p[:4]) for m, p in preds.items()})
+        renders[k] = dict(gt=gt[:4], **{m: p[:4] for m, p in preds.items()})
     renders["input"] = inp[:4]
     return rows, renders
 
   def consistency(self) -> list[dict]:
     names = self.held_out[:self.args.num]
-    z = self.model.encode(self.truth(names, BASE))
+    z = self.model.encode(self.truth(names, self.base))
     render = lambda size: self.model.render(z, size)
     factors = [int(f) for f in self.args.factors.split(",") if int(f) > 1]
-    out = scale_consistency.scale_consistency(render, BASE, factors)
+    out = scale_consistency.scale_consistency(render, self.base, factors)
     rows = [dict(k=k, psnr=out[f"scale_psnr_x{k}"]) for k in factors]
     print(json.dumps(rows), flush=True)
     return rows
 
   def samples(self) -> tuple[list[dict], dict, dict]:
-    n = self.args.samples
+    n, base = self.args.samples, self.base
     z = self.model.sample(n, seed=self.args.seed)
-    at64 = fidelity.to_uint8(self.model.render(z, BASE))
-    at256 = fidelity.to_uint8(self.model.render(z, 256))
+    small = pixels.to_uint8(self.model.render(z, base))
+    large = pixels.to_uint8(self.model.render(z, 4 * base))
     rng = np.random.default_rng(self.args.seed)
     train = sorted(rng.choice(self.train, size=min(n, len(self.train)), replace=False))
     extractor = pfid.vgg16_extractor(batch_size=64)
-    held = {s: self.truth(self.held_out, s) for s in (BASE, 256)}
+    held = {s: self.truth(self.held_out, s) for s in (base, 4 * base)}
     rows = []
-    for size, fake in ((BASE, at64), (256, at256)):
-      real_stats = _stats(held[size], extractor, self.args.seed)
+    for size, fake in ((base, small), (4 * base, large)):
+      real_stats = self._stats(held[size], extractor, self.args.seed)
       for name, images in (("samples", fake), ("training emoji (floor)", self.truth(train, size))):
-        d = fid.fid_from_stats(real_stats, _stats(images, extractor, self.args.seed + 1))
-        rows.append(dict(size=size, set=name, n=len(images), pfd_vgg16_64=d))
+        d = fid.fid_from_stats(real_stats, self._stats(images, extractor, self.args.seed + 1))
+        rows.append(dict(size=size, set=name, n=len(images), patch=base, pfd_vgg16=d))
         print(json.dumps(rows[-1]), flush=True)
-    train64 = self.truth(self.train, BASE)
-    _, sample_mse = fidelity.nearest(at64, train64)
-    _, held_mse = fidelity.nearest(held[BASE], train64)
+    train_small = self.truth(self.train, base)
+    _, sample_mse = fidelity.nearest(small, train_small)
+    _, held_mse = fidelity.nearest(held[base], train_small)
     copies = dict(sample_nn_psnr_median=_db(np.median(sample_mse)),
                   held_out_nn_psnr_median=_db(np.median(held_mse)),
                   samples_closer_than_median_held_out=float(np.mean(sample_mse < np.median(
                       held_mse))))
     print(json.dumps(copies), flush=True)
-    big = fidelity.to_uint8(self.model.render(z[:4], 1024, window=(384, 384, 256, 256)))
-    return rows, copies, dict(s64=at64[:4], s256=at256[:4], s1024=big)
+    cell = 4 * base  # the centre cell of the 16x render
+    big = pixels.to_uint8(self.model.render(z[:4], 16 * base,
+                                            window=(6 * base, 6 * base, cell, cell)))
+    return rows, copies, dict(small=small[:4], large=large[:4], huge=big)
+
+  def _stats(self, images: np.ndarray, extractor, seed: int) -> fid.FeatureStats:
+    return pfid.patch_stats(iter(images), (self.base,), extractor,
+                            np.random.default_rng(seed))[self.base]
 
   def inverse(self) -> list[dict]:
-    names, size = self.held_out[:self.args.inverse_num], 256
+    names, size = self.held_out[:self.args.inverse_num], 4 * self.base
     gt = self.truth(names, size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,14 +174,15 @@ class Bench:
           rows.append(dict(task=f"{factor}x super-resolution", method=method, **self._score(
               pred, gt, (0, 0, size, size))))
           print(json.dumps(rows[-1]), flush=True)
-      box = (80, 80, 96, 96)
+      box = (5 * size // 16, 5 * size // 16, 3 * size // 8, 3 * size // 8)
       known = [_png(tmp, f"known_{n}", _with_hole(g, box)) for n, g in zip(names, gt)]
       guided = self._guided([
           {"kind": "known", "size": size, "image": path, "scale": self.args.inverse_scale}
           for path in known], size)
-      unguided = self.model.render(self.model.sample(len(names), seed=self.args.seed), size)
+      unguided = pixels.to_uint8(self.model.render(self.model.sample(len(names),
+                                                                    seed=self.args.seed), size))
       for method, pred in (("unguided sample", unguided), ("guided", guided)):
-        rows.append(dict(task="inpainting (96 px box)", method=method,
+        rows.append(dict(task=f"inpainting ({box[2]} px box)", method=method,
                          **self._score(pred, gt, box)))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -181,14 +192,14 @@ class Bench:
     out = []
     for i, region in enumerate(regions):  # one observation per emoji; one compiled program
       z, _ = self.model.condition([region], n=1, seed=self.args.seed + i)
-      out.append(self.model.render(z, size)[0])
+      out.append(pixels.to_uint8(self.model.render(z, size))[0])
       print(f"guided {i + 1}/{len(regions)}", flush=True)
     return np.stack(out)
 
   def _downsample(self, images: np.ndarray, size: int) -> np.ndarray:
     from infd_jax.guidance import conditions  # pylint: disable=g-import-not-at-top
     x = fidelity.to_unit(images).astype(np.float32) * 2 - 1
-    return fidelity.to_uint8(np.asarray(conditions.downsample(x, (size, size))))
+    return pixels.to_uint8(np.asarray(conditions.downsample(x, (size, size))))
 
   def _score(self, pred: np.ndarray, gt: np.ndarray, box: tuple[int, int, int, int]) -> dict:
     t, l, h, w = box
@@ -196,10 +207,6 @@ class Bench:
     unit = lambda x: (fidelity.to_unit(x) * 2 - 1).astype(np.float32)
     return dict(psnr=float(np.mean(fidelity.psnr(p, g))),
                 lpips=float(np.mean(fidelity.batched(self._lpips, unit(p), unit(g), 8))))
-
-
-def _stats(images: np.ndarray, extractor, seed: int) -> fid.FeatureStats:
-  return pfid.patch_stats(iter(images), (BASE,), extractor, np.random.default_rng(seed))[BASE]
 
 
 def _db(mse: float) -> float:
@@ -221,9 +228,9 @@ def _with_hole(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def contact_sheet(renders: dict, samples: dict | None, path: str) -> None:
-  """Rows of 256 px cells: input, 1x, INFD 4x, bicubic 4x, SVG 4x, and the centre 256 px of
-  INFD / bicubic / SVG at 16x; then samples at 64, 256 and the centre of 1024."""
-  cell = 256
+  """Rows of 4B px cells: input, 1x, INFD 4x, bicubic 4x, SVG 4x, and the centre cell of
+  INFD / bicubic / SVG at 16x; then samples at B, 4B and the centre cell of 16B."""
+  cell = renders[4]["gt"].shape[1]
   up = lambda x: np.asarray(Image.fromarray(x).resize((cell, cell), Image.Resampling.NEAREST))
   centre = lambda x: x[(x.shape[0] - cell) // 2:][:cell, (x.shape[1] - cell) // 2:][:, :cell]
   rows = []
@@ -233,8 +240,8 @@ def contact_sheet(renders: dict, samples: dict | None, path: str) -> None:
     row += [centre(renders[16][m][i]) for m in ("infd", "bicubic", "gt")]
     rows.append(np.concatenate(row, axis=1))
   if samples is not None:
-    cells = [c for i in range(len(samples["s64"]))
-             for c in (up(samples["s64"][i]), samples["s256"][i], samples["s1024"][i])]
+    cells = [c for i in range(len(samples["small"]))
+             for c in (up(samples["small"][i]), samples["large"][i], samples["huge"][i])]
     per_row = rows[0].shape[1] // cell
     for start in range(0, len(cells), per_row):
       chunk = cells[start:start + per_row]
@@ -245,13 +252,13 @@ def contact_sheet(renders: dict, samples: dict | None, path: str) -> None:
 
 
 def table(results: dict) -> str:
-  lines = []
+  lines, base = [], results["args"]["base"]
   if "fidelity" in results:
     lines += ["| k | size | INFD PSNR / LPIPS | bicubic | Lanczos |", "|---|---|---|---|---|"]
     by = {(r["k"], r["method"]): r for r in results["fidelity"]}
     for k in sorted({r["k"] for r in results["fidelity"]}):
       cells = [f"{by[k, m]['psnr']:.2f} / {by[k, m]['lpips']:.3f}" for m in METHODS]
-      lines.append(f"| {k} | {BASE * k} | " + " | ".join(cells) + " |")
+      lines.append(f"| {k} | {base * k} | " + " | ".join(cells) + " |")
   for key in ("consistency", "samples", "inverse"):
     for r in results.get(key, []):
       lines.append(f"{key}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"

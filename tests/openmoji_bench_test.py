@@ -1,5 +1,5 @@
 """The OpenMoji benchmark: its metric helpers against float64 references, and the script end
-to end on a model trained for 3 steps per stage on a handful of emoji."""
+to end on the session's 3-step model (`tiny_trained`) with a handful of emoji SVGs."""
 
 import json
 import os
@@ -34,6 +34,8 @@ def test_upsample_is_pil_of_each_image_and_refuses_unknown_methods():
       up[1], np.asarray(Image.fromarray(x[1]).resize((20, 20), Image.Resampling.LANCZOS)))
   with pytest.raises(ValueError, match="nearest"):
     fidelity.upsample(x, 20, "nearest")
+  with pytest.raises(TypeError, match="uint8"):
+    fidelity.upsample(x / 127.5 - 1, 20, "bicubic")
 
 
 def test_crops_are_fixed_per_size_and_inside_the_image():
@@ -71,36 +73,22 @@ def test_batched_pads_the_last_batch_and_keeps_order():
 
 
 @pytest.fixture(scope="module")
-def openmoji_trained(tmp_path_factory):
-  """A workdir of both stages, 3 steps each, on 10 emoji (tiny widths)."""
-  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
-  from configs import openmoji as openmoji_config  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+def svgs(tmp_path_factory):
+  """A folder of 10 OpenMoji SVGs: 8 training and 2 held-out emoji."""
   package = openmoji.svg_dir()
   train, val = openmoji.split_names(openmoji.list_names(package))
-  svgs = tmp_path_factory.mktemp("svgs")
+  folder = tmp_path_factory.mktemp("svgs")
   for name in train[:8] + val[:2]:
-    shutil.copy(os.path.join(package, f"{name}.svg"), svgs / f"{name}.svg")
-  work = tmp_path_factory.mktemp("openmoji_trained")
-  for stage in ("ae", "dm"):
-    c = openmoji_config.get_config(f"stage={stage}")
-    small = tiny.get_config()
-    for section in ("ae", "dm", "train"):
-      c[section] = small[section]
-    c.data.update(source=str(svgs), variant="32_64_50", dm_variant="32_64_50", inp_res=32,
-                  patch=32, gt_res_min=32, gt_res_max=64)
-    c.diffusion.sample_steps = 4
-    c.train.update(ae_batch_size=8, dm_batch_size=8)
-    jobs.run(c, work)
-  return work, svgs
+    shutil.copy(os.path.join(package, f"{name}.svg"), folder / f"{name}.svg")
+  return folder
 
 
-def test_benchmark_runs_end_to_end_and_writes_its_table(openmoji_trained, tmp_path, capsys):
+def test_benchmark_runs_end_to_end_and_writes_its_table(tiny_trained, svgs, tmp_path, capsys):
+  """The whole script on the session's 3-step model, at a 16 px base (renders up to 256 px)."""
   from bench import openmoji as bench  # pylint: disable=g-import-not-at-top
-  work, svgs = openmoji_trained
   sheet = tmp_path / "sheet.jpg"
-  results = bench.main([f"--workdir={work}", f"--out={tmp_path}", f"--source={svgs}",
-                        "--num=2", "--factors=1,4,16", "--crop=32", "--samples=8",
+  results = bench.main([f"--workdir={tiny_trained}", f"--out={tmp_path}", f"--source={svgs}",
+                        "--base=16", "--num=2", "--factors=1,4,16", "--crop=32", "--samples=8",
                         "--inverse_num=1", "--inverse_factors=8", f"--sheet={sheet}"])
   saved = json.loads((tmp_path / "openmoji.json").read_text())
   assert {(r["k"], r["method"]) for r in saved["fidelity"]} == {
@@ -108,20 +96,21 @@ def test_benchmark_runs_end_to_end_and_writes_its_table(openmoji_trained, tmp_pa
   for r in saved["fidelity"]:  # at k = 1 the baselines are the input itself: infinite PSNR
     identity = r["k"] == 1 and r["method"] != "infd"
     assert np.isfinite(r["psnr"]) != identity and 0 <= r["lpips"] < 2
-  # Bicubic of the 64 px input, scored independently here against the SVG truth at 256.
+  # Bicubic of the 16 px input, scored independently here against the SVG truth at 64.
   names = openmoji.split_names(openmoji.list_names(str(svgs)))[1][:2]
-  inp, gt = (openmoji.ground_truth(names, s, str(svgs)) for s in (64, 256))
-  bicubic = np.stack([np.asarray(Image.fromarray(x).resize((256, 256), Image.Resampling.BICUBIC))
+  inp, gt = (openmoji.ground_truth(names, s, str(svgs)) for s in (16, 64))
+  bicubic = np.stack([np.asarray(Image.fromarray(x).resize((64, 64), Image.Resampling.BICUBIC))
                       for x in inp]).astype(np.float64)
   expected = np.mean([10 * np.log10(1 / np.mean(((b - g) / 255) ** 2)) for b, g in zip(bicubic, gt)])
   got = next(r for r in saved["fidelity"] if (r["k"], r["method"]) == (4, "bicubic"))
   assert got["psnr"] == pytest.approx(expected, rel=1e-9)
   assert [r["k"] for r in saved["consistency"]] == [4, 16]
-  assert {r["set"] for r in saved["samples"]} == {"samples", "training emoji (floor)"}
+  assert {(r["set"], r["size"]) for r in saved["samples"]} == {
+      (s, size) for s in ("samples", "training emoji (floor)") for size in (16, 64)}
   assert {(r["task"], r["method"]) for r in saved["inverse"]} == {
       ("8x super-resolution", "guided"), ("8x super-resolution", "bicubic"),
-      ("inpainting (96 px box)", "guided"), ("inpainting (96 px box)", "unguided sample")}
+      ("inpainting (24 px box)", "guided"), ("inpainting (24 px box)", "unguided sample")}
   assert results["copies"]["held_out_nn_psnr_median"] > 0
   with Image.open(sheet) as img:
-    assert img.size == (8 * 256, (2 + 2) * 256)  # 2 held-out rows, 4 samples x 3 sizes in 2
-  assert "| 4 | 256 |" in capsys.readouterr().out
+    assert img.size == (8 * 64, (2 + 2) * 64)  # 2 held-out rows, 4 samples x 3 sizes in 2
+  assert "| 4 | 64 |" in capsys.readouterr().out

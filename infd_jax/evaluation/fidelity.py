@@ -1,9 +1,10 @@
 """Fidelity of any-resolution renders against exact ground truth, with classical baselines.
 
 Numpy (host) helpers for `bench.openmoji`: images are float32 [n, H, W, 3] in
-[-1, 1] or uint8 [n, H, W, 3]; every function takes either.
+[-1, 1] or uint8 [n, H, W, 3]; the metrics take either (renders are scored as
+the uint8 images a user gets, `infd_jax.rendering.pixels.to_uint8`).
 
-- `upsample`: the classical baselines (PIL bicubic / Lanczos of the same input).
+- `upsample`: the classical baselines (PIL bicubic / Lanczos of the same uint8 input).
 - `psnr`: PSNR on the [0, 1] scale, per image, in float64.
 - `crop_boxes` / `crops`: fixed square windows, the same for every method, so a
   perceptual metric of large renders costs one window per image.
@@ -27,20 +28,14 @@ def to_unit(images: np.ndarray) -> np.ndarray:
   return (x.astype(np.float64) + 1.0) / 2.0
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] (or uint8) images -> uint8, rounded."""
-  x = np.asarray(images)
-  if x.dtype == np.uint8:
-    return x
-  return np.round(np.clip(to_unit(x), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def upsample(images: np.ndarray, size: int, method: str) -> np.ndarray:
   """uint8 [n, h, w, 3] -> uint8 [n, size, size, 3] by PIL `method` (bicubic, lanczos)."""
   if method not in UPSAMPLERS:
     raise ValueError(f"upsample method {method!r} not in {sorted(UPSAMPLERS)}")
+  if images.dtype != np.uint8:
+    raise TypeError(f"upsample takes uint8 images, got {images.dtype}")
   return np.stack([np.asarray(Image.fromarray(x).resize((size, size), UPSAMPLERS[method]))
-                   for x in to_uint8(images)])
+                   for x in images])
 
 
 def psnr(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
