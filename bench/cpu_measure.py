@@ -23,30 +23,21 @@ def rss_kib(field: str) -> int:
 
 def measure(fn: Callable[[], object], warmup: int, repeats: int, memory: bool) -> dict:
   """CPU seconds (all threads of this process) and wall seconds of each timed call of
-  `fn` after `warmup` calls.
-
-  With `memory`, also the peak resident memory (MiB) above the resident memory
-  before the first call: of the warm-up calls together (`peak_first_mib`, our
-  compilation included) and of each timed call (`peak_mib`; the peak is reset
-  to the current resident memory before it, so memory an allocator keeps from
-  earlier calls counts as used).
+  `fn` after `warmup` calls; with `memory`, `peak_mib`: the peak resident memory
+  of the process over all the calls above its resident memory before the first
+  (the model loaded), i.e. what the calls needed at most, allocator caches included.
   """
-  reset = lambda: pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
   if memory:
     base = rss_kib("VmRSS")
-    reset()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
   for _ in range(warmup):
     fn()
-  result = {"cpu_s": [], "wall_s": [], "peak_mib": []}
-  if memory:
-    result["peak_first_mib"] = (rss_kib("VmHWM") - base) / 1024
+  result = {"cpu_s": [], "wall_s": []}
   for _ in range(repeats):
-    if memory:
-      reset()
     c, w = time.process_time(), time.perf_counter()
     fn()
     result["cpu_s"].append(time.process_time() - c)
     result["wall_s"].append(time.perf_counter() - w)
-    if memory:
-      result["peak_mib"].append((rss_kib("VmHWM") - base) / 1024)
+  if memory:
+    result["peak_mib"] = (rss_kib("VmHWM") - base) / 1024
   return result

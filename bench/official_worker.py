@@ -3,10 +3,13 @@
   <torch python> bench/official_worker.py --official=DIR save --out=model.pth
   <torch python> bench/official_worker.py --official=DIR time --what=unet --model=model.pth ...
 
-`save` builds the official FFHQ model (REFERENCE 2.5: `cfgs/models/ae-d4vq.yaml`
-with the simple renderer, `dm.yaml`'s UNet, the default PatchGAN) with seeded
-weights and writes it as an official trainer checkpoint, which `infd_jax.convert`
-turns into ours. `time` loads that checkpoint into the official modules and
+`save` builds an official model with seeded weights and writes it as an official
+trainer checkpoint (and its latent shape beside it, `<out>.json`), which
+`infd_jax.convert` turns into ours. `--arch=ffhq`: the official FFHQ model
+(REFERENCE 2.5: `cfgs/models/ae-d4vq.yaml` with the simple renderer, `dm.yaml`'s
+UNet, the default PatchGAN); `--arch=narrow`: the reduced widths of the golden
+fixtures (`make_fixtures.MODEL_ARGS`, `DISC_ARGS`; an f2 autoencoder of width 32),
+the scale of the demo's networks. `time` loads that checkpoint into the official modules and
 prints one JSON line: the CPU time of each timed call after warm-up calls, and
 for `render` the peak resident memory the call added (see `bench.vs_official`).
 
@@ -52,11 +55,19 @@ def _modules(official: pathlib.Path):
   return models
 
 
-def build(official: pathlib.Path, lpips_weights: pathlib.Path, checkpoint: pathlib.Path | None):
-  """The official FFHQ model; weights from `checkpoint` when given, else seeded."""
+ARCHS = {"ffhq": (FFHQ_ARGS, None), "narrow": (make_fixtures.MODEL_ARGS, make_fixtures.DISC_ARGS)}
+
+
+def build(official: pathlib.Path, lpips_weights: pathlib.Path, arch: str,
+          checkpoint: pathlib.Path | None):
+  """The official model of `arch`; weights from `checkpoint` when given, else seeded."""
   models = _modules(official)
+  model_args, disc_args = ARCHS[arch]
   torch.manual_seed(0)
-  model = models.make({"name": "infd", "args": copy.deepcopy(FFHQ_ARGS)})
+  model = models.make({"name": "infd", "args": copy.deepcopy(model_args)})
+  if disc_args is not None:
+    from models.vqgan.discriminator import make_discriminator  # pylint: disable=import-outside-toplevel
+    model.disc = make_discriminator(**disc_args)
   make_fixtures._load_lpips(model.perc_loss, lpips_weights)  # pylint: disable=protected-access
   if checkpoint is not None:
     sd = torch.load(checkpoint, map_location="cpu")["model"]["sd"]
@@ -66,10 +77,12 @@ def build(official: pathlib.Path, lpips_weights: pathlib.Path, checkpoint: pathl
   return model
 
 
-def save(model, out: pathlib.Path) -> None:
+def save(model, arch: str, out: pathlib.Path) -> None:
+  model_args = ARCHS[arch][0]
   sd = {k: v for k, v in model.state_dict().items() if not k.startswith("perc_loss.")}
-  torch.save({"model": {"name": "infd", "args": copy.deepcopy(FFHQ_ARGS) | {"disc": True},
+  torch.save({"model": {"name": "infd", "args": copy.deepcopy(model_args) | {"disc": True},
                         "sd": sd}, "iter": 0}, out)
+  out.with_suffix(".json").write_text(json.dumps({"z_shape": model_args["z_shape"]}))
 
 
 def workload(model, args):
@@ -112,6 +125,7 @@ def main() -> None:
   parser.add_argument("--official", required=True, type=pathlib.Path)
   parser.add_argument("--lpips_weights", required=True, type=pathlib.Path)
   parser.add_argument("command", choices=("save", "time"))
+  parser.add_argument("--arch", choices=tuple(ARCHS), default="ffhq")
   parser.add_argument("--out", type=pathlib.Path)
   parser.add_argument("--model", type=pathlib.Path)
   parser.add_argument("--inputs", type=pathlib.Path)
@@ -126,9 +140,9 @@ def main() -> None:
   cpu_measure.pin(args.threads)
   torch.set_num_threads(args.threads)
   if args.command == "save":
-    save(build(args.official, args.lpips_weights, None), args.out)
+    save(build(args.official, args.lpips_weights, args.arch, None), args.arch, args.out)
     return
-  model = build(args.official, args.lpips_weights, args.model)
+  model = build(args.official, args.lpips_weights, args.arch, args.model)
   fn = workload(model, args)
   result = cpu_measure.measure(fn, args.warmup, args.repeats, memory=args.what == "render")
   print(json.dumps({"side": "official", "what": args.what, "torch": torch.__version__,
