@@ -1,0 +1,93 @@
+"""Our side of `bench.vs_official`: one workload on the converted official weights.
+
+  python -m bench.vs_official_ours --workdir=W --what=unet|render|ae_step [...]
+
+W holds `converted/` (the official checkpoint through `infd_jax.convert`) and
+`inputs.npz`; compiled programs are cached in `W/jax_cache`, and the warm-up calls
+before the timed ones include the compilation. Prints one JSON line
+(`bench.cpu_measure.measure`).
+"""
+
+import argparse
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+import infd_jax
+from bench import cpu_measure
+from infd_jax import builders, compile_cache
+from infd_jax.configs import common
+from infd_jax.convert import mapping
+from infd_jax.models.lpips import load_lpips_params
+from infd_jax.training import ae_task, optim
+from infd_jax.training.state import AEState
+
+
+def ae_step(converted: pathlib.Path, inputs, args):
+  del args
+  meta, trees = mapping.load_meta(converted), mapping.load_converted(converted)
+  config = common.base()  # the official settings, with the converted architecture
+  config.ae.update(meta["ae"])
+  config.disc.update(meta["disc"])
+  config.train.ae_batch_size = len(inputs["ae_inp_uint8"])
+  tx = optim.ae_optimizer(config.optim, config.train.ae_steps)
+  gen, disc = trees["ae"], trees["disc"]
+  state = AEState(step=np.zeros((), np.int32), gen_params=gen, disc_params=disc["params"],
+                  disc_stats=disc["batch_stats"], gen_opt=tx.init(gen),
+                  disc_opt=tx.init(disc["params"]), rng=jax.random.PRNGKey(0))
+  n = len(inputs["ae_inp_uint8"])
+  batch = {"inp": inputs["ae_inp_uint8"], "gt": inputs["ae_gt_uint8"],
+           "crop": np.tile(inputs["ae_crop"], (n, 1))}
+  step = jax.jit(ae_task.make_step(config), donate_argnums=0)
+  lpips = load_lpips_params()
+  holder = {"state": jax.device_put(state)}
+
+  def call():
+    holder["state"], scalars = step(holder["state"], batch, lpips)
+    jax.block_until_ready(scalars)
+  return call
+
+
+def render(converted: pathlib.Path, inputs, args):
+  model = infd_jax.load(converted)
+  z = inputs["render_z_nhwc"]
+  return lambda: model.render(z, args.size)
+
+
+def unet(converted: pathlib.Path, inputs, args):
+  del args
+  meta, trees = mapping.load_meta(converted), mapping.load_converted(converted)
+  config = common.base()
+  config.dm.update({k: v for k, v in meta["dm"].items() if k not in ("in_channels", "out_channels")})
+  module = builders.unet(config)
+  params = jax.device_put(trees["dm"])
+  apply = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t))
+  x, t = inputs["unet_x_nhwc"], inputs["unet_t"]
+  return lambda: jax.block_until_ready(apply(params, x, t))
+
+
+WORKLOADS = {"ae_step": ae_step, "render": render, "unet": unet}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--what", choices=tuple(WORKLOADS), required=True)
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--size", type=int, default=512)
+  args = parser.parse_args()
+  cpu_measure.pin(args.threads)
+  compile_cache.enable(str(args.workdir / "jax_cache"))
+  inputs = dict(np.load(args.workdir / "inputs.npz"))
+  fn = WORKLOADS[args.what](args.workdir / "converted", inputs, args)
+  result = cpu_measure.measure(fn, args.warmup, args.repeats, memory=args.what == "render")
+  print(json.dumps({"side": "ours", "what": args.what, "jax": jax.__version__,
+                    "threads": args.threads, **result}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
