@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from infd_jax import aot, builders, configs, sharding
+from infd_jax import aot, builders, config_files, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.training import ae_task, dm_task, loop
 
@@ -140,7 +140,7 @@ def _records(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def _config(args) -> ml_collections.ConfigDict:
-  config = configs.load(args.config)
+  config = config_files.load(args.config)
   config.train.compute_dtype = args.dtype
   for item in args.set:
     key, _, value = item.partition("=")

@@ -18,7 +18,7 @@ import numpy as np
 import infd_jax
 from bench import cpu_measure
 from infd_jax import builders, compile_cache
-from infd_jax.configs import common
+from infd_jax import defaults
 from infd_jax.convert import mapping
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.training import ae_task, optim
@@ -28,7 +28,7 @@ from infd_jax.training.state import AEState
 def ae_step(converted: pathlib.Path, inputs, args):
   del args
   meta, trees = mapping.load_meta(converted), mapping.load_converted(converted)
-  config = common.base()  # the official settings, with the converted architecture
+  config = defaults.base()  # the official settings, with the converted architecture
   config.ae.update(meta["ae"])
   config.disc.update(meta["disc"])
   config.train.ae_batch_size = len(inputs["ae_inp_uint8"])
@@ -59,7 +59,7 @@ def render(converted: pathlib.Path, inputs, args):
 def unet(converted: pathlib.Path, inputs, args):
   del args
   meta, trees = mapping.load_meta(converted), mapping.load_converted(converted)
-  config = common.base()
+  config = defaults.base()
   config.dm.update({k: v for k, v in meta["dm"].items() if k not in ("in_channels", "out_channels")})
   module = builders.unet(config)
   params = jax.device_put(trees["dm"])

@@ -59,9 +59,9 @@ def test_tiles_equal_model_render_of_their_windows(view_server, latents, level, 
 
 
 def test_concurrent_requests_are_batched_and_then_served_from_disk(view_server, latents):
-  # All of level 9 (512 px) of the 2048 px image: a size no other test (the browser test
-  # included) requests, so none of these tiles is on disk yet whatever ran before.
-  size, level, tiles = 2 * SIZE, 9, [(c, r) for c in range(4) for r in range(4)]
+  # All of level 9 (512 px) of the 4096 px image: a size no other test requests (the browser
+  # test shows 2048 px), so none of these tiles is on disk yet whatever ran before.
+  size, level, tiles = 4 * SIZE, 9, [(c, r) for c in range(4) for r in range(4)]
   before = dict(view_server.service.batcher.stats)
   paths = [f"dzi/3-0/{size}_files/{level}/{c}_{r}.png" for c, r in tiles] * 2  # duplicates too
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
