@@ -3,7 +3,8 @@
 Usage: python -m tests.pod_worker WORKDIR DATA_DIR STAGES AE_STEPS DM_STEPS
            [COORDINATOR NUM_PROCESSES PROCESS_ID]
 STAGES is a comma list (ae,dm). Process 0 saves the final parameters of each stage
-as `<WORKDIR>/params_<stage>.npz` (flattened leaves, global arrays gathered).
+(ae: generator and discriminator; dm: parameters and EMA) as `<WORKDIR>/params_<stage>.npz`
+(flattened leaves, global arrays gathered), with the state's step and rng.
 """
 
 import logging
@@ -36,9 +37,13 @@ def main(argv: list[str]) -> None:
     abstract, _, _ = loop.initial_state(init, sharding.make_mesh(-1, 1), (), 0)
     _, state = checkpointing.Checkpointer(trained.stage_dir(workdir, stage),
                                           read_only=True).restore(abstract)
-    leaves = [multihost_utils.process_allgather(x, tiled=True) for x in jax.tree.leaves(state)]
+    params = (state.gen_params, state.disc_params) if stage == "ae" else (state.params,
+                                                                           state.ema_params)
+    gather = lambda tree: [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                           for x in jax.tree.leaves(tree)]
+    leaves, (step,), rng = gather(params), gather(state.step), gather(state.rng)
     if jax.process_index() == 0:
-      np.savez(f"{workdir}/params_{stage}.npz", *[np.asarray(x) for x in leaves])
+      np.savez(f"{workdir}/params_{stage}.npz", *leaves, step=step, rng=rng[0])
 
 
 if __name__ == "__main__":
