@@ -1,6 +1,6 @@
 """Shared defaults for every infd_jax config, in one place.
 
-Numbers follow the official FFHQ setting (REFERENCE.md sections 2, 4, 6).
+Numbers follow the official FFHQ setting (REFERENCE.md 2, 4 and 6).
 Experiment files (`ffhq.py`, `ffhq_mix6k.py`, `custom.py`, `demo.py`,
 `tiny.py`) start from `base()` and override only what differs.
 
