@@ -1,6 +1,6 @@
 """Shared defaults for every infd_jax config, in one place.
 
-Numbers follow the official FFHQ setting (REFERENCE.md sections 2, 4, 6).
+Numbers follow the official FFHQ setting (REFERENCE.md 2, 4 and 6).
 Experiment files (`ffhq.py`, `ffhq_mix6k.py`, `custom.py`, `demo.py`,
 `tiny.py`) start from `base()` and override only what differs.
 
@@ -99,7 +99,7 @@ def base() -> ml_collections.ConfigDict:
   # Sizes above `stream_above` pixels a side stream into pyramidal BigTIFFs.
   # The latent sampler makes diffusion.sample_steps model calls: "ddim" (official;
   # eta = diffusion.eta), or the ODE solvers "dpmpp_2m" (DPM-Solver++ 2M) and "unipc"
-  # (UniPC-2, B(h) = e^h - 1), which need far fewer steps (README "Few-step sampling").
+  # (UniPC-2, B(h) = e^h - 1), which need far fewer steps (docs/samplers.md).
   # spacing picks the steps: "uniform" (DDIM's strides; the official), "logsnr"
   # (uniform in log-SNR), "quadratic".
   c.sample = ml_collections.ConfigDict(dict(

@@ -35,7 +35,7 @@ PyTree = Any
 def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The one call site of the latent sampler: key -> latents [*shape] with
-  `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
+  `config.sample.sampler` (DDIM by default, REFERENCE.md 6.3), divided by
   `diffusion.latent_scale` (the scale the UNet was trained at)."""
   scale = builders.latent_scale(config)
   z = samplers.sample(apply_fn=builders.eps_model(config, unet), params=dm_params, key=key,

@@ -22,7 +22,7 @@ Datasets (`cfg.name`, `cfg.variant`, `cfg.split`), see `sources`:
 - image_folder: variant = the prepared config name (default "default");
   stage 1 of the official custom recipe uses resize=1024, stage 2 resize=256;
 - ffhq: variant "native" (train/val at 1024), "lanczos256" (the stage-2 set,
-  REFERENCE 5.3; split "train" for FFHQ, "train+val" for 6K-Mix), or "mix6k"
+  REFERENCE.md 5.3; split "train" for FFHQ, "train+val" for 6K-Mix), or "mix6k"
   (stage 1 only: LR pool = lanczos256 train+val, HR pool = mix6k hr, drawn
   with probability p_lr / 1 - p_lr per example as the official `random_lr_hr`;
   grain's `mix` would interleave the pools in fixed proportions instead).

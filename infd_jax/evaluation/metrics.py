@@ -15,7 +15,7 @@ def _averages(*names: str) -> type[metrics.Collection]:
   return metrics.Collection.create(**{n: metrics.Average.from_output(n) for n in names})
 
 
-# Keys logged by the official AE trainer (REFERENCE 4.7) plus codebook usage.
+# Keys logged by the official AE trainer (REFERENCE.md 4.7) plus codebook usage.
 AETrainMetrics = _averages(
     "loss", "quant_loss", "l1_loss", "perc_loss", "gan_g_loss", "adaptive_g_w", "psnr",
     "disc_loss", "disc_logits_real", "disc_logits_fake", "codebook_perplexity",

@@ -136,7 +136,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """Reconstruction grid (pred, gt pairs) and the centre of a 4x zoom rendering, through
   `Model` with the state's generator parameters.
 
-  As the official trainer (REFERENCE 4.7): each reconstruction is rendered in one
+  As the official trainer (REFERENCE.md 4.7): each reconstruction is rendered in one
   call on its crop's own coordinates, the zoom on the central window of a 4x
   rendering. The samples are fixed: the first batch of the pipeline under
   seed+1, so the training iterator is not consumed and resumed runs see the
