@@ -12,6 +12,7 @@ others drawn at random) and saved again with `convert.sd.save`.
 import hashlib
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -86,12 +87,14 @@ def _state_fields(setup, workdir, step: int, fields=("params", "ema_params")):
 
 @pytest.fixture(scope="module")
 def trained_unet(setup):
-  """Stage (b): 2 steps, then resumed to 3 in the same workdir; a straight 3-step run beside."""
+  """Stage (b) 3 steps straight; its steps 1-2 copied to a second workdir resumed to 3."""
   before = _digest(setup["weights"])
-  resumed, straight = setup["tmp"] / "resumed", setup["tmp"] / "straight"
-  jobs.run(t2i_config(setup, "t2i_unet", dm_steps=2), resumed)
-  jobs.run(t2i_config(setup, "t2i_unet", dm_steps=3), resumed)
+  straight, resumed = setup["tmp"] / "straight", setup["tmp"] / "resumed"
   jobs.run(t2i_config(setup, "t2i_unet", dm_steps=3), straight)
+  shutil.copytree(trained.stage_dir(straight, "t2i_unet"), trained.stage_dir(resumed, "t2i_unet"),
+                  ignore=shutil.ignore_patterns("3"))
+  assert checkpointing.saved_steps(trained.stage_dir(resumed, "t2i_unet")) == [2, 1]
+  jobs.run(t2i_config(setup, "t2i_unet", dm_steps=3), resumed)
   assert _digest(setup["weights"]) == before  # the imported SD folder is only read
   return dict(resumed=resumed, straight=straight)
 
@@ -109,7 +112,7 @@ def test_prepare_stores_sidecar_captions(setup, trained_unet):
 def test_stage_b_starts_from_the_imported_unet_checkpoints_and_resumes(setup, trained_unet):
   resumed = trained_unet["resumed"]
   assert checkpointing.saved_steps(trained.stage_dir(resumed, "t2i_unet")) == [3, 2, 1]
-  first, imported = _state_fields(setup, resumed, 1)
+  first, imported = _state_fields(setup, trained_unet["straight"], 1)
   # The EMA after one step from the imported weights p0: 0.9 p0 + 0.1 p1 (closed form).
   p0, p1, ema = imported["unet"], first["params"], first["ema_params"]
   for a, b, e in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(ema)):
@@ -121,3 +124,87 @@ def test_stage_b_starts_from_the_imported_unet_checkpoints_and_resumes(setup, tr
   straight, _ = _state_fields(setup, trained_unet["straight"], 3)
   for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def stage_a_config(setup):
+  """Stage (a) on SD's encoder (the tiny KL-f2 of the fixture): decoder and renderer train."""
+  arch = sd.load(setup["weights"])[1]["vae"]
+  c = t2i_config(setup, "ae", ae_steps=1)
+  c.data.update(patch=32, gt_res_min=32, gt_res_max=64, variant="")
+  c.ae.update(ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
+              z_channels=arch["z_channels"], norm_groups=arch["norm_groups"], num_codes=0,
+              renderer_hidden=16, kl_encoder=True)
+  c.optim.ae_frozen = ("encoder",)
+  return c
+
+
+@pytest.fixture(scope="module")
+def t2i_workdir(setup, trained_unet):
+  """The resumed stage-(b) workdir with a 1-step stage (a) beside it."""
+  workdir = trained_unet["resumed"]
+  jobs.run(stage_a_config(setup), workdir)
+  return workdir
+
+
+PROMPTS = ("a cat", "a rocket on its launch pad")
+
+
+def test_stage_a_starts_from_sds_encoder_and_keeps_it_bit_identical(setup, t2i_workdir):
+  trees, _ = sd.load(setup["weights"])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          trees["vae"]["encoder"])
+  ckpt = checkpointing.Checkpointer(trained.stage_dir(t2i_workdir, "ae"), read_only=True)
+  try:
+    saved = ckpt.restore_fields({"gen_params": {"encoder": abstract}})["gen_params"]["encoder"]
+  finally:
+    ckpt.close()
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(trees["vae"]["encoder"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_guidance_scale_1_is_the_conditional_sampler(setup, t2i_workdir):
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  from infd_jax.diffusion import samplers, schedules  # pylint: disable=g-import-not-at-top
+  model = infd_jax.load(t2i_workdir)
+  assert model.t2i is not None and model.config.ae.kl_encoder
+  z = model.generate_latents(PROMPTS, n=2, seed=3, guidance_scale=1.0)
+  guided = model.generate_latents(PROMPTS, n=2, seed=3, guidance_scale=4.0)
+  # Independently: the UNet on each prompt's context alone, no guidance wrapper.
+  trees, arch = sd.load(setup["weights"])
+  unet, text, tok = model.t2i.unet, model.t2i.text, model.t2i.tokenizer
+  context = text.apply({"params": trees["text"]}, tok(list(PROMPTS)))
+  sched = schedules.scaled_linear_schedule(**arch["schedule"])
+  c = model.config
+  for i in range(4):
+    apply = lambda p, x, t, ctx=context[i // 2][None]: unet.apply({"params": p}, x, t, ctx)
+    want = samplers.sample(c.sample.sampler, apply, model.dm_params,
+                           jax.random.fold_in(jax.random.PRNGKey(3), i), (1, *z.shape[1:]),
+                           sched, num_steps=c.diffusion.sample_steps, eta=c.diffusion.eta,
+                           spacing=c.sample.spacing)[0] / arch["scaling_factor"]
+    np.testing.assert_allclose(z[i], np.asarray(want), rtol=1e-4, atol=1e-5)
+  assert np.max(np.abs(guided - z)) > 1e-3  # the scale acts
+  assert not np.allclose(z[0], z[1])  # two copies of one prompt differ
+
+
+def test_stage_t2i_writes_each_size_and_a_window_as_the_api_renders_them(setup, t2i_workdir):
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  from infd_jax.rendering import pixels  # pylint: disable=g-import-not-at-top
+  c = t2i_config(setup, "t2i")
+  c.t2i.update(prompts=PROMPTS, guidance_scale=2.5)
+  out = setup["tmp"] / "samples"
+  c.sample.update(num_samples=2, batch_size=3, sizes=(16, 40), window=(), seed=5,
+                  out_dir=str(out))
+  jobs.run(c, t2i_workdir)
+  c.sample.update(sizes=(40,), window=(8, 4, 24, 20), out_dir=str(out))
+  jobs.run(c, t2i_workdir)
+  assert json.loads((out / "prompts.json").read_text()) == {
+      "0": PROMPTS[0], "1": PROMPTS[0], "2": PROMPTS[1], "3": PROMPTS[1]}
+  model = infd_jax.load(t2i_workdir)
+  for size in (16, 40):
+    want = pixels.to_uint8(model.generate(PROMPTS, size, n=2, seed=5, guidance_scale=2.5))
+    for i in range(4):
+      got = np.asarray(PIL.Image.open(out / str(size) / f"{i}.png"))
+      np.testing.assert_array_equal(got, want[i])
+      if size == 40:
+        crop = np.asarray(PIL.Image.open(out / "40_window_8_4_24x20" / f"{i}.png"))
+        np.testing.assert_array_equal(crop, want[i][8:32, 4:24])
