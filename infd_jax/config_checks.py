@@ -299,6 +299,10 @@ def _check_condition(config: ml_collections.ConfigDict) -> None:
 def _check_t2i(config: ml_collections.ConfigDict) -> None:
   """The converted SD folder, the BPE vocabulary and (to generate) the prompts."""
   tc = config.t2i
+  if config.stage != "ae":
+    if not tc.vocab:
+      _fail("t2i.vocab", "", "name CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)")
+    _need_file("t2i.vocab", tc.vocab)
   if not tc.sd_weights:
     _fail("t2i.sd_weights", "", "name the folder written by python -m infd_jax.convert.sd")
   _need_file("t2i.sd_weights", tc.sd_weights, folder=True)
@@ -306,11 +310,6 @@ def _check_t2i(config: ml_collections.ConfigDict) -> None:
       os.path.join(os.path.expanduser(tc.sd_weights), "meta.json")):
     _fail("t2i.sd_weights", tc.sd_weights, "holds no meta.json: not an output of "
           "python -m infd_jax.convert.sd")
-  if config.stage == "ae":
-    return
-  if not tc.vocab:
-    _fail("t2i.vocab", "", "name CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)")
-  _need_file("t2i.vocab", tc.vocab)
   if config.stage == "t2i" and not tc.prompts:
     _fail("t2i.prompts", tuple(tc.prompts), "give at least one prompt, e.g. "
           "--config.t2i.prompts='(\"a red apple\",)'")
