@@ -18,7 +18,7 @@ a fraction of the cost.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -124,6 +124,26 @@ class DmTransform(ImageTransform):
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
     del rng
     return {"inp": to_float(self.inp(self.load(record)))}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTransform:
+  """Text to image: {"image": float32 [inp_res, inp_res, 3] in [-1, 1], "tokens": int32 [L]}.
+
+  Attributes:
+    image: the stage-2 image transform.
+    tokenize: [caption] -> token ids [1, L] (`infd_jax.clip.tokenizer.Tokenizer`).
+    feature: the record feature holding the caption (text or UTF-8 bytes).
+  """
+  image: DmTransform
+  tokenize: Callable[[list[str]], np.ndarray]
+  feature: str = "caption"
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+    caption = record[self.feature]
+    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    return {"image": self.image(record, rng)["inp"],
+            "tokens": np.asarray(self.tokenize([caption])[0], np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)

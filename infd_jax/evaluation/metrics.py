@@ -25,6 +25,7 @@ AEEvalMetrics = _averages(
     "loss", "quant_loss", "l1_loss", "perc_loss", "gan_g_loss", "psnr",
     "codebook_perplexity", "codebook_usage")
 DMTrainMetrics = _averages("z_dm_loss", "grad_norm")
+T2ITrainMetrics = _averages("loss", "grad_norm")  # SD's UNet fine-tuned on captions
 # The official DM eval selects best-model.pth on z_dm_ema_loss.
 DMEvalMetrics = _averages("z_dm_loss", "z_dm_ema_loss")
 
