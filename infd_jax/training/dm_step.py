@@ -56,10 +56,19 @@ def dm_train_step(state: DMState, batch: dict[str, jax.Array], ae_params: PyTree
     return jnp.mean(gaussian.eps_loss_at(apply_fn, params, z0, t, eps, sched))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return (update_with_ema(state, loss, grads, tx, ema_decay, skip_nonfinite),
+          {"z_dm_loss": loss, "grad_norm": optax.global_norm(grads)})
+
+
+def update_with_ema(state: DMState, loss: jax.Array, grads: PyTree,
+                    tx: optax.GradientTransformation, ema_decay: float,
+                    skip_nonfinite: bool) -> DMState:
+  """The optimizer step on `grads`, then the EMA of the new parameters; with
+  `skip_nonfinite`, a non-finite `loss` leaves the state unchanged."""
   updates, opt = tx.update(grads, state.opt, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt=opt)
   if skip_nonfinite:
     new_state = skip_unless_finite(jnp.isfinite(loss), new_state, state)
-  return new_state, {"z_dm_loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state

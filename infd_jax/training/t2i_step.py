@@ -18,7 +18,8 @@ import optax
 
 from infd_jax.diffusion import gaussian, prediction
 from infd_jax.diffusion.schedules import Schedule
-from infd_jax.training.state import DMState, skip_unless_finite
+from infd_jax.training import dm_step
+from infd_jax.training.state import DMState
 
 PyTree = Any
 
@@ -72,10 +73,5 @@ def t2i_train_step(state: DMState, batch: dict[str, jax.Array], frozen: dict[str
     return jnp.mean(jnp.square(out - target))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt = tx.update(grads, state.opt, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt=opt)
-  if skip_nonfinite:
-    new_state = skip_unless_finite(jnp.isfinite(loss), new_state, state)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return (dm_step.update_with_ema(state, loss, grads, tx, ema_decay, skip_nonfinite),
+          {"loss": loss, "grad_norm": optax.global_norm(grads)})
