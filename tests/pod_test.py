@@ -26,8 +26,9 @@ def _env(devices: int) -> dict[str, str]:
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _run(workdir, data_dir, stages, ae_steps, dm_steps, processes):
-  """Runs the worker on 1 process x 4 devices or 2 processes x 2 devices; returns stderr."""
+def _run(workdir, data_dir, stages, ae_steps, dm_steps, processes, every_log=False):
+  """Runs the worker on 1 process x 4 devices or 2 processes x 2 devices; returns the stderr
+  of process 0 (of each process with `every_log`)."""
   args = [sys.executable, "-m", "tests.pod_worker", str(workdir), str(data_dir), stages,
           str(ae_steps), str(dm_steps)]
   if processes == 1:
@@ -46,7 +47,7 @@ def _run(workdir, data_dir, stages, ae_steps, dm_steps, processes):
   assert all(p.returncode == 0 for p in procs), "\n".join(
       f"process {i}: exit {p.returncode}\n{err[-3000:]}" for i, (p, (_, err)) in
       enumerate(zip(procs, outs)))
-  return outs[0][1]
+  return [err for _, err in outs] if every_log else outs[0][1]
 
 
 def _params(workdir, stage):
@@ -81,11 +82,20 @@ def runs(tmp_path_factory):
           "resume 2->1": _run(pod, data, "ae,dm", 2, 1, 1)}
   shutil.rmtree(pod / "latents")  # so that both processes of the next run encode their share
   logs["resume 1->2"] = _run(pod, data, "dm", 2, 2, 2)
-  return straight, pod, logs
+  return straight, pod, logs, data
+
+
+def _corrupt_data(step_dir):
+  """Flips one byte in the middle of every data file of a saved state (a failed checksum)."""
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and not f.name.startswith("_"):
+      data = bytearray(f.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      f.write_bytes(bytes(data))
 
 
 def test_pod_run_with_resumes_across_process_counts_equals_straight_run(runs):
-  straight, pod, logs = runs
+  straight, pod, logs, _ = runs
   assert "[ae] resumed from step 1" in logs["resume 2->1"]
   assert "step 1 was written by 2 processes, this run has 1" in logs["resume 2->1"]
   assert "[dm] resumed from step 1" in logs["resume 1->2"]
@@ -103,7 +113,7 @@ def test_pod_run_with_resumes_across_process_counts_equals_straight_run(runs):
 
 
 def test_validation_counts_every_record_once_on_two_processes(runs):
-  straight, pod, _ = runs
+  straight, pod, _, _ = runs
   # The same 9 examples and crops whatever the layout; shares of 5 and 4 records in
   # local batches of 4: a dropped or doubled example would move these means.
   for tag in ("val/l1_loss", "val/psnr", "val/perc_loss", "val/quant_loss"):
@@ -114,9 +124,27 @@ def test_validation_counts_every_record_once_on_two_processes(runs):
 
 
 def test_latent_cache_written_by_both_processes(runs):
-  _, pod, _ = runs
+  _, pod, _, _ = runs
   caches = [d for d in (pod / "latents").iterdir() if (d / "meta.json").exists()]
   assert len(caches) == 1
   files = sorted(f.name for f in caches[0].glob("p*.npy"))
   assert files == ["p00000-000000.npy", "p00001-000000.npy"]
   assert [len(np.load(caches[0] / f)) for f in files] == [5, 4]
+
+
+def test_a_corrupt_newest_checkpoint_on_two_processes_resumes_from_the_previous_one(
+    runs, tmp_path):
+  """The straight run's stage-1 steps 1 and 2 with step 2 damaged: both processes set it aside
+  (kept, not deleted), resume from step 1 without a hang and retrain step 2."""
+  straight, _, _, data = runs
+  shutil.copytree(straight / "checkpoints_ae", tmp_path / "checkpoints_ae")
+  _corrupt_data(tmp_path / "checkpoints_ae" / "2")
+  logs = _run(tmp_path, data, "ae", 2, 0, 2, every_log=True)
+  for log in logs:
+    assert "is corrupt or incomplete" in log and "[ae] resumed from step 1" in log, log[-3000:]
+  assert sorted(p.name for p in (tmp_path / "checkpoints_ae").iterdir()
+                if p.name[0].isdigit()) == ["1", "2", "2.unreadable"]
+  (a, step_a, _), (b, step_b, _) = _params(straight, "ae"), _params(tmp_path, "ae")
+  assert step_a == step_b == 2
+  diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
+  assert diff.max() <= 2 * (1 + 1.04) * 2e-4 and np.mean(diff > 1e-5) < 0.1  # as above
