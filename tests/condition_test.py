@@ -6,7 +6,6 @@ their values (numpy float64); bad regions and settings are one-line UserErrors."
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -18,6 +17,7 @@ from PIL import Image
 import infd_jax
 from infd_jax import builders, checks, sharding
 from infd_jax.rendering import pixels
+from tests import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE, BOX = (32, 32), (4, 2, 24, 28)  # the known box, in the 32 x 32 images the job writes
@@ -63,16 +63,13 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   region, known, mask = _known_region(model, tmp_path / "known.png")
   worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path),
             json.dumps([region]), f"127.0.0.1:{portpicker.pick_unused_port()}", "2"]
-  procs = [subprocess.Popen(worker + [str(i)], env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  workers = [processes.Worker(worker + [str(i)], _env(2), ROOT) for i in range(2)]
   # Meanwhile the API on 1 process x 4 devices: the same samples, guided and unguided.
   z, losses = model.condition([region], n=N, seed=SEED)
   z0, losses0 = model.condition([region], n=N, seed=SEED,
                                 guide_start=model.config.diffusion.sample_steps)
   images, unguided = model.render(z, SIZE), model.render(z0, SIZE)
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  processes.finish_all(workers, 600)
 
   # 3 samples over 4 devices: process 0 holds rows 0 and 1, process 1 row 2 (and padding).
   written = [sorted(os.listdir(tmp_path / f"p{i}" / "32")) for i in range(2)]

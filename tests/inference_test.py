@@ -23,6 +23,7 @@ from infd_jax import checks, jobs, sharding, trained
 from infd_jax.evaluation import pfid
 from infd_jax.models import renderer as renderer_lib
 from infd_jax.rendering import pixels, stream, tiling
+from tests import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,25 +148,15 @@ def _env(devices: int) -> dict[str, str]:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _result(stdout: str) -> dict:
-  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
-
-
 def test_two_processes_write_samples_pfid_and_render_as_one(tiny_trained, tmp_path):
   real = tmp_path / "real"
   _write_images(real, 9, 1)  # 9 real, 10 generated: uneven shares over 2 processes
   worker = [sys.executable, "-m", "tests.inference_worker", str(tiny_trained)]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  procs = [subprocess.Popen(worker + [str(tmp_path / "one"), str(real)], env=_env(4), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  procs += [subprocess.Popen(worker + [str(tmp_path / "two"), str(real), address, "2", str(i)],
-                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  one, two_a, two_b = (_result(out) for out, _ in outs)
+  workers = [processes.Worker(worker + [str(tmp_path / "one"), str(real)], _env(4), ROOT)]
+  workers += [processes.Worker(worker + [str(tmp_path / "two"), str(real), address, "2", str(i)],
+                               _env(2), ROOT) for i in range(2)]
+  one, two_a, two_b = (processes.result(out) for out, _ in processes.finish_all(workers, 400))
   names = [f"{i}.png" for i in range(10)]
   for run in ("one", "two"):
     assert sorted(os.listdir(tmp_path / run / "samples" / "32"), key=lambda n: int(n[:-4])) == names

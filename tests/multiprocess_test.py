@@ -1,13 +1,14 @@
 """Two local processes x 2 CPU devices (jax.distributed on 127.0.0.1) == one process x 4 devices,
 and a newest checkpoint that only one of them cannot read is set aside by both."""
 
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import portpicker
+
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,26 +19,17 @@ def _env(devices: int) -> dict[str, str]:
   return env
 
 
-def _result(stdout: str) -> dict:
-  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
-
-
 def test_two_processes_match_one_process(tmp_path):
   steps = "4"
   single = subprocess.run([sys.executable, "-m", "tests.multiprocess_worker", str(tmp_path / "one"),
                            steps], env=_env(4), cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=True)
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker",
-                             str(tmp_path / "two"), steps, address, "2", str(i)],
-                            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=240) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  one = _result(single.stdout)
-  two = [_result(out) for out, _ in outs]
+  workers = [processes.Worker([sys.executable, "-m", "tests.multiprocess_worker",
+                               str(tmp_path / "two"), steps, address, "2", str(i)], _env(2), ROOT)
+             for i in range(2)]
+  one = processes.result(single.stdout)
+  two = [processes.result(out) for out, _ in processes.finish_all(workers, 240)]
   assert one["devices"] == 4 and all(r["devices"] == 4 for r in two)
   np.testing.assert_allclose(two[0]["w"], one["w"], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(two[0]["w"], two[1]["w"])

@@ -5,7 +5,6 @@ cache and validation."""
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import portpicker
 import pytest
 
 from infd_jax.data import prepare
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,27 +26,17 @@ def _env(devices: int) -> dict[str, str]:
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _run(workdir, data_dir, stages, ae_steps, dm_steps, processes, every_log=False):
+def _run(workdir, data_dir, stages, ae_steps, dm_steps, count, every_log=False):
   """Runs the worker on 1 process x 4 devices or 2 processes x 2 devices; returns the stderr
   of process 0 (of each process with `every_log`)."""
   args = [sys.executable, "-m", "tests.pod_worker", str(workdir), str(data_dir), stages,
           str(ae_steps), str(dm_steps)]
-  if processes == 1:
-    procs = [subprocess.Popen(args, env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
+  if count == 1:
+    launches = [(args, _env(4))]
   else:
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    procs = [subprocess.Popen(args + [address, "2", str(i)], env=_env(2), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(
-      f"process {i}: exit {p.returncode}\n{err[-3000:]}" for i, (p, (_, err)) in
-      enumerate(zip(procs, outs)))
+    launches = [(args + [address, "2", str(i)], _env(2)) for i in range(2)]
+  outs = processes.finish_all([processes.Worker(a, env, ROOT) for a, env in launches], 900)
   return [err for _, err in outs] if every_log else outs[0][1]
 
 

@@ -1,12 +1,13 @@
 """The samplers on 2 processes x 2 CPU devices (jax.distributed) == on 1 process x 4 devices."""
 
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import portpicker
+
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,23 +17,14 @@ def _env(devices: int) -> dict[str, str]:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _result(stdout: str) -> dict:
-  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
-
-
 def test_samplers_on_two_processes_match_one_process():
   worker = [sys.executable, "-m", "tests.sampler_multiprocess_worker"]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  procs = [subprocess.Popen(worker + [address, "2", str(i)], env=_env(2), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  workers = [processes.Worker(worker + [address, "2", str(i)], _env(2), ROOT) for i in range(2)]
   single = subprocess.run(worker, env=_env(4), cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=True)
-  outs = [p.communicate(timeout=240) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  one, two = _result(single.stdout), [_result(out) for out, _ in outs]
+  outs = processes.finish_all(workers, 240)
+  one, two = processes.result(single.stdout), [processes.result(out) for out, _ in outs]
   assert one["devices"] == 4 and all(r["devices"] == 4 for r in two)
   for key in one:
     if key != "devices":
