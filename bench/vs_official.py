@@ -45,6 +45,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = ("ae_step", "render", "unet")
+AGREE = 1e-4  # relative agreement of the two sides' outputs on the same weights
+WITH_DROPOUT = ("perc_loss", "adaptive_g_w", "disc_loss", "disc_logits_fake", "loss")
 HOW_TO = """To get them (a throwaway environment; never a dependency of infd_jax):
   python3 -m venv /tmp/torchenv
   /tmp/torchenv/bin/pip install torch numpy einops pyyaml omegaconf tqdm tensorboardX pillow
@@ -98,7 +100,8 @@ def make_inputs(path: pathlib.Path, latent: tuple[int, int, int], args) -> None:
 def run_side(side: str, what: str, args, work: pathlib.Path) -> dict:
   """One fresh process measuring `what` on one side; its JSON result."""
   common = ["--what", what, "--threads", str(args.threads), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--size", str(args.render_size)]
+            "--repeats", str(args.repeats), "--size", str(args.render_size),
+            "--output", str(work / f"out_{side}_{what}.npz")]
   if side == "official":
     cmd = [args.torch_python, str(REPO / "bench" / "official_worker.py"),
            "--official", args.official, "--lpips_weights", str(_lpips_weights()), "time",
@@ -131,6 +134,24 @@ def prepare(args, work: pathlib.Path) -> None:
                     "--output", str(work / "converted")], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
   make_inputs(work / "inputs.npz", json.loads((work / "model.json").read_text())["z_shape"], args)
+
+
+def agreement(work: pathlib.Path, what: str) -> dict[str, float]:
+  """Per output, max |ours - official| / max |official| of the two sides' first calls.
+
+  Images and the UNet output must agree as converted weights do (AGREE); of the
+  step's losses only those without LPIPS dropout (random on each side) are held to it.
+  """
+  ours, official = (np.load(work / f"out_{side}_{what}.npz") for side in ("ours", "official"))
+  common = sorted(set(ours) & set(official))
+  if not common or any(ours[k].shape != official[k].shape for k in common):
+    raise RuntimeError(f"{what}: the outputs differ in names or shapes")
+  rel = {k: float(np.max(np.abs(ours[k] - official[k])) / max(np.max(np.abs(official[k])), 1e-12))
+         for k in common}
+  bad = {k: v for k, v in rel.items() if k not in WITH_DROPOUT and not v <= AGREE}
+  if bad:
+    raise RuntimeError(f"{what}: ours and the official differ beyond {AGREE}: {bad}")
+  return rel
 
 
 def summarize(results: dict[str, dict[str, list[dict]]]) -> dict:
@@ -192,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {k + 1} {w:8s} {side:8s} cpu {statistics.median(r['cpu_s']):8.2f} s"
               + (f", peak +{r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""), flush=True)
     load.append(os.getloadavg()[0])
+    if k == 0:
+      check = {w: agreement(work, w) for w in what}
+      print("agreement (max |ours - official| / max |official|):", json.dumps(check), flush=True)
   record = {"date": time.strftime("%Y-%m-%d %H:%M"), "arch": args.arch, "threads": args.threads,
             "rounds": args.rounds, "load_avg_1min": load, "cpus": os.cpu_count(),
             "sizes": {k: getattr(args, k) for k in ("ae_batch", "ae_inp", "ae_patch",
                                                     "unet_batch", "render_size")},
-            "summary": summarize(results), "runs": results}
+            "summary": summarize(results), "agreement": check, "runs": results}
   print(json.dumps(record["summary"], indent=1))
   results_path = pathlib.Path(args.results)
   results_path.parent.mkdir(parents=True, exist_ok=True)
