@@ -24,9 +24,16 @@ backend, JAX_PLATFORMS=cpu):
            (`bench.cpu_measure.measure`)
   unet     one forward of the FFHQ UNet on `--unet_batch` latents
 
-Reports per workload the median (over rounds) of each process's median CPU time
-per call, the ratio official / ours (> 1: ours is faster) and the load average,
-and appends one JSON line to `--results`.
+After the first round, each side's first output on the same inputs (the UNet's
+output, the render, the step's losses) is compared: they must agree to a relative
+1e-4 (the step's losses that LPIPS dropout draws into are only reported), so both
+sides ran the same shapes and the same computation. Reports per workload the
+median (over rounds) of each process's median CPU time per call, the ratio
+official / ours (> 1: ours is faster), the agreement and the load average, and
+appends one JSON line to `--results`. Measure on a quiet machine: torch's worker
+threads spin at their barriers, and when another process holds one of the CPUs a
+small official call takes 10-100 times its CPU time (the narrow UNet: 0.01 s with
+one thread, 0.2-1.3 s with two at a load of 4 on 2 cores).
 """
 
 import argparse
@@ -108,7 +115,8 @@ def run_side(side: str, what: str, args, work: pathlib.Path) -> dict:
            "--arch", args.arch,
            "--model", str(work / "model.pth"), "--inputs", str(work / "inputs.npz"), *common]
   else:
-    cmd = [sys.executable, "-m", "bench.vs_official_ours", "--workdir", str(work), *common]
+    cmd = [sys.executable, "-m", "bench.vs_official_ours", "--workdir", str(work),
+           "--tiles_per_call", str(args.tiles_per_call), *common]
   env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
              JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -177,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="official FFHQ widths, or the fixtures' narrow ones (demo scale)")
   parser.add_argument("--what", default=",".join(WORKLOADS))
   parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="0: only prepare the workdir (checkpoints, inputs, our compilations)")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--ae_batch", type=int, default=2)
@@ -185,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ae_patch", type=int, default=64)
   parser.add_argument("--unet_batch", type=int, default=4)
   parser.add_argument("--render_size", type=int, default=512)
+  parser.add_argument("--tiles_per_call", type=int, default=0,
+                      help="our render's tiles per call (0: the model's sample.tiles_per_call); "
+                      "1 bounds its memory at one tile's activations")
   parser.add_argument("--workdir", default=None, help="kept between runs (default: a temp dir)")
   parser.add_argument("--results", default="bench/results/vs_official.jsonl")
   args = parser.parse_args(argv)
@@ -203,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
   prepare(args, work)
   for w in what:  # fills our compilation cache; not measured
     run_side("ours", w, argparse.Namespace(**vars(args) | {"warmup": 1, "repeats": 0}), work)
+  if not args.rounds:
+    print(f"bench.vs_official: {work} prepared (--rounds=0: nothing measured)")
+    return 0
   results = {w: {"official": [], "ours": []} for w in what}
   load = [os.getloadavg()[0]]
   for k in range(args.rounds):
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
       print("agreement (max |ours - official| / max |official|):", json.dumps(check), flush=True)
   record = {"date": time.strftime("%Y-%m-%d %H:%M"), "arch": args.arch, "threads": args.threads,
             "rounds": args.rounds, "load_avg_1min": load, "cpus": os.cpu_count(),
+            "tiles_per_call": args.tiles_per_call, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "sizes": {k: getattr(args, k) for k in ("ae_batch", "ae_inp", "ae_patch",
                                                     "unet_batch", "render_size")},
             "summary": summarize(results), "agreement": check, "runs": results}

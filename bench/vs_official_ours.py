@@ -53,7 +53,8 @@ def ae_step(converted: pathlib.Path, inputs, args):
 
 
 def render(converted: pathlib.Path, inputs, args):
-  model = infd_jax.load(converted)
+  model = infd_jax.load(converted, **({"sample": {"tiles_per_call": args.tiles_per_call}}
+                                      if args.tiles_per_call else {}))
   z = inputs["render_z_nhwc"]
   return lambda: model.render(z, args.size)
 
@@ -82,6 +83,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--output", type=pathlib.Path, default=None)
+  parser.add_argument("--tiles_per_call", type=int, default=0,
+                      help="render: tiles per call (0: the model's setting, sample.tiles_per_call)")
   args = parser.parse_args()
   cpu_measure.pin(args.threads)
   compile_cache.enable(str(args.workdir / "jax_cache"))
