@@ -32,7 +32,7 @@ median (over rounds) of each process's median CPU time per call, the ratio
 official / ours (> 1: ours is faster), the agreement and the load average, and
 appends one JSON line to `--results`. Measure on a quiet machine: torch's worker
 threads spin at their barriers, and when another process holds one of the CPUs a
-small official call takes 10-100 times its CPU time (the narrow UNet: 0.01 s with
+small official call takes 20-130 times its CPU time (the narrow UNet: 0.01 s with
 one thread, 0.2-1.3 s with two at a load of 4 on 2 cores).
 """
 
