@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
       print("agreement (max |ours - official| / max |official|):", json.dumps(check), flush=True)
   record = {"date": time.strftime("%Y-%m-%d %H:%M"), "arch": args.arch, "threads": args.threads,
             "rounds": args.rounds, "load_avg_1min": load, "cpus": os.cpu_count(),
-            "tiles_per_call": args.tiles_per_call, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "tiles_per_call": args.tiles_per_call, "env": {k: os.environ[k] for k in ("XLA_FLAGS", "MALLOC_ARENA_MAX") if k in os.environ},
             "sizes": {k: getattr(args, k) for k in ("ae_batch", "ae_inp", "ae_patch",
                                                     "unet_batch", "render_size")},
             "summary": summarize(results), "agreement": check, "runs": results}
