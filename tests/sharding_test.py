@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from infd_jax import sharding
+from infd_jax import checks, sharding
 from infd_jax.models import layers
 
 FSDP_RULES = (("conv_out", "fsdp"), ("mlp_out", "fsdp"))
@@ -28,7 +28,7 @@ def test_make_mesh_fills_minus_one():
 
 
 def test_make_mesh_rejects_wrong_device_count():
-  with pytest.raises(ValueError, match="does not use the 8 devices"):
+  with pytest.raises(checks.UserError, match="does not use the 8 devices"):
     sharding.make_mesh(3, 2)
 
 
