@@ -56,7 +56,7 @@ AGREE = 1e-4  # relative agreement of the two sides' outputs on the same weights
 WITH_DROPOUT = ("perc_loss", "adaptive_g_w", "disc_loss", "disc_logits_fake", "loss")
 HOW_TO = """To get them (a throwaway environment; never a dependency of infd_jax):
   python3 -m venv /tmp/torchenv
-  /tmp/torchenv/bin/pip install torch numpy einops pyyaml omegaconf tqdm tensorboardX pillow
+  /tmp/torchenv/bin/pip install torch==2.13.0 numpy einops pyyaml omegaconf tqdm tensorboardX pillow
   git clone https://github.com/yinboc/infd /tmp/infd_official
 then: python -m bench.vs_official --official=/tmp/infd_official --torch_python=/tmp/torchenv/bin/python"""
 
