@@ -33,7 +33,9 @@ official / ours (> 1: ours is faster), the agreement and the load average, and
 appends one JSON line to `--results`. Measure on a quiet machine: torch's worker
 threads spin at their barriers, and when another process holds one of the CPUs a
 small official call takes 20-130 times its CPU time (the narrow UNet: 0.01 s with
-one thread, 0.2-1.3 s with two at a load of 4 on 2 cores).
+one thread, 0.2-1.3 s with two at a load of 4 on 2 cores). The added memory
+depends on glibc's arenas (XLA's threads get their own unless MALLOC_ARENA_MAX
+is set; both sides inherit this process's environment, which the record keeps).
 """
 
 import argparse
