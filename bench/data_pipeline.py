@@ -3,7 +3,7 @@
   python -m bench.data_pipeline [--seconds=3] [--patch=256] [--image=1024]
 
 Times the stage-1 ground-truth patch (P=256 from a 1024x1024 image at a
-REFERENCE 5.4 random r in [256, 1024]) on one core, for both paths, then the
+REFERENCE.md 5.4 random r in [256, 1024]) on one core, for both paths, then the
 whole per-example transform (decode + inp + patch + coord/cell) with each path.
 Images are photos from scikit-image, LANCZOS-resized to the image side.
 """

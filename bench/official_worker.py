@@ -6,7 +6,7 @@
 `save` builds an official model with seeded weights and writes it as an official
 trainer checkpoint (and its latent shape beside it, `<out>.json`), which
 `infd_jax.convert` turns into ours. `--arch=ffhq`: the official FFHQ model
-(REFERENCE 2.5: `cfgs/models/ae-d4vq.yaml` with the simple renderer, `dm.yaml`'s
+(REFERENCE.md 2.5: `cfgs/models/ae-d4vq.yaml` with the simple renderer, `dm.yaml`'s
 UNet, the default PatchGAN); `--arch=narrow`: the reduced widths of the golden
 fixtures (`make_fixtures.MODEL_ARGS`, `DISC_ARGS`; an f2 autoencoder of width 32),
 the scale of the demo's networks. `time` loads that checkpoint into the official modules and

@@ -19,10 +19,11 @@ from infd_jax import checks
 from infd_jax.checks import UserError, is_int, is_local, parse_size
 from infd_jax.diffusion import SAMPLERS, SPACINGS
 
-STAGES = ("ae", "dm", "sample", "eval", "condition", "all")
+STAGES = ("ae", "dm", "sample", "eval", "condition", "all", "t2i_unet", "t2i")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX x64 mode only
 # The data variant each stage reads.
-_DATA_VARIANTS = {"ae": ("variant",), "dm": ("dm_variant",), "all": ("variant", "dm_variant")}
+_DATA_VARIANTS = {"ae": ("variant",), "dm": ("dm_variant",), "all": ("variant", "dm_variant"),
+                  "t2i_unet": ("dm_variant",)}
 Rule = Callable[[Any], str]  # value -> what is wrong with it ('' if nothing)
 
 
@@ -87,6 +88,11 @@ def _folder(v: Any) -> str:
     return "must be a string"
   return "is a file, not a folder" if is_local(v) and os.path.isfile(os.path.expanduser(v)) \
       else ""
+
+
+def _prompts(v: Any) -> str:
+  ok = isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
+  return "" if ok else "must be a tuple of prompt strings"
 
 
 def _window(v: Any) -> str:
@@ -161,6 +167,9 @@ RULES: dict[str, Rule] = {
     "eval.inception_weights": _str, "eval.patch_sizes": _ints(1, empty=True),
     "eval.batch_size": _int(1), "eval.max_images": _int(0), "eval.recon_resolutions": _ints(1),
     "eval.scale_consistency_base": _int(1), "eval.scale_factors": _ints(1),
+    "t2i.sd_weights": _str, "t2i.vocab": _str,
+    "t2i.caption_feature": lambda v: "" if isinstance(v, str) and v else "must be a feature name",
+    "t2i.uncond_prob": _num(0, 1), "t2i.prompts": _prompts, "t2i.guidance_scale": _num(0),
     "ckpt.ae_checkpoint": _str, "ckpt.dm_checkpoint": _str,
     "mesh.data": lambda v: "" if v == -1 or (is_int(v) and v >= 1) else "must be -1 or >= 1",
     "mesh.fsdp": lambda v: "" if v == -1 or (is_int(v) and v >= 1) else "must be -1 or >= 1",
@@ -207,7 +216,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None, 
     _fail("diffusion.latent_scale", 0.0, "no stage-2 checkpoint learned a scale: set the one "
           "the UNet was trained at (1.0 unless it was changed)")
   sc = config.sample
-  for section in {"sample": ("sample",), "all": ("sample",), "condition": ("condition",)}.get(
+  for section in {"sample": ("sample",), "all": ("sample",), "condition": ("condition",),
+                  "t2i": ("sample",)}.get(
       stage, ()):
     checks.plan_sizes(config[section].sizes, config[section].window, tile=sc.tile,
                       stream_above=sc.stream_above, name=f"config.{section}")
@@ -216,6 +226,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None, 
       _need_file(f"ckpt.{part}_checkpoint", config.ckpt[f"{part}_checkpoint"])
   if stage == "condition":
     _check_condition(config)
+  if stage in ("t2i_unet", "t2i") or (stage == "ae" and config.ae.kl_encoder
+                                      and config.t2i.sd_weights):
+    _check_t2i(config)
   if stage == "eval":
     _check_eval(config, workdir)
 
@@ -283,6 +296,25 @@ def _check_condition(config: ml_collections.ConfigDict) -> None:
           f"{config.diffusion.sample_steps} (0 = the noisiest step)")
 
 
+def _check_t2i(config: ml_collections.ConfigDict) -> None:
+  """The converted SD folder, the BPE vocabulary and (to generate) the prompts."""
+  tc = config.t2i
+  if config.stage != "ae":
+    if not tc.vocab:
+      _fail("t2i.vocab", "", "name CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)")
+    _need_file("t2i.vocab", tc.vocab)
+  if not tc.sd_weights:
+    _fail("t2i.sd_weights", "", "name the folder written by python -m infd_jax.convert.sd")
+  _need_file("t2i.sd_weights", tc.sd_weights, folder=True)
+  if is_local(tc.sd_weights) and not os.path.isfile(
+      os.path.join(os.path.expanduser(tc.sd_weights), "meta.json")):
+    _fail("t2i.sd_weights", tc.sd_weights, "holds no meta.json: not an output of "
+          "python -m infd_jax.convert.sd")
+  if config.stage == "t2i" and not tc.prompts:
+    _fail("t2i.prompts", tuple(tc.prompts), "give at least one prompt, e.g. "
+          "--config.t2i.prompts='(\"a red apple\",)'")
+
+
 def _check_eval(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   ec = config.eval
   if not ec.real_dir and not config.data.data_dir:
@@ -301,6 +333,7 @@ def check_devices(config: ml_collections.ConfigDict, devices: int, processes: in
   mesh shape (data, fsdp)."""
   mesh = checks.mesh_shape(config.mesh.data, config.mesh.fsdp, devices)
   settings = {"ae": ("train.ae_batch_size",), "dm": ("train.dm_batch_size",),
+              "t2i_unet": ("train.dm_batch_size",),
               "all": ("train.ae_batch_size", "train.dm_batch_size")}.get(config.stage, ())
   for setting in settings:
     problem = checks.batch_layout_problem(setting, _get(config, setting), mesh, processes)

@@ -1,14 +1,15 @@
 """Shared defaults for every infd_jax config, in one place.
 
-Numbers follow the official FFHQ setting (REFERENCE.md sections 2, 4, 6).
+Numbers follow the official FFHQ setting (REFERENCE.md 2, 4 and 6).
 Experiment files (`ffhq.py`, `ffhq_mix6k.py`, `custom.py`, `demo.py`,
 `tiny.py`) start from `base()` and override only what differs.
 
 The `stage` field picks the job: `ae` (train the autoencoder), `dm` (train the
 latent diffusion model), `sample` (generate images at any resolution), `eval`
 (pFID and reconstruction metrics), `condition` (guided sampling: super-resolution,
-inpainting, text on regions), or `all` (ae -> dm -> sample, used by the
-demo).
+inpainting, text on regions), `all` (ae -> dm -> sample, used by the demo), and
+the text-to-image recipe on Stable Diffusion (docs/text_to_image.md): `t2i_unet`
+(fine-tune SD's UNet on captioned images) and `t2i` (generate from prompts).
 """
 
 import ml_collections
@@ -99,7 +100,7 @@ def base() -> ml_collections.ConfigDict:
   # Sizes above `stream_above` pixels a side stream into pyramidal BigTIFFs.
   # The latent sampler makes diffusion.sample_steps model calls: "ddim" (official;
   # eta = diffusion.eta), or the ODE solvers "dpmpp_2m" (DPM-Solver++ 2M) and "unipc"
-  # (UniPC-2, B(h) = e^h - 1), which need far fewer steps (README "Few-step sampling").
+  # (UniPC-2, B(h) = e^h - 1), which need far fewer steps (docs/samplers.md).
   # spacing picks the steps: "uniform" (DDIM's strides; the official), "logsnr"
   # (uniform in log-SNR), "quadratic".
   c.sample = ml_collections.ConfigDict(dict(
@@ -123,6 +124,18 @@ def base() -> ml_collections.ConfigDict:
       patch_sizes=(),  # pFID patch sizes; empty = the protocol's sizes for the resolution
       batch_size=32, max_images=0, recon_resolutions=(256, 512, 1024),
       scale_consistency_base=256, scale_factors=(2, 4)))
+
+  # Text to image on Stable Diffusion (docs/text_to_image.md). sd_weights: the folder of
+  # `python -m infd_jax.convert.sd` (UNet, KL autoencoder, text tower); with ae.kl_encoder
+  # a fresh stage 1 starts its encoder from it. vocab: CLIP's BPE merges file
+  # (bpe_simple_vocab_16e6.txt.gz). caption_feature: the record feature holding each
+  # image's caption (image_folder: the sidecar <image>.txt). `t2i_unet` trains with the
+  # stage-2 settings (train.dm_*, optim.dm_*, data.dm_*, data.inp_res) and replaces
+  # captions by the empty one with probability uncond_prob; `t2i` writes
+  # sample.num_samples images per prompt at sample.sizes with classifier-free guidance.
+  c.t2i = ml_collections.ConfigDict(dict(
+      sd_weights="", vocab="", caption_feature="caption", uncond_prob=0.1,
+      prompts=(), guidance_scale=7.5))
 
   # Checkpoints: stage 2 reads stage 1 read-only from `ae_checkpoint`
   # (a workdir or a converted official checkpoint); empty = this workdir.

@@ -1,4 +1,5 @@
-"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval`, `condition` or `all` (the demo).
+"""Runs the job a config selects: `ae`, `dm`, `sample`, `eval`, `condition`, `all` (the demo),
+or the text-to-image stages `t2i_unet` (fine-tune SD's UNet) and `t2i` (generate from prompts).
 
 `run(config, workdir)` is the testable body of `python -m infd_jax.main`.
 """
@@ -30,7 +31,8 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   from infd_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if not config.data.data_dir:
     config.data.data_dir = str(workdir / "data")
-  stages = ("ae", "dm") if config.stage == "all" else (config.stage,)
+  # The datasets each training job reads (t2i_unet: the stage-2 settings).
+  stages = {"all": ("ae", "dm"), "t2i_unet": ("dm",)}.get(config.stage, (config.stage,))
   error = None
   if jax.process_index() == 0:  # one writer; the other processes wait for it below
     try:
@@ -91,6 +93,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     for stage in ("ae", "dm") if config.stage == "all" else (config.stage,):
       trained.check_resume(config, workdir, stage)
     _prepare_data(config, workdir)
+  if config.stage == "t2i_unet":
+    _prepare_data(config, workdir)
+    from infd_jax.training import loop, t2i_task  # pylint: disable=g-import-not-at-top
+    with _stage_writer(config, workdir, t2i_task.NAME) as writer:
+      loop.train(config, workdir, t2i_task.make_task(config, workdir, mesh), mesh, writer)
   if config.stage in ("ae", "all"):
     from infd_jax.training import ae_task, loop  # pylint: disable=g-import-not-at-top
     with _stage_writer(config, workdir, "ae") as writer:
@@ -110,6 +117,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     sheet, numbers = contact_sheet.run(config, workdir, mesh)
     print(f"infd_jax: contact sheet {sheet}")
     print("infd_jax: " + ", ".join(f"{k} {v:.2f} dB" for k, v in numbers.items()))
+  if config.stage == "t2i":
+    from infd_jax import generate  # pylint: disable=g-import-not-at-top
+    out = generate.run_t2i(config, workdir, mesh)
+    print(f"infd_jax: text-to-image samples in {out}")
   if config.stage == "condition":
     from infd_jax.guidance import job as condition_job  # pylint: disable=g-import-not-at-top
     out = condition_job.run(config, workdir, mesh)

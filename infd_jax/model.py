@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from infd_jax import builders, checks, sharding
+from infd_jax import builders, checks, sharding, text_to_image
 from infd_jax.diffusion import samplers
 from infd_jax.guidance import task as task_lib
 from infd_jax.rendering import tiles, tiling
@@ -35,7 +35,7 @@ PyTree = Any
 def sample_latents(config: ml_collections.ConfigDict, unet: nn.Module, dm_params: PyTree,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The one call site of the latent sampler: key -> latents [*shape] with
-  `config.sample.sampler` (DDIM by default, REFERENCE 6.3), divided by
+  `config.sample.sampler` (DDIM by default, REFERENCE.md 6.3), divided by
   `diffusion.latent_scale` (the scale the UNet was trained at)."""
   scale = builders.latent_scale(config)
   z = samplers.sample(apply_fn=builders.eps_model(config, unet), params=dm_params, key=key,
@@ -52,12 +52,16 @@ class Model:
     config: the config (architecture as saved with the checkpoints).
     mesh: the device mesh; batches shard over all its axes.
     ae_params: stage-1 generator parameters.
-    dm_params: stage-2 UNet parameters (None for an autoencoder-only model).
+    dm_params: stage-2 UNet parameters (None for an autoencoder-only model); for a
+      text-to-image model, SD's UNet (fine-tuned or as imported).
+    t2i: Stable Diffusion's parts of a text-to-image model (`generate`): its text
+      tower, tokenizer, UNet module and schedule; stage 1 then reads SD's latents.
   """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   ae_params: PyTree
   dm_params: PyTree | None = None
+  t2i: text_to_image.SDParts | None = None
 
   def __post_init__(self):
     sc = self.config.sample
@@ -74,6 +78,10 @@ class Model:
                             out_shardings=sharding.replicated(self.mesh))
     self._row_fn = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1),
                            out_shardings=sharding.replicated(self.mesh))
+    if self.t2i is not None:
+      self._text_params = jax.device_put(self.t2i.params["text"],
+                                         sharding.replicated(self.mesh))
+      self._generate_fn = jax.jit(self._generate, out_shardings=self._batch)
 
   def with_params(self, ae_params: PyTree | None = None, dm_params: PyTree | None = None
                   ) -> "Model":
@@ -91,7 +99,7 @@ class Model:
     config = ml_collections.ConfigDict(self.config.to_dict())
     for section, values in sections.items():
       config[section].update(values)
-    return Model(config, self.mesh, self.ae_params, self.dm_params)
+    return Model(config, self.mesh, self.ae_params, self.dm_params, self.t2i)
 
   # -- jitted bodies --------------------------------------------------------------------------
 
@@ -118,6 +126,16 @@ class Model:
                                           inputs, key, shape)
       return z[0], losses[:, 0]
     return jax.vmap(one)(keys)
+
+  def _generate(self, unet_params: PyTree, text_params: PyTree, tokens: jax.Array,
+                keys: jax.Array, scale: jax.Array) -> jax.Array:
+    sd = self.t2i
+    encode = lambda ids: sd.text.apply({"params": text_params}, ids)
+    uncond = encode(jax.numpy.asarray(sd.empty_tokens()))
+    shape = (1, *builders.latent_shape(self.config))
+    one = lambda key, context: text_to_image.guided_latents(
+        self.config, sd, unet_params, context[None], uncond, scale, key, shape)[0]
+    return jax.vmap(one)(keys, encode(tokens))
 
   def generation_program(self):
     """Jitted (dm_params, ae_params, keys [n, 2]) -> phi [n, ...] batch-sharded: sampling and
@@ -154,6 +172,25 @@ class Model:
     keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
         np.asarray(ids, np.uint32)))
     return self.put_batch(keys)
+
+  def prompt_tokens(self, prompts: Any, n: int) -> np.ndarray:
+    """Token ids [len(prompts) * n, L]: each prompt's ids n times in a row (sample
+    k * n + j is copy j of prompt k)."""
+    if self.t2i is None:
+      raise checks.UserError("this model has no text-to-image parts (train --config.stage="
+                             "t2i_unet, or load a workdir with t2i.sd_weights)")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise checks.UserError(f"prompts must be a string or a list of strings, got {prompts!r}")
+    checks.check_count(n, "n")
+    return np.repeat(self.t2i.tokenizer(prompts), n, axis=0)
+
+  def generate_global(self, tokens: np.ndarray, ids: np.ndarray, seed: int,
+                      guidance_scale: float) -> jax.Array:
+    """Text-conditioned latents of samples `ids` with token ids [len(ids), L] (padded to the
+    device count), batch-sharded; sample i's noise depends only on (seed, i)."""
+    return self._generate_fn(self.dm_params, self._text_params, self.put_batch(tokens),
+                             self._keys(ids, seed), np.float32(guidance_scale))
 
   def condition_global(self, ids: np.ndarray, seed: int, task: task_lib.Task
                        ) -> tuple[jax.Array, jax.Array]:
@@ -240,6 +277,27 @@ class Model:
                   window: tiles.Window | None = None) -> np.ndarray:
     """Encode, quantize (if `sample.quantize`), decode and render the images at `size`."""
     return self.render(self.encode(images), size, window)
+
+  def generate_latents(self, prompts: Any, n: int = 1, seed: int = 0,
+                       guidance_scale: float | None = None) -> np.ndarray:
+    """Latents [len(prompts) * n, h, w, c] of n samples per prompt (copy j of prompt k is
+    sample k * n + j, which depends only on (seed, k * n + j)), classifier-free guided
+    with `guidance_scale` (default `t2i.guidance_scale`; 1: the conditional model alone)."""
+    tokens = self.prompt_tokens(prompts, n)
+    scale = self.config.t2i.guidance_scale if guidance_scale is None else guidance_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+      raise checks.UserError(f"guidance_scale={scale!r}: must be a number >= 0")
+    return _gather(self.generate_global(tokens, np.arange(len(tokens)), seed, scale))[:len(tokens)]
+
+  def generate(self, prompts: Any, size: tuple[int, int] | int, n: int = 1, seed: int = 0,
+               guidance_scale: float | None = None, window: tiles.Window | None = None
+               ) -> np.ndarray:
+    """Images [len(prompts) * n, H, W, 3] in [-1, 1] of n samples per prompt at any size
+    (or its `window`), rendered from the field the stage-1 decoder makes of
+    `generate_latents(prompts, n, seed, guidance_scale)`."""
+    size = checks.parse_size(size)
+    window = checks.parse_window(window, size)
+    return self.render(self.generate_latents(prompts, n, seed, guidance_scale), size, window)
 
   def condition(self, regions: Any, n: int = 1, seed: int = 0, **settings: Any
                 ) -> tuple[np.ndarray, np.ndarray]:

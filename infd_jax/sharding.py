@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from infd_jax import checks
@@ -56,7 +57,10 @@ def tree_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Sequence[tuple[str,
   logical = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(logical, rules)
   unboxed = nn.unbox(abstract_tree)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+  # An optimizer state masked off a frozen part (`optax.MaskedNode`, a node without leaves)
+  # gets a spec from Flax's tuple-typed leaves; it stays an empty node.
+  return jax.tree.map(lambda spec, x: x if isinstance(x, optax.MaskedNode) else
+                      NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
                       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 

@@ -43,7 +43,7 @@ _STAGE_SETTINGS = {"dm": {"diffusion": ("num_train_steps", "beta_start", "beta_e
                           "data": ("inp_res",)}}
 # Which stages' architectures a job reads from checkpoints.
 _STAGES_READ = {"dm": ("ae", "dm"), "sample": ("ae", "dm"), "condition": ("ae", "dm"),
-                "eval": ("ae",)}
+                "eval": ("ae",), "t2i": ("ae",)}
 # Values a stage learns and saves with its checkpoint, and the config key they fill.
 _LEARNED = {"dm": {"latent_scale": ("diffusion", "latent_scale")}}
 
@@ -106,7 +106,7 @@ class Source:
   def has(self, stage: str) -> bool:
     if self._folder(stage) is not None:
       return True
-    parts = {"ae": ("ae",), "dm": ("dm", "dm_ema")}[stage]
+    parts = {"ae": ("ae",), "dm": ("dm", "dm_ema")}.get(stage, ())
     return self.converted and any(p in self._meta.get("parts", ()) for p in parts)
 
   def stages(self) -> tuple[str, ...]:
@@ -290,10 +290,24 @@ def load_dm_params(config: ml_collections.ConfigDict, workdir: str | epath.PathL
   return stage_source(config, workdir, "dm").restore_params("dm", field, abstract, config)
 
 
+def load_t2i_unet_params(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
+                         mesh: jax.sharding.Mesh, module: nn.Module, inputs: tuple
+                         ) -> PyTree | None:
+  """The fine-tuned SD UNet (EMA if `sample.use_ema`) of the `t2i_unet` stage in
+  `ckpt.dm_checkpoint` or the workdir; None when that stage has no checkpoint."""
+  source = Source(config.ckpt.dm_checkpoint or workdir)
+  if not source.has("t2i_unet"):
+    return None
+  abstract = _abstract(module, mesh, sharding.config_rules(config.mesh), *inputs)
+  field = PARAM_FIELDS["dm" if config.sample.use_ema else "dm_raw"]
+  return source.restore_params("t2i_unet", field, abstract, config)
+
+
 def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.ConfigDict:
   """The sampling config of a workdir or converted checkpoint (both stages read from it).
 
-  The settings come from the config saved with the newest stage-2 checkpoint (else
+  The settings come from the config saved with the newest text-to-image UNet or
+  stage-2 checkpoint (else
   stage 1; the defaults for a converted checkpoint), the architecture from the
   checkpoints; `overrides` are `section=dict(...)` updates, e.g. `sample=dict(tile=128)`.
   The result passes `config_checks.check_config` (the Python API's settings checked too).
@@ -301,7 +315,7 @@ def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.C
   source = Source(path)
   if not source.stages():
     raise checks.UserError(f"{source} is neither a workdir with checkpoints nor a converted checkpoint")
-  saved = next(filter(None, (source.saved_config(s) for s in ("dm", "ae"))), None)
+  saved = next(filter(None, (source.saved_config(s) for s in ("t2i_unet", "dm", "ae"))), None)
   config = defaults.base()  # settings newer than the checkpoint keep their defaults
   if saved is not None:
     config.update(config_from_json(saved))

@@ -1,8 +1,8 @@
 """Tests for the official-checkpoint converter: safe .pth reading, key mapping, numerics.
 
 Checkpoints are built without torch by `torch_zip_writer`, with keys and shapes
-generated from the REFERENCE 10.2 rules below (independently of the converter);
-the generator is validated against the REFERENCE key and parameter counts.
+generated from the REFERENCE.md 10.2 rules below (independently of the converter);
+the generator is validated against the entry and parameter counts of REFERENCE.md 3.7.
 """
 
 import collections
@@ -22,7 +22,7 @@ from infd_jax.models import unet as unet_lib
 from tests import torch_zip_writer
 
 # ---------------------------------------------------------------------------
-# Official state-dict layout (REFERENCE 10.2), parameterised by width.
+# Official state-dict layout (REFERENCE.md 10.2), parameterised by width.
 
 
 def _conv(sd, key, o, i, k, bias=True):
@@ -125,7 +125,7 @@ def _unet_attn(sd, key, c):
 
 
 def unet_shapes(prefix, mc=224, mult=(1, 2, 3, 4), nrb=2, attn=(8, 4, 2)):
-  """z_dm./z_dm_ema. key -> torch shape (REFERENCE 6.1 structure)."""
+  """z_dm./z_dm_ema. key -> torch shape (REFERENCE.md 6.1 structure)."""
   sd = collections.OrderedDict()
   p, emb = prefix, 4 * mc
   sd[f"{p}time_embed.0.weight"], sd[f"{p}time_embed.0.bias"] = (emb, mc), (emb,)
@@ -165,7 +165,7 @@ def unet_shapes(prefix, mc=224, mult=(1, 2, 3, 4), nrb=2, attn=(8, 4, 2)):
 
 
 def official_args(codes=8192, feat=128, hidden=256, head_channels=None):
-  """The official model args (REFERENCE 2.1/2.2); factory defaults are not spelled out."""
+  """The official model args (REFERENCE.md 2.1/2.2); factory defaults are not spelled out."""
   args = dict(
       encoder={"name": "encoder_vqf4"}, z_shape=[3, 64, 64], quantizer=True, n_embed=codes,
       decoder={"name": "decoder_vqf4"},
@@ -306,7 +306,7 @@ def test_reader_rejects_out_of_bounds_view_and_legacy_format(tmp_path):
 def test_full_size_official_layout_maps_exactly():
   ae = ae_shapes()
   dm, ema = unet_shapes("z_dm."), unet_shapes("z_dm_ema.")
-  # The generator reproduces REFERENCE 3.7 exactly (entry and parameter counts).
+  # The generator reproduces REFERENCE.md 3.7 exactly (entry and parameter counts).
   assert (len(ae), len(dm), len(ema)) == (278, 368, 368)
   counts = {p: _n(ae, p)
             for p in ("encoder", "quantizer", "decoder", "renderer", "perc_loss", "disc")}

@@ -19,7 +19,7 @@ def _fake_eps(params, x, t):
 
 
 def _ddim_reference(x_init, noises, timesteps, eta):
-  """Independent float64 numpy DDIM (REFERENCE 6.3) for `_fake_eps` with params 0.1.
+  """Independent float64 numpy DDIM (REFERENCE.md 6.3) for `_fake_eps` with params 0.1.
 
   Returns the final x, every x after each step and every predicted x0.
   """

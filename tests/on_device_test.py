@@ -18,7 +18,7 @@ def test_exact_ratio_is_the_correctly_rounded_quotient():
 
 
 def test_device_grids_equal_the_closed_form():
-  # r = 384 puts pixel centres exactly on feature-cell boundaries (REFERENCE pitfall 19).
+  # r = 384 puts pixel centres exactly on feature-cell boundaries (REFERENCE.md 11, pitfall 19).
   crops = np.asarray([[256, 0, 0], [384, 0, 128], [384, 77, 3], [1024, 768, 0],
                       [1024, 511, 767], [777, 500, 3], [257, 1, 0]], np.int32)
   p = 256

@@ -151,7 +151,7 @@ class OfficialTilesTest(absltest.TestCase):
 
 
 def _official_loop(render_fn, params, phi, out_hw, tile, pad):
-  """Straight port of the official patchwise loop (REFERENCE 7 step 3), one call per tile."""
+  """Straight port of the official patchwise loop (REFERENCE.md 7, step 3), one call per tile."""
   res_h, res_w = out_hw
   coord, cell = coords.make_coord_cell_grid(out_hw, batch=phi.shape[0])
   out = np.zeros((phi.shape[0], res_h, res_w, 3), np.float32)

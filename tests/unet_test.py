@@ -71,7 +71,7 @@ class UNetSizeTest(absltest.TestCase):
 
   def test_shapes_are_transposed_pytorch_shapes(self):
     p = self.params
-    # (Flax path, PyTorch shape, transposition) per REFERENCE 10.2/10.3.
+    # (Flax path, PyTorch shape, transposition) per REFERENCE.md 10.2/10.3.
     conv = (2, 3, 1, 0)
     cases = [
         (p["time_embed_0"]["kernel"], (896, 224), (1, 0)),
@@ -171,7 +171,7 @@ class LayerTest(absltest.TestCase):
     p = {"norm_w": rng.normal(size=c), "norm_b": rng.normal(size=c),
          "qkv_w": rng.normal(size=(3 * c, c)) / 8, "qkv_b": rng.normal(size=3 * c),
          "proj_w": rng.normal(size=(c, c)) / 8, "proj_b": rng.normal(size=c)}
-    # PyTorch Conv1d weights (O, I, 1) -> Dense kernel w[:, :, 0].T (REFERENCE 10.3).
+    # PyTorch Conv1d weights (O, I, 1) -> Dense kernel w[:, :, 0].T (REFERENCE.md 10.3).
     flax_params = {"params": {
         "norm": {"scale": p["norm_w"], "bias": p["norm_b"]},
         "qkv": {"kernel": p["qkv_w"].T, "bias": p["qkv_b"]},

@@ -19,7 +19,7 @@ Converted checkpoint layout (written by `save_converted`, read by `load_converte
 Each part is the tree a module's `apply` takes under 'params' (for 'disc' both
 collections): e.g. `UNet(**meta['dm']).apply({'params': tree['dm_ema']}, x, t)`.
 
-Key mapping (REFERENCE 10.2/10.3), mechanical: a torch key `<prefix><path>.<leaf>`
+Key mapping (REFERENCE.md 10.2/10.3), mechanical: a torch key `<prefix><path>.<leaf>`
 has its prefix replaced per `_PREFIXES` (this removes the `nn.Sequential`
 indices, e.g. `encoder.1.` -> `encoder/quant_conv/`); the remaining dotted path
 is split into consecutive groups joined by "_" such that each group names a

@@ -16,13 +16,16 @@ Batch contract (numpy, NHWC, B = global_batch_size // process_count):
   and gt in [-1, 1], coord [B, P, P, 2] = (row, col) pixel centres of the
   window inside the r x r image, 2 * (ii + a + 0.5) / r - 1, and cell = 2 / r.
 - stage 2 (`make_dm_dataset`): inp only, float32 in [-1, 1].
+- text to image (`make_caption_dataset`, the stage-2 data settings): image
+  float32 [B, inp_res, inp_res, 3] in [-1, 1] and tokens int32 [B, L], the
+  record's caption (feature `caption_feature`) tokenized.
 
 Datasets (`cfg.name`, `cfg.variant`, `cfg.split`), see `sources`:
 - demo: the scikit-image photos, prepared on first use;
 - image_folder: variant = the prepared config name (default "default");
   stage 1 of the official custom recipe uses resize=1024, stage 2 resize=256;
 - ffhq: variant "native" (train/val at 1024), "lanczos256" (the stage-2 set,
-  REFERENCE 5.3; split "train" for FFHQ, "train+val" for 6K-Mix), or "mix6k"
+  REFERENCE.md 5.3; split "train" for FFHQ, "train+val" for 6K-Mix), or "mix6k"
   (stage 1 only: LR pool = lanczos256 train+val, HR pool = mix6k hr, drawn
   with probability p_lr / 1 - p_lr per example as the official `random_lr_hr`;
   grain's `mix` would interleave the pools in fixed proportions instead).
@@ -172,6 +175,30 @@ def make_dm_dataset(cfg: Mapping[str, Any], *, global_batch_size: int, seed: int
                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Stage-2 batches {inp: [B, inp_res, inp_res, 3]}; arguments as make_ae_dataset."""
   ds, transform = _dm_source(_cfg(cfg))
+  return batched(ds, transform, cfg, global_batch_size=global_batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count)
+
+
+def check_captions(cfg: Mapping[str, Any], caption_feature: str) -> None:
+  """ValueError unless the stage-2 records hold the text feature `caption_feature`."""
+  ds, _ = _dm_source(_cfg(cfg))
+  first = ds[0] if len(ds) else {}
+  if caption_feature not in first:
+    raise ValueError(
+        f"the records of {cfg['name']} in {cfg['data_dir']} have no feature {caption_feature!r} "
+        f"(they have {sorted(first)}): prepare the images with captions (image_folder reads a "
+        "sidecar <image>.txt; add --overwrite to rewrite a dataset prepared without them) or "
+        "set config.t2i.caption_feature")
+
+
+def make_caption_dataset(cfg: Mapping[str, Any], *, tokenize, caption_feature: str,
+                         global_batch_size: int, seed: int, process_index: int = 0,
+                         process_count: int = 1) -> grain.IterDataset:
+  """Text-to-image batches {image, tokens} (see `check_captions`); `tokenize` maps
+  [caption] -> ids [1, L]; other arguments as make_ae_dataset, with the stage-2 settings
+  (`stage_config(data, "dm")`)."""
+  ds, image = _dm_source(_cfg(cfg))
+  transform = transforms.CaptionTransform(image, tokenize, caption_feature)
   return batched(ds, transform, cfg, global_batch_size=global_batch_size, seed=seed,
                  process_index=process_index, process_count=process_count)
 

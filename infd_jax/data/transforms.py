@@ -1,4 +1,4 @@
-"""Per-example transforms (REFERENCE 5.4, `wrapper_cae`), numpy + PIL only.
+"""Per-example transforms (REFERENCE.md 5.4, `wrapper_cae`), numpy + PIL only.
 
 All resizing is PIL LANCZOS on uint8 RGB images. Stage 2 images are float32,
 HWC, in [-1, 1] (2 * uint8 / 255 - 1). Stage 1 examples stay uint8 and carry
@@ -18,7 +18,7 @@ a fraction of the cost.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -36,7 +36,7 @@ def to_float(img: Image.Image) -> np.ndarray:
 def sample_resolution(rng: np.random.Generator, size: int, *, patch: int,
                       gt_res_min: int, gt_res_max: int, p_whole: float,
                       p_max: float) -> int:
-  """Ground-truth resolution r for an image of side `size` (REFERENCE 5.4).
+  """Ground-truth resolution r for an image of side `size` (REFERENCE.md 5.4).
 
   p_whole -> r = patch; else p_max -> r = min(size, gt_res_max); else r is a
   uniform integer in [gt_res_min, min(size, gt_res_max)], both ends inclusive.
@@ -127,8 +127,28 @@ class DmTransform(ImageTransform):
 
 
 @dataclasses.dataclass(frozen=True)
+class CaptionTransform:
+  """Text to image: {"image": float32 [inp_res, inp_res, 3] in [-1, 1], "tokens": int32 [L]}.
+
+  Attributes:
+    image: the stage-2 image transform.
+    tokenize: [caption] -> token ids [1, L] (`infd_jax.clip.tokenizer.Tokenizer`).
+    feature: the record feature holding the caption (text or UTF-8 bytes).
+  """
+  image: DmTransform
+  tokenize: Callable[[list[str]], np.ndarray]
+  feature: str = "caption"
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+    caption = record[self.feature]
+    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    return {"image": self.image(record, rng)["inp"],
+            "tokens": np.asarray(self.tokenize([caption])[0], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
 class AeTransform(ImageTransform):
-  """Stage 1: inp, the gt patch and its crop (REFERENCE 5.4).
+  """Stage 1: inp, the gt patch and its crop (REFERENCE.md 5.4).
 
   Returns {"inp": uint8 [inp_res, inp_res, 3], "gt": uint8 [P, P, 3], "crop":
   int32 [3] = (r, ii, jj)}: the window at row ii, column jj of the image resized
@@ -167,7 +187,7 @@ class AeTransform(ImageTransform):
 
 @dataclasses.dataclass(frozen=True)
 class PoolMix:
-  """6K-Mix sampler (REFERENCE 5.1 `random_lr_hr`): ignores the element index.
+  """6K-Mix sampler (REFERENCE.md 5.1 `random_lr_hr`): ignores the element index.
 
   With probability p_lr draws a uniform LR-pool record, otherwise a uniform
   HR-pool record, then applies `transform` with the same generator.

@@ -1,4 +1,4 @@
-"""Forward process and the eps-prediction training loss (REFERENCE 6.2)."""
+"""Forward process and the eps-prediction training loss (REFERENCE.md 6.2)."""
 
 from typing import Any, Callable
 

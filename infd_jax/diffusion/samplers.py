@@ -1,6 +1,6 @@
 """Samplers from noise to x0, each one jit-able scan, and the time-step spacings.
 
-`sample` dispatches on the sampler's name: "ddim" (REFERENCE 6.3, the official
+`sample` dispatches on the sampler's name: "ddim" (REFERENCE.md 6.3, the official
 one), "dpmpp_2m" and "unipc" (few-step ODE solvers, `solvers.py`).
 """
 
@@ -119,7 +119,7 @@ def ddim_update(spaced: Schedule, k: jax.Array, x: jax.Array, x0: jax.Array, *, 
 
   eps is re-derived from x0, sigma = eta sqrt((1 - ab_prev)/(1 - ab_k)) sqrt(1 - ab_k/ab_prev)
   and x <- sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + [k > 0] sigma z, with
-  z ~ N(0, I) from fold_in(key, k) (REFERENCE 6.3).
+  z ~ N(0, I) from fold_in(key, k) (REFERENCE.md 6.3).
   """
   recip, recipm1 = spaced.sqrt_recip_alphas_cumprod_at(k), spaced.sqrt_recipm1_alphas_cumprod_at(k)
   eps = (recip * x - x0) / recipm1

@@ -1,6 +1,6 @@
 """Noise schedules: float64 numpy coefficient tables, cast to float32 after indexing.
 
-Mirrors guided-diffusion's `GaussianDiffusion` tables (REFERENCE 6.2): every table
+Mirrors guided-diffusion's `GaussianDiffusion` tables (REFERENCE.md 6.2): every table
 is computed in float64 from the betas and only the looked-up entries become
 float32 `jnp` arrays, so the coefficients equal the official ones bit for bit.
 """

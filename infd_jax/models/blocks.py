@@ -1,7 +1,7 @@
 """VQGAN building blocks (NHWC): ResnetBlock, AttnBlock, Downsample, Upsample.
 
 Naming rule: every child is named after the PyTorch attribute it replaces, so a
-converter maps `<prefix>.<child>.weight` to `<prefix>/<child>/kernel` (REFERENCE
+converter maps `<prefix>.<child>.weight` to `<prefix>/<child>/kernel` (REFERENCE.md
 10.2/10.3): ResnetBlock has `norm1, conv1, norm2, conv2[, nin_shortcut]`,
 AttnBlock has `norm, q, k, v, proj_out`, Downsample/Upsample have `conv`.
 All GroupNorms are GN(32, eps 1e-6) (`norm_groups`: 32 is the official; the demo uses

@@ -1,4 +1,4 @@
-"""LPIPS (VGG16), the taming-transformers variant used by INFD (REFERENCE 4.3).
+"""LPIPS (VGG16), the taming-transformers variant used by INFD (REFERENCE.md 4.3).
 
 Naming rule: `perc_loss.net.slice<s>.<i>` -> `slice<s>_<i>` (torchvision
 `features` indices 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) and

@@ -1,8 +1,8 @@
 """CLIF renderer: nearest-feature lookup followed by a small CNN on the query grid.
 
-Official modules: `renderer_concat_wrapper` + `simple_renderer_net` (REFERENCE 3.5).
+Official modules: `renderer_concat_wrapper` + `simple_renderer_net` (REFERENCE.md 3.5).
 Queries are (row, col) pixel centres in [-1, 1] with the pixel size as cell
-(`rendering/coords.py` builds such grids; REFERENCE 3.5.1).
+(`rendering/coords.py` builds such grids; REFERENCE.md 3.5.1).
 
 Naming rule: `renderer.net.<k>` -> `renderer/<k>` with `model.<i>` joined as
 `model_<i>`: `model.0` -> `model_0` (conv3x3 132 -> hidden), `model.1` /
@@ -35,7 +35,7 @@ def nearest_index(c: jax.Array, size: int, dtype: Dtype = jnp.float32) -> jax.Ar
 
 def lookup_nearest(feat: jax.Array, coord: jax.Array, cell: jax.Array,
                    dtype: Dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Nearest-feature lookup with relative coordinate and cell (REFERENCE 3.5.2).
+  """Nearest-feature lookup with relative coordinate and cell (REFERENCE.md 3.5.2).
 
   Args:
     feat: [B, Hf, Wf, C] feature map.

@@ -1,14 +1,14 @@
 """The ADM ("guided-diffusion") UNet that denoises the 3x64x64 latent in stage 2.
 
 NHWC port of the official `diffusion/unet.py:UNetModel` with the settings INFD
-uses (REFERENCE 6.1): no scale-shift norm, legacy QKV attention layout, dropout 0
+uses (REFERENCE.md 6.1): no scale-shift norm, legacy QKV attention layout, dropout 0
 (so no dropout layers), `conv_resample=True`, `resblock_updown=False`.
 
 Naming rule (for checkpoint conversion): in a PyTorch state-dict key, the block
 prefix (`time_embed.j`, `input_blocks.i.j`, `middle_block.j`,
 `output_blocks.i.j`, `out.j`) names the top-level submodule with dots turned
 into underscores, and the rest of the key up to the parameter name names the
-layer inside it the same way; the parameter names follow REFERENCE 10.3.
+layer inside it the same way; the parameter names follow REFERENCE.md 10.3.
 Examples: `time_embed.0` -> `time_embed_0`, `input_blocks.0.0` ->
 `input_blocks_0_0`, `input_blocks.4.0.in_layers.2` ->
 `input_blocks_4_0/in_layers_2`, `input_blocks.4.1.qkv` -> `input_blocks_4_1/qkv`,

@@ -1,7 +1,7 @@
 """Coordinate and cell grids of output pixels, built exactly (the renderer's lookup is in
 `models/renderer.py`).
 
-Conventions (REFERENCE 3.5.1): coordinates are in [-1, 1], the last axis is
+Conventions (REFERENCE.md 3.5.1): coordinates are in [-1, 1], the last axis is
 (row, col), grids hold pixel centres `-1 + (2i + 1)/h` and the cell is the pixel
 size `(2/h, 2/w)`.
 
@@ -117,7 +117,7 @@ def crop_coord_cell(crop: jax.Array, patch: int) -> tuple[jax.Array, jax.Array]:
 
   Args:
     crop: [B, 3] int32 (r, ii, jj): the window at row ii, column jj of the
-      image resized to r x r (REFERENCE 5.4).
+      image resized to r x r (REFERENCE.md 5.4).
     patch: P.
 
   Returns:

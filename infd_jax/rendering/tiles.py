@@ -1,4 +1,4 @@
-"""The official tile geometry (REFERENCE 7), the one copy that rendering, streaming and
+"""The official tile geometry (REFERENCE.md 7), the one copy that rendering, streaming and
 guidance use.
 
 The official `render_output_patchwise` walks the output in tile x tile steps

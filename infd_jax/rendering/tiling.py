@@ -1,4 +1,4 @@
-"""Rendering whole images and windows of any size with the official tiling (REFERENCE 7).
+"""Rendering whole images and windows of any size with the official tiling (REFERENCE.md 7).
 
 Each tile (`tiles.official_tiles`) is one renderer call on its padded grid, so
 the renderer's GroupNorm statistics are per padded tile; reproducing the

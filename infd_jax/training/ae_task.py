@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infd_jax import sharding
+from infd_jax import checks, sharding
 from infd_jax.data import pipeline, transforms
 from infd_jax.training import on_device
 from infd_jax.evaluation import metrics as metrics_lib
@@ -64,6 +64,26 @@ def synthetic_batch(rng: np.random.Generator, batch: int, *, inp_res: int, patch
   return {"inp": images(inp_res), "gt": images(patch), "crop": crop}
 
 
+def sd_encoder_start(config: ml_collections.ConfigDict):
+  """With `ae.kl_encoder` and `t2i.sd_weights`: fresh state -> that state with SD's imported
+  KL encoder (stage (a) of the text-to-image recipe); else None."""
+  if not (config.ae.kl_encoder and config.t2i.sd_weights):
+    return None
+  from infd_jax.convert import sd  # pylint: disable=g-import-not-at-top
+  encoder = sd.load(config.t2i.sd_weights)[0]["vae"]["encoder"]
+
+  def warm_start(state: AEState) -> AEState:
+    target = state.gen_params["encoder"]
+    shapes = lambda tree: jax.tree.map(np.shape, tree)
+    if shapes(target) != shapes(encoder):
+      raise checks.UserError(f"the KL encoder of config.t2i.sd_weights={config.t2i.sd_weights!r}"
+                             " does not fit config.ae (take ch, ch_mult, num_res_blocks, "
+                             "z_channels and norm_groups from its meta.json 'vae')")
+    placed = jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, target))
+    return state.replace(gen_params=dict(state.gen_params, encoder=placed))
+  return warm_start
+
+
 def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Task:
   """The stage-1 task: global batch `train.ae_batch_size` of multiscale patches."""
   tc = config.train
@@ -80,7 +100,8 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loo
                    init=init_fn(config), step=step, consts=(lpips_params,),
                    make_dataset=make_dataset, metrics=metrics_lib.AETrainMetrics,
                    visualize=make_visualizer(config, mesh),
-                   evaluate=make_evaluator(config, mesh, lpips_params))
+                   evaluate=make_evaluator(config, mesh, lpips_params),
+                   warm_start=sd_encoder_start(config))
 
 
 def make_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -136,7 +157,7 @@ def make_visualizer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """Reconstruction grid (pred, gt pairs) and the centre of a 4x zoom rendering, through
   `Model` with the state's generator parameters.
 
-  As the official trainer (REFERENCE 4.7): each reconstruction is rendered in one
+  As the official trainer (REFERENCE.md 4.7): each reconstruction is rendered in one
   call on its crop's own coordinates, the zoom on the central window of a 4x
   rendering. The samples are fixed: the first batch of the pipeline under
   seed+1, so the training iterator is not consumed and resumed runs see the

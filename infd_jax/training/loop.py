@@ -47,6 +47,8 @@ class Task:
     evaluate: (state, step, writer) -> None, every `eval_every` steps.
     learned: values the stage computed before training that later stages need
       (e.g. the latent scale); saved with every checkpoint.
+    warm_start: fresh state -> the state a new run starts from (e.g. with imported
+      weights); not called when the run resumes.
   """
   name: str
   total_steps: int
@@ -59,6 +61,7 @@ class Task:
   visualize: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   evaluate: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   learned: dict[str, Any] | None = None
+  warm_start: Callable[[PyTree], PyTree] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -136,6 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     log.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
   else:
     start, state = 0, init()
+    if task.warm_start is not None:
+      state = task.warm_start(state)
     log.info("[%s] initialised a new state", task.name)
   if start >= task.total_steps:
     ckpt.close()
