@@ -1,10 +1,13 @@
-"""CPU time and added peak memory of repeated calls (stdlib only: used by the torch-side
-worker of `bench.vs_official` too, where jax need not be installed)."""
+"""CPU time and added peak memory of repeated calls, and the first call's output (stdlib and
+numpy only: used by the torch-side worker of `bench.vs_official` too, where jax need not be
+installed)."""
 
 import os
 import pathlib
 import time
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 
 def pin(threads: int) -> None:
@@ -41,3 +44,21 @@ def measure(fn: Callable[[], object], warmup: int, repeats: int, memory: bool) -
   if memory:
     result["peak_mib"] = (rss_kib("VmHWM") - base) / 1024
   return result
+
+
+class FirstOutput:
+  """Wraps a no-argument callable; keeps the result of its first call in `value`."""
+
+  def __init__(self, fn: Callable[[], Any]):
+    self.fn, self.value, self.called = fn, None, False
+
+  def __call__(self) -> Any:
+    out = self.fn()
+    if not self.called:
+      self.value, self.called = out, True
+    return out
+
+
+def save_output(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """A workload's output as float64 arrays (images and feature maps NHWC) in an .npz."""
+  np.savez(path, **{k: np.asarray(v, np.float64) for k, v in arrays.items()})

