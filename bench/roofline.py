@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from infd_jax import aot, builders, config_files, sharding
+from infd_jax import aot, builders, checks, config_files, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.training import ae_task, dm_task, loop
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     compile_one(args)
-  except builders.UserError as e:
+  except checks.UserError as e:
     print(f"bench.roofline: error: {e}", file=sys.stderr)
     return 2
   return 0
