@@ -65,3 +65,16 @@ def view_server(tiny_trained, tmp_path_factory):
   with view_support.ServerThread(server.make_app(service, {"size": 1024, "seed": 0})) as running:
     running.model, running.service = model, service
     yield running
+
+
+@pytest.fixture(scope="session")
+def svgs(tmp_path_factory):
+  """A folder of 12 SVGs of the installed OpenMoji package: 4 held-out and 8 training emoji."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from infd_jax.data import openmoji  # pylint: disable=g-import-not-at-top
+  package = openmoji.svg_dir()
+  train, val = openmoji.split_names(openmoji.list_names(package))
+  folder = tmp_path_factory.mktemp("svgs")
+  for name in val[:4] + train[:8]:
+    shutil.copy(os.path.join(package, f"{name}.svg"), folder / f"{name}.svg")
+  return folder

@@ -2,8 +2,6 @@
 to end on the session's 3-step model (`tiny_trained`) with a handful of emoji SVGs."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 from PIL import Image
@@ -70,17 +68,6 @@ def test_batched_pads_the_last_batch_and_keeps_order():
   a, b = np.arange(7.0)[:, None], 10 * np.arange(7.0)[:, None]
   np.testing.assert_array_equal(fidelity.batched(fn, a, b, 3), 11 * np.arange(7.0))
   assert calls == [3, 3, 3]
-
-
-@pytest.fixture(scope="module")
-def svgs(tmp_path_factory):
-  """A folder of 10 OpenMoji SVGs: 8 training and 2 held-out emoji."""
-  package = openmoji.svg_dir()
-  train, val = openmoji.split_names(openmoji.list_names(package))
-  folder = tmp_path_factory.mktemp("svgs")
-  for name in train[:8] + val[:2]:
-    shutil.copy(os.path.join(package, f"{name}.svg"), folder / f"{name}.svg")
-  return folder
 
 
 def test_benchmark_runs_end_to_end_and_writes_its_table(tiny_trained, svgs, tmp_path, capsys):

@@ -4,7 +4,6 @@ ground truth at any size, and the one-line errors."""
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,17 +18,6 @@ from infd_jax.data import prepare
 from infd_jax.data import sources
 
 STORAGE = openmoji.Storage(low=24, high=40, high_percent=50)
-
-
-@pytest.fixture(scope="module")
-def svgs(tmp_path_factory):
-  """A folder with 4 held-out and 8 training SVGs of the installed package."""
-  package = openmoji.svg_dir()
-  train, val = openmoji.split_names(openmoji.list_names(package))
-  folder = tmp_path_factory.mktemp("svgs")
-  for name in val[:4] + train[:8]:
-    shutil.copy(os.path.join(package, f"{name}.svg"), folder / f"{name}.svg")
-  return folder
 
 
 @pytest.fixture(scope="module")
