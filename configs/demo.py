@@ -39,7 +39,15 @@ scale (each is off, i.e. official, in the other configs):
   1 / sqrt(snr). With this config, 9 of 16 samples overshoot without the bound
   (latent RMS 2.7-7.6, the data's at most 2.0; they render saturated black or
   white) and none with it; for a 3,000-step UNet of channel_mult (1, 2, 2) at batch 8, samples
-  near a training latent go from 4 of 16 to 12 (9 different photos).
+  near a training latent go from 4 of 16 to 12 (9 different photos);
+- what it shows stays within the scales it trains on: the encoder sees 64-pixel
+  inputs and the renderer ground truth up to 256 pixels (1x to 4x), so the
+  contact sheet encodes held-out crops at 64 and renders them at 1x, 2x and 4x
+  (next to the photo at 256), and samples are written at 64 and 256. Encoding
+  256-pixel crops (as the sheet did before) shifts the mean colour of the
+  reconstructions by about +10 red and -10 blue out of 255 (the orange cast),
+  against +0 and -3 at 64 (`python -m bench.demo_encode_size`); renders at 16x,
+  four times the largest trained scale, show the feature map's cells as blocks.
 """
 
 from infd_jax import defaults
@@ -62,7 +70,7 @@ def get_config(arg: str | None = None):
   c.train.update(ae_batch_size=4, ae_steps=1000, dm_batch_size=4, dm_steps=2500,
                  log_every=50, ckpt_every=1000, vis_every=100_000, eval_every=0)  # grids at the end
   c.optim.update(ae_lr=2e-3, ae_b1=0.9, ae_b2=0.99, dm_lr=2e-3, dm_ema=0.99, cosine_decay=True)
-  c.sample.update(num_samples=4, batch_size=4, sizes=(256, 1024), tile=128, pad=8)
-  c.eval.update(scale_consistency_base=256, scale_factors=(2, 4))
+  c.sample.update(num_samples=4, batch_size=4, sizes=(64, 256), tile=128, pad=8)
+  c.eval.update(scale_consistency_base=64, scale_factors=(2, 4))
   c.contact_sheet = True
   return c
