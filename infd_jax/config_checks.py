@@ -130,6 +130,7 @@ RULES: dict[str, Rule] = {
     "ae.z_channels": _int(1), "ae.num_codes": _int(0), "ae.vq_beta": _num(0),
     "ae.renderer_hidden": _int(1), "ae.codebook_init": _num(0), "ae.norm_groups": _int(1),
     "ae.renderer_normalize": _bool, "ae.mid_attention": _bool, "ae.kl_encoder": _bool,
+    "ae.decoder_ch_mult": _ints(1, empty=True),
     "disc.ndf": _int(1), "disc.n_layers": _int(1),
     **{f"loss.{k}": _num(0) for k in ("l1", "perc", "quant", "gan_g")},
     "loss.adaptive_gan_weight": _bool, "loss.gan_start_step": _int(0),

@@ -59,7 +59,8 @@ def base() -> ml_collections.ConfigDict:
       norm_groups=32,      # GroupNorm groups (32: official; the demo's narrow nets use fewer)
       renderer_normalize=True,  # the renderer's GroupNorms (official); the demo drops them
       mid_attention=True,  # self-attention in the encoder's and decoder's mid stage (official)
-      kl_encoder=False))   # True: Stable Diffusion's KL encoder (mean of 2 z_channels moments)
+      kl_encoder=False,    # True: Stable Diffusion's KL encoder (mean of 2 z_channels moments)
+      decoder_ch_mult=()))  # the decoder's levels if not ch_mult's: more upsample phi further
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,

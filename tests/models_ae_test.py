@@ -118,6 +118,22 @@ class TinyAutoencoderTest(absltest.TestCase):
     np.testing.assert_array_equal(out.indices, vq.indices)
     np.testing.assert_allclose(out.quant_loss, vq.loss, rtol=1e-6)
 
+  def test_decoder_levels_of_its_own_upsample_phi_beyond_the_input(self):
+    """An f1 encoder with decoder levels (1, 2, 2): z at the input size, phi at 4x it,
+    with 64-channel phi (ch * 2) feeding the renderer."""
+    model = _tiny_ae(ch_mult=(1,), decoder_ch_mult=(2, 2, 1))
+    shapes = _shapes(model, self.x, self.coord, self.cell)
+    out = jax.eval_shape(model.apply, shapes, self.x, self.coord, self.cell)
+    self.assertEqual(out.z.shape, (2, 16, 16, 3))
+    phi = jax.eval_shape(lambda v, z: model.apply(v, z, method="decode"), shapes, out.z_q)
+    self.assertEqual(phi.shape, (2, 64, 64, 64))
+    self.assertEqual(out.pred.shape, (2, 12, 20, 3))
+    params = shapes["params"]
+    self.assertNotIn("down_0_downsample", params["encoder"])
+    self.assertEqual(sorted(k for k in params["decoder"] if k.endswith("_upsample")),
+                     ["up_1_upsample", "up_2_upsample"])
+    self.assertEqual(nn.unbox(params["renderer"]["model_0"]["kernel"]).shape[-2], 64 + 4)
+
   def test_bfloat16_compute_keeps_float32_params(self):
     model = _tiny_ae(dtype=jnp.bfloat16)
     shapes = _shapes(model, self.x, self.coord, self.cell)

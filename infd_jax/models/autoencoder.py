@@ -147,6 +147,10 @@ class INFDAutoencoder(nn.Module):
   # True: a KL encoder (Stable Diffusion's) whose conv_out / quant_conv give the posterior's
   # mean and log-variance (2 z_channels); `encode` returns the mean.
   kl_encoder: bool = False
+  # The decoder's levels when they differ from the encoder's (empty: ch_mult, as officially).
+  # More levels than the encoder upsample phi beyond the input size: (1, 1) after an f1
+  # encoder gives phi at twice the input, so each feature cell covers half the pixels.
+  decoder_ch_mult: Sequence[int] = ()
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -158,8 +162,9 @@ class INFDAutoencoder(nn.Module):
     self.quantizer = (VectorQuantizer(self.num_codes, self.z_channels, self.vq_beta,
                                       self.codebook_init, layers.full_precision(self.dtype))
                       if self.num_codes else None)
-    self.decoder = Decoder(**arch)
-    self.renderer = CLIFRenderer(feat_channels=self.ch * self.ch_mult[0],
+    decoder_mult = tuple(self.decoder_ch_mult or self.ch_mult)
+    self.decoder = Decoder(**(arch | dict(ch_mult=decoder_mult)))
+    self.renderer = CLIFRenderer(feat_channels=self.ch * decoder_mult[0],
                                  hidden=self.renderer_hidden, dtype=self.dtype,
                                  norm_groups=self.norm_groups,
                                  normalize=self.renderer_normalize)
@@ -179,7 +184,8 @@ class INFDAutoencoder(nn.Module):
     return self.quantizer(z)
 
   def decode(self, z_q: jax.Array) -> jax.Array:
-    """Quantized z [B, h, w, D] -> feature map phi [B, h*f, w*f, ch*ch_mult[0]]."""
+    """Quantized z [B, h, w, D] -> feature map phi [B, h*u, w*u, ch*m[0]]: m the decoder's
+    levels (`decoder_ch_mult`, else `ch_mult`), u = 2 ** (len(m) - 1)."""
     return self.decoder(z_q)
 
   def decode_latents(self, z: jax.Array, quantize: bool = True) -> jax.Array:
