@@ -12,7 +12,7 @@ section-5 recipe runs on a random SD-shaped checkpoint (`convert.sd_init`'s
 frozen random KL encoder (f1, 4 channels) over every training emoji at 32 px,
 with ground truth up to 256 px for a quarter of them; stage (b) trains the
 cross-attention UNet from scratch on (emoji, caption) pairs of a fixed subset of
-200 training emoji (`32_32_0_200`: captions are the Unicode names,
+100 training emoji (`32_32_0_100`: captions are the Unicode names,
 `data.openmoji.caption`) against the random frozen CLIP-shaped text tower.
 The rest follows the OpenMoji quick preset (`openmoji.py`).
 """
@@ -21,7 +21,7 @@ from infd_jax import config_files, defaults
 from infd_jax.convert import sd_init
 
 PRESET = "openmoji32"
-TRAIN_EMOJI = 200
+TRAIN_EMOJI = 100
 
 
 def get_config(arg: str | None = None):
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
               z_channels=vae["z_channels"], norm_groups=vae["norm_groups"], mid_attention=True,
               kl_encoder=True, num_codes=0, renderer_hidden=32)
   c.optim.update(ae_frozen=("encoder",), dm_lr=1e-3, dm_ema=0.995)
-  c.train.update(ae_batch_size=8, ae_steps=1500, dm_batch_size=32, dm_steps=3000,
+  c.train.update(ae_batch_size=8, ae_steps=1200, dm_batch_size=16, dm_steps=1500,
                  log_every=100, ckpt_every=500)
   c.t2i.update(uncond_prob=0.1, guidance_scale=3.0)
   c.diffusion.update(sample_steps=20, eta=0.0, x0_rms_max=0.0)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from configs import custom, demo, ffhq, ffhq_mix6k, openmoji, tiny
+from configs import custom, demo, ffhq, ffhq_mix6k, openmoji, openmoji_t2i, tiny
 from infd_jax import config_checks, config_files, defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("module,arg", [(ffhq, None), (ffhq_mix6k, None), (custom, None),
                                         (custom, "size=small,stage=all"), (demo, None),
                                         (tiny, None), (openmoji, None),
-                                        (openmoji, "size=full,stage=ae")])
+                                        (openmoji, "size=full,stage=ae"), (openmoji_t2i, None)])
 def test_every_config_loads_with_known_data_keys_and_passes_the_checks(module, arg):
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = module.get_config(arg)

@@ -36,15 +36,15 @@ CLIP_VOCAB_SIZE = 49408  # OpenAI's bpe_simple_vocab_16e6 (SD 1.x's tokenizer)
 
 # The OpenMoji text-to-image proof (docs/text_to_image.md): 32 px emoji, an f1 KL
 # encoder with 4 latent channels (more numbers than pixels, as SD's 4 x 64 x 64 for
-# 512 px is not), a three-level UNet with cross-attention at 16 and 8, a 2-layer
+# 512 px is not), a three-level UNet of width 32 with cross-attention at 16 and 8, a 2-layer
 # text tower of width 64 on CLIP's vocabulary, 24 tokens (emoji names are short).
 PRESETS = {
     "openmoji32": dict(
         vae=dict(ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=4, norm_groups=8),
-        unet=dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+        unet=dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attention_resolutions=(2, 4), num_heads=-1, num_head_channels=32,
                   context_dim=64, transformer_depth=1, in_channels=4, out_channels=4,
-                  norm_groups=16),
+                  norm_groups=8),
         text=dict(vocab_size=CLIP_VOCAB_SIZE, context_length=24, width=64, heads=4, layers=2,
                   quick_gelu=True),
     ),
