@@ -63,3 +63,13 @@ def test_the_x0_bound_is_off_except_in_the_demo():
   assert [m.get_config().diffusion.x0_rms_max for m in (ffhq, custom, tiny)] == [0.0] * 3
   assert custom.get_config("size=small").diffusion.x0_rms_max == 0.0
   assert demo.get_config().diffusion.x0_rms_max > 0
+
+
+def test_a_text_to_image_model_needs_no_learned_stage_2_scale():
+  from infd_jax import checks  # pylint: disable=g-import-not-at-top
+  c = openmoji_t2i.get_config("stage=sample")
+  assert c.diffusion.latent_scale == 0.0  # the quick preset's "learn it in stage 2"
+  with pytest.raises(checks.UserError, match="diffusion.latent_scale"):
+    config_checks.check_config(c, adopted=True)
+  c.t2i.sd_weights = "sd"  # latents scaled by the SD checkpoint's scaling_factor instead
+  config_checks.check_config(c, adopted=True)
