@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
               z_channels=vae["z_channels"], norm_groups=vae["norm_groups"], mid_attention=True,
               kl_encoder=True, num_codes=0, renderer_hidden=32)
   c.optim.update(ae_frozen=("encoder",), dm_lr=1e-3, dm_ema=0.995)
-  c.train.update(ae_batch_size=8, ae_steps=1200, dm_batch_size=16, dm_steps=1500,
+  c.train.update(ae_batch_size=8, ae_steps=1200, dm_batch_size=16, dm_steps=1200,
                  log_every=100, ckpt_every=500)
   c.t2i.update(uncond_prob=0.1, guidance_scale=3.0)
   c.diffusion.update(sample_steps=20, eta=0.0, x0_rms_max=0.0)
