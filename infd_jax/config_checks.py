@@ -213,7 +213,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None, 
   _check_models(config)
   _check_data(config)
   stage = config.stage
-  if adopted and stage in ("sample", "condition") and not config.diffusion.latent_scale:
+  # (A text-to-image model scales its latents by its SD checkpoint's scaling_factor instead.)
+  if (adopted and stage in ("sample", "condition") and not config.diffusion.latent_scale
+      and not config.t2i.sd_weights):
     _fail("diffusion.latent_scale", 0.0, "no stage-2 checkpoint learned a scale: set the one "
           "the UNet was trained at (1.0 unless it was changed)")
   sc = config.sample

@@ -18,7 +18,7 @@ def _run(*args: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["data_pipeline", "prepare_speed", "render_memory",
-                                  "sampler_quality", "view_load"])
+                                  "sampler_quality", "t2i_adherence", "view_load"])
 def test_data_benchmarks_start(name):
   assert "usage:" in _run(f"bench.{name}", "--help")
 

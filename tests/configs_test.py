@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from configs import custom, demo, ffhq, ffhq_mix6k, openmoji, tiny
+from configs import custom, demo, ffhq, ffhq_mix6k, openmoji, openmoji_t2i, tiny
 from infd_jax import config_checks, config_files, defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("module,arg", [(ffhq, None), (ffhq_mix6k, None), (custom, None),
                                         (custom, "size=small,stage=all"), (demo, None),
                                         (tiny, None), (openmoji, None),
-                                        (openmoji, "size=full,stage=ae")])
+                                        (openmoji, "size=full,stage=ae"), (openmoji_t2i, None)])
 def test_every_config_loads_with_known_data_keys_and_passes_the_checks(module, arg):
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = module.get_config(arg)
@@ -63,3 +63,13 @@ def test_the_x0_bound_is_off_except_in_the_demo():
   assert [m.get_config().diffusion.x0_rms_max for m in (ffhq, custom, tiny)] == [0.0] * 3
   assert custom.get_config("size=small").diffusion.x0_rms_max == 0.0
   assert demo.get_config().diffusion.x0_rms_max > 0
+
+
+def test_a_text_to_image_model_needs_no_learned_stage_2_scale():
+  from infd_jax import checks  # pylint: disable=g-import-not-at-top
+  c = openmoji_t2i.get_config("stage=sample")
+  assert c.diffusion.latent_scale == 0.0  # the quick preset's "learn it in stage 2"
+  with pytest.raises(checks.UserError, match="diffusion.latent_scale"):
+    config_checks.check_config(c, adopted=True)
+  c.t2i.sd_weights = "sd"  # latents scaled by the SD checkpoint's scaling_factor instead
+  config_checks.check_config(c, adopted=True)

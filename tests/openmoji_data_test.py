@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 from PIL import Image
@@ -59,6 +60,44 @@ def test_builder_writes_both_splits_at_the_configured_sides(prepared, svgs):
   train_sides = [r["height"] for r in _records(data_dir, "train")]
   assert {24, 40} == set(train_sides)  # both sides occur among 8 at a 50 % share
   assert {r["height"] for r in _records(data_dir, "val")} == {24}
+
+
+def test_records_hold_the_unicode_names_of_the_file_names_code_points(prepared, svgs):
+  data_dir, _ = prepared
+  records = _records(data_dir, "train") + _records(data_dir, "val")
+  assert len(records) == len(os.listdir(svgs))
+  for r in records:
+    name = r["name"].decode() if isinstance(r["name"], bytes) else r["name"]
+    text = r["caption"].decode() if isinstance(r["caption"], bytes) else r["caption"]
+    # Reference: unicodedata's names of the code points, without VS-16 (FE0F).
+    chars = [chr(int(part, 16)) for part in name.split("-") if part != "FE0F"]
+    assert text == " ".join(unicodedata.name(c).lower() for c in chars), name
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("1F600", "grinning face"),
+    ("1F468-200D-1F469-200D-1F467", "man woman girl"),            # joiners left out
+    ("1F44D-1F3FD", "thumbs up sign medium skin tone"),           # CLDR skin tones
+    ("1F1E9-1F1EA", "flag de"),                                   # regional indicators
+    ("1F3F4-E0067-E0062-E0073-E0063-E0074-E007F", "waving black flag gbsct"),  # tags
+    ("E000", ""),                                                 # private use: unnamed
+])
+def test_caption_rules(name, expected):
+  assert openmoji.caption(name) == expected
+
+
+def test_a_count_keeps_a_fixed_subset_of_the_training_emoji(tmp_path, svgs):
+  storage = openmoji.Storage.parse("24_24_0_3")
+  assert (storage.count, storage.name) == (3, "24_24_0_3")
+  train, _ = openmoji.split_names(openmoji.list_names(str(svgs)))
+  subset = storage.subset(train)
+  # The rule, recomputed: the 3 names whose salted digests are smallest, sorted.
+  rank = lambda n: hashlib.sha256(f"subset:{n}".encode()).digest()[:8]
+  assert subset == sorted(sorted(train, key=rank)[:3])
+  report = prepare.prepare("openmoji", str(tmp_path), configs=[storage.name], source=str(svgs))
+  assert report.written == {"openmoji/24_24_0_3:train": 3, "openmoji/24_24_0_3:val": 4}
+  with pytest.raises(ValueError, match="count must be positive"):
+    openmoji.Storage.parse("24_24_0_0")
 
 
 def test_stored_pixels_are_the_transparent_render_composited_on_white(prepared, svgs):

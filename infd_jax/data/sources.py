@@ -337,6 +337,13 @@ class OpenMoji(_SquareImages, skip_registration=True):
 
   name = "openmoji"
 
+  def _info(self) -> tfds.core.DatasetInfo:
+    info = super()._info()
+    features = dict(info.features) | {"caption": tfds.features.Text()}
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True)
+
   def _work(self):
     return _rasterize_item
 
@@ -345,6 +352,7 @@ class OpenMoji(_SquareImages, skip_registration=True):
     folder = openmoji.svg_dir(self._source)
     storage = openmoji.Storage.parse(self.builder_config.name)
     train, val = openmoji.split_names(openmoji.list_names(folder))
+    train = storage.subset(train)
     return {split: self._generate_examples(
         [(n, os.path.join(folder, f"{n}.svg"), storage.side(n, split)) for n in names], split)
             for split, names in (("train", train), ("val", val))}
