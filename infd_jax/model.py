@@ -117,13 +117,23 @@ class Model:
     return self.ae.apply({"params": ae_params}, images, method="encode")
 
   def _condition(self, objective, dm_params: PyTree, ae_params: PyTree, inputs: tuple,
-                 keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 keys: jax.Array, text: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+    """`text`: (text tower parameters, prompt tokens [1, L], guidance scale) of a
+    text-to-image model, whose UNet then samples the prompt under the conditions."""
     shape = (1, *builders.latent_shape(self.config))
-    unet = builders.unet(self.config)
+    if self.t2i is None:
+      eps_fn = builders.eps_model(self.config, builders.unet(self.config))
+      sched, scale = builders.diffusion_schedule(self.config), builders.latent_scale(self.config)
+    else:
+      text_params, tokens, guidance = text
+      encode = lambda ids: self.t2i.text.apply({"params": text_params}, ids)
+      eps_fn = text_to_image.guided_eps(
+          self.t2i, encode(tokens), encode(jax.numpy.asarray(self.t2i.empty_tokens())), guidance)
+      sched, scale = self.t2i.schedule, self.t2i.latent_scale
 
     def one(key):
-      z, losses = task_lib.guided_latents(self.config, unet, dm_params, ae_params, objective,
-                                          inputs, key, shape)
+      z, losses = task_lib.guided_latents_of(self.config, eps_fn, dm_params, sched, scale,
+                                             ae_params, objective, inputs, key, shape)
       return z[0], losses[:, 0]
     return jax.vmap(one)(keys)
 
@@ -192,15 +202,26 @@ class Model:
     return self._generate_fn(self.dm_params, self._text_params, self.put_batch(tokens),
                              self._keys(ids, seed), np.float32(guidance_scale))
 
-  def condition_global(self, ids: np.ndarray, seed: int, task: task_lib.Task
+  def condition_global(self, ids: np.ndarray, seed: int, task: task_lib.Task,
+                       prompt: str | None = None, guidance_scale: float | None = None
                        ) -> tuple[jax.Array, jax.Array]:
     """Guided latents of samples `ids` (padded to the device count) and their final losses
-    [n, conditions], batch-sharded; sample i depends only on (seed, i), as in `sample_global`."""
+    [n, conditions], batch-sharded; sample i depends only on (seed, i), as in `sample_global`.
+    A text-to-image model samples `prompt` (classifier-free `guidance_scale`, default
+    `t2i.guidance_scale`) under the conditions."""
     if self.dm_params is None:
       raise checks.UserError("this model has no stage-2 (diffusion) parameters")
+    text = None
+    if (prompt is None) != (self.t2i is None):
+      raise checks.UserError("Model.condition: a text-to-image model needs prompt=..., and only "
+                             "a text-to-image model takes one")
+    if prompt is not None:
+      scale = self.config.t2i.guidance_scale if guidance_scale is None else guidance_scale
+      text = jax.device_put((self._text_params, self.prompt_tokens([prompt], 1),
+                             np.float32(scale)), sharding.replicated(self.mesh))
     inputs = jax.device_put(task.inputs, sharding.replicated(self.mesh))
     return self._condition_fn(task.objective, self.dm_params, self.ae_params, inputs,
-                              self._keys(ids, seed))
+                              self._keys(ids, seed), text)
 
   def decode_global(self, z: jax.Array | np.ndarray) -> jax.Array:
     """Latents (quantized if `sample.quantize`) -> phi, batch-sharded (padded to the devices)."""
@@ -299,7 +320,8 @@ class Model:
     window = checks.parse_window(window, size)
     return self.render(self.generate_latents(prompts, n, seed, guidance_scale), size, window)
 
-  def condition(self, regions: Any, n: int = 1, seed: int = 0, **settings: Any
+  def condition(self, regions: Any, n: int = 1, seed: int = 0, prompt: str | None = None,
+                guidance_scale: float | None = None, **settings: Any
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Guided sampling: n latents [n, h, w, c] that satisfy `regions`, and each one's final
     loss per region [n, regions]; render them with `render` at any size.
@@ -308,6 +330,8 @@ class Model:
       regions: list of {kind, size, box, image, mask, prompt, scale} (as the
         `condition` job's `regions`; `infd_jax.guidance.task` documents them).
       n, seed: how many; sample i depends only on (seed, i) (guided DDIM).
+      prompt, guidance_scale: a text-to-image model's prompt (required there) and its
+        classifier-free guidance scale (default `t2i.guidance_scale`).
       **settings: `condition` settings for this call: guide_start, guide_stop,
         guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab.
     """
@@ -319,7 +343,7 @@ class Model:
     config = ml_collections.ConfigDict(self.config.to_dict())
     config.condition.update(settings)
     task = task_lib.from_config(config, regions, name="regions")
-    z, losses = self.condition_global(np.arange(n), seed, task)
+    z, losses = self.condition_global(np.arange(n), seed, task, prompt, guidance_scale)
     return _gather(z)[:n], _gather(losses)[:n]
 
 

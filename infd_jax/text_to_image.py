@@ -96,6 +96,15 @@ def check_latents_match(config: ml_collections.ConfigDict, sd: SDParts) -> None:
                            f"{config.t2i.sd_weights} models {sd.arch['unet']['in_channels']}")
 
 
+def guided_eps(sd: SDParts, context: jax.Array, uncond: jax.Array, scale: float | jax.Array
+               ) -> samplers.ApplyFn:
+  """(params, x_t, t) -> eps of SD's UNet on `context`, classifier-free guided by `scale`
+  against the empty prompt's `uncond` (v models converted to eps)."""
+  apply = lambda p, x, t, ctx: sd.unet.apply({"params": p}, x, t, ctx)
+  return prediction.guided(prediction.as_eps(apply, sd.schedule, sd.objective), context, uncond,
+                           scale)
+
+
 def guided_latents(config: ml_collections.ConfigDict, sd: SDParts, unet_params: PyTree,
                    context: jax.Array, uncond: jax.Array, scale: float | jax.Array,
                    key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -110,10 +119,8 @@ def guided_latents(config: ml_collections.ConfigDict, sd: SDParts, unet_params: 
     key: sample key (its noise as `samplers.sample` draws it).
     shape: (B, h, w, c) of the latents.
   """
-  apply = lambda p, x, t, ctx: sd.unet.apply({"params": p}, x, t, ctx)
-  eps = prediction.guided(prediction.as_eps(apply, sd.schedule, sd.objective), context, uncond,
-                          scale)
-  z = samplers.sample(apply_fn=eps, params=unet_params, key=key, shape=shape,
+  z = samplers.sample(apply_fn=guided_eps(sd, context, uncond, scale), params=unet_params,
+                      key=key, shape=shape,
                       sched=sd.schedule, **builders.sampler_args(config))
   return z / sd.latent_scale
 

@@ -182,6 +182,40 @@ def test_guidance_scale_1_is_the_conditional_sampler(setup, t2i_workdir):
   assert not np.allclose(z[0], z[1])  # two copies of one prompt differ
 
 
+def test_conditions_on_regions_guide_the_prompts_sampler(setup, t2i_workdir, tmp_path):
+  """Model.condition of a text-to-image model: unguided, it is DDIM of the UNet on the
+  prompt's context alone (guidance scale 1); guided, the known pixels move closer."""
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  from infd_jax import builders  # pylint: disable=g-import-not-at-top
+  from infd_jax.diffusion import samplers, schedules  # pylint: disable=g-import-not-at-top
+  from infd_jax.rendering import pixels  # pylint: disable=g-import-not-at-top
+  model = infd_jax.load(t2i_workdir)
+  size, box = 16, (2, 2, 12, 12)
+  target = np.random.default_rng(1).normal(size=(1, *builders.latent_shape(model.config)))
+  known = pixels.to_uint8(model.render(target.astype(np.float32), size))[0, 2:14, 2:14]
+  PIL.Image.fromarray(known).save(tmp_path / "known.png")
+  region = {"kind": "known", "size": [size, size], "box": list(box),
+            "image": str(tmp_path / "known.png"), "scale": 10}
+  steps = model.config.diffusion.sample_steps
+  z0, loss0 = model.condition([region], n=2, seed=3, prompt=PROMPTS[1], guidance_scale=1.0,
+                              guide_start=steps)
+  trees, arch = sd.load(setup["weights"])
+  context = model.t2i.text.apply({"params": trees["text"]}, model.t2i.tokenizer([PROMPTS[1]]))
+  apply = lambda p, x, t: model.t2i.unet.apply({"params": p}, x, t, context)
+  sched = schedules.scaled_linear_schedule(**arch["schedule"])
+  c = model.config
+  for i in range(2):
+    want = samplers.ddim_sample(apply, model.dm_params, jax.random.fold_in(jax.random.PRNGKey(3), i),
+                                (1, *z0.shape[1:]), sched, num_steps=steps, eta=c.diffusion.eta,
+                                spacing=c.sample.spacing)[0] / arch["scaling_factor"]
+    np.testing.assert_allclose(z0[i], np.asarray(want), rtol=1e-4, atol=1e-5)
+  z, loss = model.condition([region], n=2, seed=3, prompt=PROMPTS[1], guidance_scale=1.0)
+  assert np.all(loss[:, 0] < loss0[:, 0]), (loss, loss0)
+  from infd_jax import checks  # pylint: disable=g-import-not-at-top
+  with pytest.raises(checks.UserError, match="needs prompt"):
+    model.condition([region], n=1)
+
+
 def test_stage_t2i_writes_each_size_and_a_window_as_the_api_renders_them(setup, t2i_workdir):
   import infd_jax  # pylint: disable=g-import-not-at-top
   from infd_jax.rendering import pixels  # pylint: disable=g-import-not-at-top

@@ -152,11 +152,20 @@ def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTr
 
   The UNet works on latent_scale * z; the conditions see (and this returns) z itself.
   """
+  return guided_latents_of(config, builders.eps_model(config, unet), dm_params,
+                           builders.diffusion_schedule(config), builders.latent_scale(config),
+                           ae_params, objective, inputs, key, shape)
+
+
+def guided_latents_of(config: ml_collections.ConfigDict, eps_fn: Any, dm_params: PyTree,
+                      sched: Any, scale: float, ae_params: PyTree,
+                      objective: cond_lib.Objective, inputs: tuple, key: jax.Array,
+                      shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """`guided_latents` for any denoiser: `eps_fn` (params, x_t, t) -> eps on `sched`,
+  working on scale * z (e.g. a text-to-image UNet with its prompt and guidance)."""
   clip_params, targets, guide = inputs
-  scale = builders.latent_scale(config)
   x, _ = sampler.guided_ddim_sample(
-      builders.eps_model(config, unet), dm_params, key, shape,
-      builders.diffusion_schedule(config),
+      eps_fn, dm_params, key, shape, sched,
       lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
       num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta,
       spacing=config.sample.spacing, guide=guide)
