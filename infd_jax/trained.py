@@ -324,5 +324,6 @@ def run_config(path: str | epath.PathLike, **overrides: Any) -> ml_collections.C
   for section, values in overrides.items():
     config[section].update(values)
   config = adopt_architecture(config, source.path)
-  config_checks.check_config(config, adopted=True)
+  # Only a stage-2 checkpoint carries a learned latent scale; stage 1 alone renders, not samples.
+  config_checks.check_config(config, adopted=source.has("dm"))
   return config

@@ -102,3 +102,19 @@ def test_sampling_reads_the_scale_of_the_checkpoint_and_of_older_checkpoints(tin
     f.write_text(json.dumps(saved))
   assert trained.Source(work).learned("dm") == {"latent_scale": 0.75}
   assert trained.adopt_architecture(_sample_config(work), work).diffusion.latent_scale == 0.75
+
+
+def test_a_stage_1_workdir_loads_and_renders_without_a_latent_scale(tiny_trained, tmp_path):
+  """Only a stage-2 checkpoint learns the latent scale; stage 1 alone must still load."""
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "work"
+  shutil.copytree(tiny_trained / "checkpoints_ae", work / "checkpoints_ae")
+  for f in (work / "checkpoints_ae").glob("*/config/metadata"):
+    saved = json.loads(f.read_text())
+    saved["diffusion"]["latent_scale"] = 0.0  # "learn it in stage 2", as the demo configs say
+    f.write_text(json.dumps(saved))
+  model = infd_jax.load(work)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  assert model.reconstruct(images, 48).shape == (2, 48, 48, 3)
+  with pytest.raises(checks.UserError, match="no stage-2"):
+    model.sample(1, seed=0)
