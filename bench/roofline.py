@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bench import hlo_bytes
 from infd_jax import aot, builders, checks, config_files, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.training import ae_task, dm_task, loop
@@ -171,15 +172,17 @@ def compile_one(args) -> dict[str, Any] | None:
       return r
   wall, cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
+  hlo = compiled.as_text()
   if args.hlo_out:
-    pathlib.Path(args.hlo_out).write_text(compiled.as_text())
+    pathlib.Path(args.hlo_out).write_text(hlo)
   record = {"program": args.program, "slice": args.slice, "topology": topology,
             "chips": len(devices), "device_kind": devices[0].device_kind, "dtype": args.dtype,
             "batch": batch, "config": args.config, "set": args.set, "label": args.label,
             "commit": _commit(), "lowered_sha256": sha,
             "compile_wall_s": round(time.perf_counter() - wall, 1),
             "compile_cpu_s": round(time.process_time() - cpu, 1),
-            "date": time.strftime("%Y-%m-%d"), **aot.analysis(compiled)}
+            "date": time.strftime("%Y-%m-%d"), **aot.analysis(compiled),
+            "hbm_bytes": hbm_bytes(hlo)}
   results.parent.mkdir(parents=True, exist_ok=True)
   with results.open("a") as f:
     f.write(json.dumps(record) + "\n")
@@ -189,13 +192,21 @@ def compile_one(args) -> dict[str, Any] | None:
   return record
 
 
+def hbm_bytes(hlo: str) -> int:
+  """Operand and result bytes in HBM (memory space 0) of a plan's ops (`bench.hlo_bytes`)."""
+  return sum(op.hbm_bytes for op in hlo_bytes.parse(hlo))
+
+
 def bounds(record: dict[str, Any]) -> dict[str, float]:
-  """Per-chip lower bounds (seconds) of one call and the items per second they allow."""
+  """Per-chip lower bounds (seconds) of one call and the items per second they allow: FLOPs /
+  peak, XLA's bytes accessed / HBM bandwidth and (where recorded) HBM-only bytes / bandwidth."""
   chip = CHIPS[record["slice"].split("-")[0]]
   t_flops = record["flops"] / (chip.bf16_tflops * 1e12)
   t_bytes = record["bytes_accessed"] / (chip.hbm_gbps * 1e9)
+  hbm = record.get("hbm_bytes")
+  t_hbm = hbm / (chip.hbm_gbps * 1e9) if hbm is not None else None
   per_chip = record["batch"] / record["chips"]
-  return {"t_flops": t_flops, "t_bytes": t_bytes, "per_chip": per_chip,
+  return {"t_flops": t_flops, "t_bytes": t_bytes, "t_hbm": t_hbm, "per_chip": per_chip,
           "items_per_s": per_chip / max(t_flops, t_bytes)}
 
 
@@ -206,20 +217,23 @@ def table(records: list[dict[str, Any]], labels: set[str] | None = None) -> str:
     if labels is None or r["label"] in labels:
       latest[(r["program"], r["slice"], r["dtype"], r["label"])] = r
   gib = lambda b: f"{b / 2 ** 30:.2f}"
-  lines = ["| program | slice | dtype | label | per chip | GFLOP | GB accessed | arguments / "
-           "outputs / temporaries / total GiB | FLOPs / peak ms | bytes / HBM ms | bound | "
-           "items/s per chip (bound) |",
-           "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
+  lines = ["| program | slice | dtype | label | per chip | GFLOP | GB accessed | HBM GB | "
+           "arguments / outputs / temporaries / total GiB | FLOPs / peak ms | bytes / HBM ms | "
+           "HBM-only ms | bound | items/s per chip (bound) |",
+           "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- "
+           "| ---: |"]
   order = lambda k: (PROGRAMS.index(k[0]), list(SLICES).index(k[1]), DTYPES.index(k[2]), k[3])
   for key in sorted(latest, key=order):
     r = latest[key]
     b = bounds(r)
     plan = " / ".join(gib(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes",
                                           "total_bytes"))
+    hbm = "" if b["t_hbm"] is None else f"{r['hbm_bytes'] / 1e9:,.1f}"
+    t_hbm = "" if b["t_hbm"] is None else f"{b['t_hbm'] * 1e3:.2f}"
     lines.append(
         f"| {r['program']} | {r['slice']} | {r['dtype']} | {r['label']} | {b['per_chip']:g} | "
-        f"{r['flops'] / 1e9:,.0f} | {r['bytes_accessed'] / 1e9:,.1f} | {plan} | "
-        f"{b['t_flops'] * 1e3:.2f} | {b['t_bytes'] * 1e3:.2f} | "
+        f"{r['flops'] / 1e9:,.0f} | {r['bytes_accessed'] / 1e9:,.1f} | {hbm} | {plan} | "
+        f"{b['t_flops'] * 1e3:.2f} | {b['t_bytes'] * 1e3:.2f} | {t_hbm} | "
         f"{'memory' if b['t_bytes'] > b['t_flops'] else 'compute'} | {b['items_per_s']:,.1f} |")
   return "\n".join(lines)
 
