@@ -10,9 +10,11 @@ appends XLA's per-chip memory plan and cost analysis to `--results`, with the
 sha256 of the lowered program (StableHLO text): a program already there for the
 slice is not compiled again, so a sweep restarts where it stopped, and a code
 change that leaves a program's text unchanged is proven not to change its plan.
-`table` prints, per chip, FLOPs, bytes accessed, the memory plan and the two
-lower bounds on the time of one call, FLOPs / peak and bytes / HBM bandwidth,
-from the chips' published figures.
+It also records the plan's HBM-only bytes (`bench.hlo_bytes`: operands and
+results in memory space 0; XLA's "bytes accessed" also counts the on-chip VMEM
+staging of every convolution). `table` prints, per chip, FLOPs, both byte
+counts, the memory plan and the lower bounds on the time of one call, FLOPs /
+peak and bytes / HBM bandwidth, from the chips' published figures.
 
 Programs (global batches, sharded over the chips):
   ae_step      one stage-1 iteration (generator and discriminator), train.ae_batch_size
@@ -140,6 +142,17 @@ def _records(path: pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def aot_records(path: pathlib.Path) -> list[dict[str, Any]]:
+  """`infd_jax.aot` records (its sweep file) of this table's slices, as rows labelled "aot"
+  (no lowered sha256 or HBM-only bytes: that tool records neither)."""
+  slices = {topology: name for name, topology in SLICES.items()}
+  # Its "hbm_bytes" is the chip's HBM capacity, not traffic.
+  return [r | {"slice": slices[r["topology"]], "dtype": r["compute_dtype"], "label": "aot",
+               "hbm_bytes": None}
+          for r in _records(path)
+          if r["topology"] in slices and r["program"] in PROGRAMS and r.get("flops")]
+
+
 def _config(args) -> ml_collections.ConfigDict:
   config = config_files.load(args.config)
   config.train.compute_dtype = args.dtype
@@ -251,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--label", default="", help="names a variant in before/after rows")
   parser.add_argument("--labels", default=None, help="table: comma list of labels to show")
   parser.add_argument("--results", default=RESULTS)
+  parser.add_argument("--aot_results", default="",
+                      help="table: also rows from an infd_jax.aot sweep file (label aot)")
   parser.add_argument("--hlo_out", default="", help="compile: also write the optimized HLO here")
   args = parser.parse_args(argv)
   if args.command == "table":
     labels = None if args.labels is None else set(args.labels.split(","))
-    print(table(_records(pathlib.Path(args.results)), labels))
+    extra = aot_records(pathlib.Path(args.aot_results)) if args.aot_results else []
+    print(table(extra + _records(pathlib.Path(args.results)), labels))
     return 0
   try:
     compile_one(args)

@@ -27,3 +27,18 @@ def test_table_keeps_the_newest_record_per_row_and_leaves_missing_hbm_blank():
   assert len(lines) == 2
   assert lines[0].startswith("| ae_step | v5e-8 | float32 |") and "|  |" in lines[0]
   assert "| 197 | 2.5 | 1.6 | 1.00 / 0.00 / 2.00 / 3.00 | 1.00 | 3.00 | 2.00 | memory |" in lines[1]
+
+
+def test_aot_sweep_records_become_rows_of_the_tables_slices(tmp_path):
+  path = tmp_path / "aot.jsonl"
+  base = {"program": "dm_step", "batch": 48, "chips": 4, "compute_dtype": "float32",
+          "flops": 459e12, "bytes_accessed": 2765e9, "argument_bytes": 0, "output_bytes": 0,
+          "temp_bytes": 0, "total_bytes": 0, "hbm_bytes": 95 * 2 ** 30}  # its HBM capacity
+  rows = [base | {"topology": "v5p:2x2x1"}, base | {"topology": "v5e:4x8", "chips": 32},
+          base | {"topology": "v5p:2x2x1", "program": "sampler"}]
+  path.write_text("\n".join(roofline.json.dumps(r) for r in rows))
+  (record,) = roofline.aot_records(path)
+  assert (record["slice"], record["dtype"], record["label"]) == ("v5p-8", "float32", "aot")
+  b = roofline.bounds(record)
+  assert b["t_flops"] == pytest.approx(1.0) and b["t_bytes"] == pytest.approx(1.0)
+  assert b["t_hbm"] is None and b["items_per_s"] == pytest.approx(12.0)
