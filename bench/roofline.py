@@ -10,9 +10,11 @@ appends XLA's per-chip memory plan and cost analysis to `--results`, with the
 sha256 of the lowered program (StableHLO text): a program already there for the
 slice is not compiled again, so a sweep restarts where it stopped, and a code
 change that leaves a program's text unchanged is proven not to change its plan.
-`table` prints, per chip, FLOPs, bytes accessed, the memory plan and the two
-lower bounds on the time of one call, FLOPs / peak and bytes / HBM bandwidth,
-from the chips' published figures.
+It also records the plan's HBM-only bytes (`bench.hlo_bytes`: operands and
+results in memory space 0; XLA's "bytes accessed" also counts the on-chip VMEM
+staging of every convolution). `table` prints, per chip, FLOPs, both byte
+counts, the memory plan and the lower bounds on the time of one call, FLOPs /
+peak and bytes / HBM bandwidth, from the chips' published figures.
 
 Programs (global batches, sharded over the chips):
   ae_step      one stage-1 iteration (generator and discriminator), train.ae_batch_size
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bench import hlo_bytes
 from infd_jax import aot, builders, checks, config_files, sharding
 from infd_jax.diffusion import samplers
 from infd_jax.training import ae_task, dm_task, loop
@@ -139,6 +142,17 @@ def _records(path: pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def aot_records(path: pathlib.Path) -> list[dict[str, Any]]:
+  """`infd_jax.aot` records (its sweep file) of this table's slices, as rows labelled "aot"
+  (no lowered sha256 or HBM-only bytes: that tool records neither)."""
+  slices = {topology: name for name, topology in SLICES.items()}
+  # Its "hbm_bytes" is the chip's HBM capacity, not traffic.
+  return [r | {"slice": slices[r["topology"]], "dtype": r["compute_dtype"], "label": "aot",
+               "hbm_bytes": None}
+          for r in _records(path)
+          if r["topology"] in slices and r["program"] in PROGRAMS and r.get("flops")]
+
+
 def _config(args) -> ml_collections.ConfigDict:
   config = config_files.load(args.config)
   config.train.compute_dtype = args.dtype
@@ -171,15 +185,17 @@ def compile_one(args) -> dict[str, Any] | None:
       return r
   wall, cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
+  hlo = compiled.as_text()
   if args.hlo_out:
-    pathlib.Path(args.hlo_out).write_text(compiled.as_text())
+    pathlib.Path(args.hlo_out).write_text(hlo)
   record = {"program": args.program, "slice": args.slice, "topology": topology,
             "chips": len(devices), "device_kind": devices[0].device_kind, "dtype": args.dtype,
             "batch": batch, "config": args.config, "set": args.set, "label": args.label,
             "commit": _commit(), "lowered_sha256": sha,
             "compile_wall_s": round(time.perf_counter() - wall, 1),
             "compile_cpu_s": round(time.process_time() - cpu, 1),
-            "date": time.strftime("%Y-%m-%d"), **aot.analysis(compiled)}
+            "date": time.strftime("%Y-%m-%d"), **aot.analysis(compiled),
+            "hbm_bytes": hbm_bytes(hlo)}
   results.parent.mkdir(parents=True, exist_ok=True)
   with results.open("a") as f:
     f.write(json.dumps(record) + "\n")
@@ -189,13 +205,21 @@ def compile_one(args) -> dict[str, Any] | None:
   return record
 
 
+def hbm_bytes(hlo: str) -> int:
+  """Operand and result bytes in HBM (memory space 0) of a plan's ops (`bench.hlo_bytes`)."""
+  return sum(op.hbm_bytes for op in hlo_bytes.parse(hlo))
+
+
 def bounds(record: dict[str, Any]) -> dict[str, float]:
-  """Per-chip lower bounds (seconds) of one call and the items per second they allow."""
+  """Per-chip lower bounds (seconds) of one call and the items per second they allow: FLOPs /
+  peak, XLA's bytes accessed / HBM bandwidth and (where recorded) HBM-only bytes / bandwidth."""
   chip = CHIPS[record["slice"].split("-")[0]]
   t_flops = record["flops"] / (chip.bf16_tflops * 1e12)
   t_bytes = record["bytes_accessed"] / (chip.hbm_gbps * 1e9)
+  hbm = record.get("hbm_bytes")
+  t_hbm = hbm / (chip.hbm_gbps * 1e9) if hbm is not None else None
   per_chip = record["batch"] / record["chips"]
-  return {"t_flops": t_flops, "t_bytes": t_bytes, "per_chip": per_chip,
+  return {"t_flops": t_flops, "t_bytes": t_bytes, "t_hbm": t_hbm, "per_chip": per_chip,
           "items_per_s": per_chip / max(t_flops, t_bytes)}
 
 
@@ -206,20 +230,23 @@ def table(records: list[dict[str, Any]], labels: set[str] | None = None) -> str:
     if labels is None or r["label"] in labels:
       latest[(r["program"], r["slice"], r["dtype"], r["label"])] = r
   gib = lambda b: f"{b / 2 ** 30:.2f}"
-  lines = ["| program | slice | dtype | label | per chip | GFLOP | GB accessed | arguments / "
-           "outputs / temporaries / total GiB | FLOPs / peak ms | bytes / HBM ms | bound | "
-           "items/s per chip (bound) |",
-           "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
+  lines = ["| program | slice | dtype | label | per chip | GFLOP | GB accessed | HBM GB | "
+           "arguments / outputs / temporaries / total GiB | FLOPs / peak ms | bytes / HBM ms | "
+           "HBM-only ms | bound | items/s per chip (bound) |",
+           "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- "
+           "| ---: |"]
   order = lambda k: (PROGRAMS.index(k[0]), list(SLICES).index(k[1]), DTYPES.index(k[2]), k[3])
   for key in sorted(latest, key=order):
     r = latest[key]
     b = bounds(r)
     plan = " / ".join(gib(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes",
                                           "total_bytes"))
+    hbm = "" if b["t_hbm"] is None else f"{r['hbm_bytes'] / 1e9:,.1f}"
+    t_hbm = "" if b["t_hbm"] is None else f"{b['t_hbm'] * 1e3:.2f}"
     lines.append(
         f"| {r['program']} | {r['slice']} | {r['dtype']} | {r['label']} | {b['per_chip']:g} | "
-        f"{r['flops'] / 1e9:,.0f} | {r['bytes_accessed'] / 1e9:,.1f} | {plan} | "
-        f"{b['t_flops'] * 1e3:.2f} | {b['t_bytes'] * 1e3:.2f} | "
+        f"{r['flops'] / 1e9:,.0f} | {r['bytes_accessed'] / 1e9:,.1f} | {hbm} | {plan} | "
+        f"{b['t_flops'] * 1e3:.2f} | {b['t_bytes'] * 1e3:.2f} | {t_hbm} | "
         f"{'memory' if b['t_bytes'] > b['t_flops'] else 'compute'} | {b['items_per_s']:,.1f} |")
   return "\n".join(lines)
 
@@ -237,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--label", default="", help="names a variant in before/after rows")
   parser.add_argument("--labels", default=None, help="table: comma list of labels to show")
   parser.add_argument("--results", default=RESULTS)
+  parser.add_argument("--aot_results", default="",
+                      help="table: also rows from an infd_jax.aot sweep file (label aot)")
   parser.add_argument("--hlo_out", default="", help="compile: also write the optimized HLO here")
   args = parser.parse_args(argv)
   if args.command == "table":
     labels = None if args.labels is None else set(args.labels.split(","))
-    print(table(_records(pathlib.Path(args.results)), labels))
+    extra = aot_records(pathlib.Path(args.aot_results)) if args.aot_results else []
+    print(table(extra + _records(pathlib.Path(args.results)), labels))
     return 0
   try:
     compile_one(args)

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from infd_jax.models import norms
+
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
 
@@ -92,8 +94,16 @@ def dense(features: int, *, in_features: int, use_bias: bool = True,
 
 
 def group_norm(eps: float, *, num_groups: int = 32, dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm with contiguous groups (as PyTorch), two-pass variance, stats in full precision."""
+               name: str | None = None) -> nn.Module:
+  """GroupNorm with contiguous groups (as PyTorch), two-pass variance, stats in full precision.
+
+  flax's for float32 and float64 compute; for a narrower compute dtype (bfloat16) the
+  same parameters in `norms.LowPrecisionGroupNorm`, whose activations and input
+  gradient stay in that dtype.
+  """
+  if full_precision(dtype) != jnp.dtype(dtype):
+    return norms.LowPrecisionGroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype,
+                                       name=name)
   return nn.GroupNorm(
       num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=full_precision(dtype),
       use_fast_variance=False,
