@@ -129,8 +129,8 @@ def main(argv=None) -> dict:
     latents[scale] = z
   with open(os.path.join(out, "t2i_adherence.json"), "w") as f:
     json.dump(result, f, indent=2)
-  print(f"| guidance scale | adherence (top-1 nearest = prompted) | prompts hit at least once "
-        f"| chance |\n| --- | --- | --- | --- |")
+  print("| guidance scale | adherence (top-1 nearest = prompted) | prompts hit at least once "
+        "| chance |\n| --- | --- | --- | --- |")
   for scale, r in result["scales"].items():
     print(f"| {scale} | {r['adherence']:.3f} | {r['prompts_hit_at_least_once']:.3f} "
           f"| {result['chance']:.4f} |")

@@ -263,10 +263,8 @@ def demo_source_dir() -> str:
   return os.path.dirname(skimage.data.__file__)
 
 
-class ImageFolder(_SquareImages, skip_registration=True):
-  """Every image file under a folder (recursive), centre-cropped to a square."""
-
-  name = "image_folder"
+class _CaptionedImages(_SquareImages, skip_registration=True):
+  """Square images with a `caption` text feature ("" where an image has none)."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     info = super()._info()
@@ -274,6 +272,12 @@ class ImageFolder(_SquareImages, skip_registration=True):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=tfds.features.FeaturesDict(features),
                                  disable_shuffling=True)
+
+
+class ImageFolder(_CaptionedImages, skip_registration=True):
+  """Every image file under a folder (recursive), centre-cropped to a square."""
+
+  name = "image_folder"
 
   def _work(self):
     return functools.partial(_prepare_item, limits=self._limits, captions=True)
@@ -331,18 +335,11 @@ class Ffhq(_SquareImages, skip_registration=True):
             for s, ns in (("train", sorted(train)), ("val", sorted(val)))}
 
 
-class OpenMoji(_SquareImages, skip_registration=True):
+class OpenMoji(_CaptionedImages, skip_registration=True):
   """OpenMoji SVGs rasterised at mixed sides (see `openmoji`); `source` = an SVG folder
   instead of the installed package."""
 
   name = "openmoji"
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    info = super()._info()
-    features = dict(info.features) | {"caption": tfds.features.Text()}
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=tfds.features.FeaturesDict(features),
-                                 disable_shuffling=True)
 
   def _work(self):
     return _rasterize_item
