@@ -74,6 +74,12 @@ def _ints(lo: int, empty: bool = False) -> Rule:
   return rule
 
 
+def _affine_rgb(v: Any) -> str:
+  ok = isinstance(v, (list, tuple)) and len(v) in (0, 12) and all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+  return "" if ok else "must be () or 12 numbers (a 3 x 3 matrix row-major, then 3 offsets)"
+
+
 def _split(empty: bool = False) -> Rule:
   """A TFDS split expression: `train`, `val`, `train+val`, `train[:90%]`."""
   pattern = re.compile(r"[a-z_]+(\[[^\]]*\])?(\+[a-z_]+(\[[^\]]*\])?)*")
@@ -130,7 +136,7 @@ RULES: dict[str, Rule] = {
     "ae.z_channels": _int(1), "ae.num_codes": _int(0), "ae.vq_beta": _num(0),
     "ae.renderer_hidden": _int(1), "ae.codebook_init": _num(0), "ae.norm_groups": _int(1),
     "ae.renderer_normalize": _bool, "ae.mid_attention": _bool, "ae.kl_encoder": _bool,
-    "ae.decoder_ch_mult": _ints(1, empty=True),
+    "ae.decoder_ch_mult": _ints(1, empty=True), "ae.input_colour": _affine_rgb,
     "disc.ndf": _int(1), "disc.n_layers": _int(1),
     **{f"loss.{k}": _num(0) for k in ("l1", "perc", "quant", "gan_g")},
     "loss.adaptive_gan_weight": _bool, "loss.gan_start_step": _int(0),

@@ -60,7 +60,8 @@ def base() -> ml_collections.ConfigDict:
       renderer_normalize=True,  # the renderer's GroupNorms (official); the demo drops them
       mid_attention=True,  # self-attention in the encoder's and decoder's mid stage (official)
       kl_encoder=False,    # True: Stable Diffusion's KL encoder (mean of 2 z_channels moments)
-      decoder_ch_mult=()))  # the decoder's levels if not ch_mult's: more upsample phi further
+      decoder_ch_mult=(),  # the decoder's levels if not ch_mult's: more upsample phi further
+      input_colour=()))    # 12 numbers: an affine RGB map before the encoder (3x3, offsets)
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, perc=1.0, quant=1.0, gan_g=0.75, adaptive_gan_weight=True,

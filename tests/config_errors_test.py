@@ -58,6 +58,7 @@ CASES = [
     ("ae.mid_attention", ["ae.mid_attention=2"], PARSE),
     ("ae.kl_encoder", ["ae.kl_encoder=kl"], PARSE),
     ("ae.decoder_ch_mult", ["ae.decoder_ch_mult=(1,0)"], "config.ae.decoder_ch_mult=(1, 0)"),
+    ("ae.input_colour", ["ae.input_colour=(1.0,2.0)"], "config.ae.input_colour=(1.0, 2.0)"),
     ("disc.ndf", ["disc.ndf=0"], "config.disc.ndf=0"),
     ("disc.n_layers", ["disc.n_layers=0"], "config.disc.n_layers=0"),
     ("loss.l1", ["loss.l1=-1.0"], "config.loss.l1=-1.0"),

@@ -134,6 +134,18 @@ class TinyAutoencoderTest(absltest.TestCase):
                      ["up_1_upsample", "up_2_upsample"])
     self.assertEqual(nn.unbox(params["renderer"]["model_0"]["kernel"]).shape[-2], 64 + 4)
 
+  def test_input_colour_is_an_affine_map_of_the_encoder_input(self):
+    """With `input_colour`, z equals the plain encoder's z of the mapped image (numpy)."""
+    rng = np.random.default_rng(0)
+    affine = rng.normal(size=12)
+    mapped = np.asarray(self.x, np.float64) @ affine[:9].reshape(3, 3).T + affine[9:]
+    plain, coloured = _tiny_ae(num_codes=0), _tiny_ae(num_codes=0, input_colour=tuple(affine))
+    v = plain.init(jax.random.key(0), self.x, self.coord, self.cell)
+    z = coloured.apply(v, self.x, method="encode")
+    want = plain.apply(v, jnp.asarray(mapped, jnp.float32), method="encode")
+    np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)
+    self.assertGreater(float(jnp.abs(z - plain.apply(v, self.x, method="encode")).max()), 1e-2)
+
   def test_bfloat16_compute_keeps_float32_params(self):
     model = _tiny_ae(dtype=jnp.bfloat16)
     shapes = _shapes(model, self.x, self.coord, self.cell)

@@ -151,6 +151,10 @@ class INFDAutoencoder(nn.Module):
   # More levels than the encoder upsample phi beyond the input size: (1, 1) after an f1
   # encoder gives phi at twice the input, so each feature cell covers half the pixels.
   decoder_ch_mult: Sequence[int] = ()
+  # A fixed affine map of each input pixel's RGB before the encoder: 12 numbers, a 3 x 3
+  # matrix (row-major) then 3 offsets; empty: none (official). A colour-whitening map gives
+  # the encoder every colour direction at equal variance (see `colour_whitening`).
+  input_colour: Sequence[float] = ()
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -171,6 +175,9 @@ class INFDAutoencoder(nn.Module):
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Image [B, H, W, 3] in [-1, 1] -> pre-quantization z [B, H/f, W/f, D]."""
+    if self.input_colour:
+      affine = jnp.asarray(self.input_colour, x.dtype)
+      x = x @ affine[:9].reshape(3, 3).T + affine[9:]
     z = self.encoder(x)
     return z[..., :self.z_channels] if self.kl_encoder else z
 
