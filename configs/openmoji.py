@@ -5,22 +5,23 @@
   python -m bench.openmoji --workdir=runs/openmoji
 
 The dataset (`infd_jax.data.openmoji`) is prepared into `<workdir>/data` on
-first use: 4,047 training emoji, 75 % stored at 64 px and 25 % at 512 px (the
-paper's limited high-resolution setting, `data.variant` = `64_512_25`), and
+first use: 4,047 training emoji, half stored at 64 px and half at 512 px (the
+paper's limited high-resolution setting, `data.variant` = `64_512_50`), and
 448 held-out ones. Stage 1 encodes the whole emoji at 64 px and learns to
-render patches of it at 1x to 8x (the high-resolution 10 % only give the larger
-scales); stage 2 learns the latents of the 64 px emoji.
+render patches of it at 1x to 8x (only the emoji stored at 512 px give the
+larger scales); stage 2 learns the latents of the 64 px emoji.
 
 Presets:
 - `quick`: both stages on 2 CPU cores within an hour, the demo's small variant of
   the official architecture (each switch is an official one, see `demo.py`): an
   f1 autoencoder (`ch_mult=(1,)`: the latent is 64 x 64 x 3, as many numbers as
-  the input, so the 64 px input survives encoding as it does bicubic; an f2 one
-  reconstructed held-out emoji at 22.0 dB after the same 1,400 steps and lost to
-  bicubic from 2x on) without quantizer, mid attention or renderer GroupNorm,
-  32-channel layers with GroupNorm in 8 groups, L1 loss only, cosine-decayed
-  learning rates, a quarter of the training emoji at 512 px (`64_512_25`); a
-  small UNet on latents scaled to unit variance, 25 DDIM steps.
+  the input, so the 64 px input survives encoding as it does bicubic) without
+  quantizer, mid attention or renderer GroupNorm, 32-channel layers with
+  GroupNorm in 8 groups, the L1 and LPIPS terms (no GAN), cosine-decayed learning
+  rates; one addition: the encoder sees colour-whitened RGB (`ae.input_colour`,
+  below), without which 1,400 steps keep only two of the three colour directions
+  (reds come back orange, greens brown; docs/openmoji.md). A small UNet on
+  latents scaled to unit variance, 25 DDIM steps.
 - `full`: for one GPU or TPU host: the official widths (ch 128, renderer 256,
   UNet 224), losses (L1 + LPIPS + VQ + GAN) and 8192-code quantizer, with the
   f2 factor for the 64 px inputs (f4 would leave a 16 x 16 x 3 latent), ground

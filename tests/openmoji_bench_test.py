@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import infd_jax
 from infd_jax.data import openmoji
 from infd_jax.evaluation import fidelity
 
@@ -101,3 +102,18 @@ def test_benchmark_runs_end_to_end_and_writes_its_table(tiny_trained, svgs, tmp_
   with Image.open(sheet) as img:
     assert img.size == (8 * 64, (2 + 2) * 64)  # 2 held-out rows, 4 samples x 3 sizes in 2
   assert "| 4 | 64 |" in capsys.readouterr().out
+
+
+def test_colour_rank_reports_the_pixels_colour_eigenvalues(tiny_trained, svgs, capsys):
+  from bench import colour_rank  # pylint: disable=g-import-not-at-top
+  out = colour_rank.main([f"--workdir={tiny_trained}", f"--source={svgs}", "--num=3",
+                          "--size=16"])
+  names = openmoji.split_names(openmoji.list_names(str(svgs)))[1][:3]
+  rgb = openmoji.ground_truth(names, 16, str(svgs)).reshape(-1, 3).astype(np.float64) / 127.5 - 1
+  expected = np.sort(np.linalg.eigvalsh(np.cov(rgb, rowvar=False)))[::-1]
+  np.testing.assert_allclose(out["pixel_colour_eigenvalues"], expected, atol=1e-4)
+  sv = np.asarray(out["latent_singular_values"])
+  z_channels = infd_jax.load(tiny_trained).config.ae.z_channels
+  assert len(sv) == z_channels and np.all(np.diff(sv) <= 0) and sv[-1] >= 0
+  assert len(out["colour_explained_by_1x_render"]) == 3
+  assert '"pixel_colour_eigenvalues"' in capsys.readouterr().out
