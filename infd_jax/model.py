@@ -72,7 +72,7 @@ class Model:
     self._sample_fn = jax.jit(self._sample, out_shardings=self._batch)
     self._decode_fn = jax.jit(self._decode, out_shardings=self._batch)
     self._encode_fn = jax.jit(self._encode, out_shardings=self._batch)
-    self._condition_fn = jax.jit(self._condition, static_argnums=0,
+    self._condition_fn = jax.jit(self._condition, static_argnums=(0, 1),
                                  out_shardings=(self._batch, self._batch))
     self._head_fn = jax.jit(lambda x, n: x[:n], static_argnums=1,
                             out_shardings=sharding.replicated(self.mesh))
@@ -116,7 +116,7 @@ class Model:
   def _encode(self, ae_params: PyTree, images: jax.Array) -> jax.Array:
     return self.ae.apply({"params": ae_params}, images, method="encode")
 
-  def _condition(self, objective, dm_params: PyTree, ae_params: PyTree, inputs: tuple,
+  def _condition(self, objective, refine, dm_params: PyTree, ae_params: PyTree, inputs: tuple,
                  keys: jax.Array, text: tuple | None = None) -> tuple[jax.Array, jax.Array]:
     """`text`: (text tower parameters, prompt tokens [1, L], guidance scale) of a
     text-to-image model, whose UNet then samples the prompt under the conditions."""
@@ -133,7 +133,7 @@ class Model:
 
     def one(key):
       z, losses = task_lib.guided_latents_of(self.config, eps_fn, dm_params, sched, scale,
-                                             ae_params, objective, inputs, key, shape)
+                                             ae_params, objective, refine, inputs, key, shape)
       return z[0], losses[:, 0]
     return jax.vmap(one)(keys)
 
@@ -220,8 +220,8 @@ class Model:
       text = jax.device_put((self._text_params, self.prompt_tokens([prompt], 1),
                              np.float32(scale)), sharding.replicated(self.mesh))
     inputs = jax.device_put(task.inputs, sharding.replicated(self.mesh))
-    return self._condition_fn(task.objective, self.dm_params, self.ae_params, inputs,
-                              self._keys(ids, seed), text)
+    return self._condition_fn(task.objective, task.refine, self.dm_params, self.ae_params,
+                              inputs, self._keys(ids, seed), text)
 
   def decode_global(self, z: jax.Array | np.ndarray) -> jax.Array:
     """Latents (quantized if `sample.quantize`) -> phi, batch-sharded (padded to the devices)."""
@@ -333,16 +333,19 @@ class Model:
       prompt, guidance_scale: a text-to-image model's prompt (required there) and its
         classifier-free guidance scale (default `t2i.guidance_scale`).
       **settings: `condition` settings for this call: guide_start, guide_stop,
-        guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab.
+        guide_every (which DDIM steps are guided), clip_checkpoint, clip_vocab,
+        init_image (a file or an array [h, w, 3]) and start (begin from its latent
+        part-way), fit_steps, fit_lr and fit_zeta (data consistency instead of DPS).
     """
     checks.check_count(n, "n")
     unknown = set(settings) - set(task_lib.SETTINGS)
     if unknown:
       raise checks.UserError(f"Model.condition: unknown settings {sorted(unknown)} (known: "
                       f"{', '.join(task_lib.SETTINGS)})")
+    init_image = settings.pop("init_image", None)  # an array does not fit a config
     config = ml_collections.ConfigDict(self.config.to_dict())
     config.condition.update(settings)
-    task = task_lib.from_config(config, regions, name="regions")
+    task = task_lib.from_config(config, regions, name="regions", init_image=init_image)
     z, losses = self.condition_global(np.arange(n), seed, task, prompt, guidance_scale)
     return _gather(z)[:n], _gather(losses)[:n]
 

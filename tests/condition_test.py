@@ -89,6 +89,9 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   np.testing.assert_allclose(losses0[:, 0], plain, atol=1e-2)
 
 
+_LOW_RES = [{"kind": "low_res", "size": 32, "image": np.zeros((8, 8, 3), np.uint8)}]
+
+
 @pytest.mark.parametrize("regions,settings,message", [
     ([{"kind": "blur", "size": 32, "image": "x.png"}], {}, r"regions\[0\]: condition kind 'blur'"),
     ([{"kind": "known", "size": 32, "box": [20, 20, 16, 16], "image": "x.png"}], {},
@@ -104,6 +107,12 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
     ("[{", {}, "regions is not a JSON list"),
     ([{"kind": "low_res", "size": 32, "image": "x.png"}], {"guide_evry": 2},
      r"unknown settings \['guide_evry'\]"),
+    (_LOW_RES, {"start": 0.5}, r"condition.start=0.5 needs condition.init_image"),
+    (_LOW_RES, {"start": 0.5, "init_image": "missing.png"},
+     r"condition.init_image: init_image missing.png not found"),
+    (_LOW_RES, {"start": 1.5, "init_image": np.zeros((8, 8, 3), np.uint8)},
+     r"condition.start=1.5 must be in \(0, 1\]"),
+    (_LOW_RES, {"fit_steps": -1}, r"condition.fit_steps=-1 must be >= 0"),
 ])
 def test_bad_regions_and_settings_are_one_line_user_errors(model, regions, settings, message):
   with pytest.raises(checks.UserError, match=message) as e:

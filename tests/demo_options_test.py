@@ -206,15 +206,18 @@ def test_guided_latents_condition_the_unscaled_latent():
   """With latent_scale s the UNet samples s * z; conditions are stated on z: guidance
   towards each training latent in turn ends at that latent, and the returned losses are
   the float64 squared distances of the returned z."""
-  from infd_jax.guidance import task  # pylint: disable=g-import-not-at-top
+  from infd_jax.guidance import sampler, task  # pylint: disable=g-import-not-at-top
   scale = 1.0 / 0.3
   module = ExactDenoiser(DATA * scale)
   key = jax.random.PRNGKey(1)
   shape = (1, *DATA.shape[1:])
   ends = []
   for k in range(len(DATA)):
-    z, losses = task.guided_latents(_config(scale), module, {"unused": jnp.zeros(1)}, None,
-                                    PullTo(DATA[k], 0.05), (None, None, None), key, shape)
+    config = _config(scale)
+    z, losses = task.guided_latents_of(
+        config, builders.eps_model(config, module), {"unused": jnp.zeros(1)},
+        builders.diffusion_schedule(config), builders.latent_scale(config), None,
+        PullTo(DATA[k], 0.05), sampler.Refine(), (None, None, None, None), key, shape)
     z = np.asarray(z, np.float64)
     ends.append(int(np.argmin(((z - DATA) ** 2).sum(axis=(1, 2, 3)))))
     np.testing.assert_allclose(np.asarray(losses)[0], ((z - DATA[k]) ** 2).sum(axis=(1, 2, 3)),

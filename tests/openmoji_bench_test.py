@@ -97,6 +97,7 @@ def test_benchmark_runs_end_to_end_and_writes_its_table(tiny_trained, svgs, tmp_
       (s, size) for s in ("samples", "training emoji (floor)") for size in (16, 64)}
   assert {(r["task"], r["method"]) for r in saved["inverse"]} == {
       ("8x super-resolution", "guided"), ("8x super-resolution", "bicubic"),
+      ("8x super-resolution", "encoder"),
       ("inpainting (24 px box)", "guided"), ("inpainting (24 px box)", "unguided sample")}
   assert results["copies"]["held_out_nn_psnr_median"] > 0
   with Image.open(sheet) as img:

@@ -6,18 +6,23 @@ is passed separately as arrays, so one compiled objective serves any data of
 the same shapes. Losses are per sample, [B]:
 
   * `low_res`: RMSE between the box rendered and downsampled to the observation's
-    size (`downsample`: antialiased bicubic) and the observation, [-1, 1] RGB.
+    size (`downsample`: antialiased bicubic) and the observation, [-1, 1] RGB. The
+    box is rendered at a coarser pixel size where that keeps at least twice the
+    observation's resolution (`render_reduction`): the renderer takes the pixel
+    size, so a virtual image d times smaller is the same field in d x d pixels.
   * `known`: RMSE over the masked pixels between the box render and the pixels.
   * `text`: 1 - cosine similarity between the CLIP embedding of the box render
     (resized to the CLIP input, CLIP-normalised) and the prompt's embedding.
 
 `Objective` maps a latent z0 to these losses: quantize (straight-through),
 decode phi once, render each box with `regions.render_window` (so each box is
-exactly that window of the full render), score it. Its cost depends on the box
-sizes, not on the virtual image sizes.
+exactly that window of the full render, or for `low_res` of a coarser one), score
+it. Its cost depends on the box sizes (`low_res`: the observation's), not on the
+virtual image sizes.
 """
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -49,6 +54,15 @@ def downsample(images: jax.Array, hw: tuple[int, int]) -> jax.Array:
   """[B, H, W, 3] -> [B, *hw, 3] with an antialiased bicubic filter (the `low_res` operator)."""
   return jax.image.resize(images, (images.shape[0], *hw, images.shape[-1]), "cubic",
                           antialias=True)
+
+
+def render_reduction(size: tuple[int, int], box: tiles.Window, obs_hw: tuple[int, int]) -> int:
+  """The largest d dividing the virtual size and the box with box / d >= 2 x the observation
+  (1 when none): a `low_res` box is rendered in a virtual image d times smaller."""
+  g = math.gcd(*size, *box)
+  fits = [d for d in range(1, g + 1)
+          if g % d == 0 and box[2] // d >= 2 * obs_hw[0] and box[3] // d >= 2 * obs_hw[1]]
+  return max(fits, default=1)
 
 
 def _rms(err: jax.Array, weight: jax.Array | None = None) -> jax.Array:
@@ -108,8 +122,10 @@ class Objective:
     render = lambda p, f, coord, cell: self.ae.apply(p, f, coord, cell, method="render")
     out = []
     for cond, target in zip(self.conditions, targets):
-      rgb = regions.render_window(render, variables, phi, cond.size, cond.box, self.tile,
-                                  self.pad)
+      d = (render_reduction(cond.size, cond.box, target["image"].shape[-3:-1])
+           if cond.kind == "low_res" else 1)
+      rgb = regions.render_window(render, variables, phi, (cond.size[0] // d, cond.size[1] // d),
+                                  tuple(v // d for v in cond.box), self.tile, self.pad)
       if cond.kind == "low_res":
         out.append(low_res_loss(rgb, target))
       elif cond.kind == "known":

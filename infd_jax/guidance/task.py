@@ -13,11 +13,15 @@ a list of dicts (a JSON list as a string is accepted too):
   scale  guidance scale (default 1)
 The guided steps and the CLIP files come from the `condition` config section
 (`SETTINGS`), the tiling and the step spacing from `sample`, the DDIM steps and eta
-from `diffusion`.
+from `diffusion`. Also from `condition`: `init_image` and `start` (begin part-way,
+from the encoder's latent of an image, e.g. the low-resolution observation) and
+`fit_steps`, `fit_lr`, `fit_zeta` (data consistency instead of DPS); `guidance.sampler` documents
+both.
 """
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Callable
 
@@ -33,7 +37,8 @@ from infd_jax.guidance import sampler
 
 PyTree = Any
 # `condition` settings that change how a task is built and guided (not what is written).
-SETTINGS = ("guide_start", "guide_stop", "guide_every", "clip_checkpoint", "clip_vocab")
+SETTINGS = ("guide_start", "guide_stop", "guide_every", "clip_checkpoint", "clip_vocab",
+            "init_image", "start", "fit_steps", "fit_lr", "fit_zeta")
 
 
 def _read_image(path: str, what: str, where: str) -> Image.Image:
@@ -121,16 +126,43 @@ class Task:
   Attributes:
     objective: the static part (conditions, modules, tiling): hashable, a jit
       static argument, so one compilation serves every task of its shapes.
+    refine: DPS or data consistency (`sampler.Refine`), static too.
     inputs: (CLIP params or None, targets per condition, guided iterations bool
-      [steps]): the arrays the guided sampler takes.
+      [steps], the start: None (from noise) or {"image": [H, W, 3] in [-1, 1] at the
+      encoder's input size, "step": the spaced step to start at}): the arrays the
+      guided sampler takes.
   """
   objective: cond_lib.Objective
-  inputs: tuple[PyTree, list[dict[str, np.ndarray]], np.ndarray]
+  refine: sampler.Refine
+  inputs: tuple[PyTree, list[dict[str, np.ndarray]], np.ndarray, dict[str, np.ndarray] | None]
+
+
+def _start(config: ml_collections.ConfigDict, image: Any) -> dict[str, np.ndarray] | None:
+  """The sampler's start: None (from noise), or the image resized (bicubic) to the encoder's
+  input size and the spaced step that leaves ceil(start * sample_steps) iterations."""
+  cc, steps = config.condition, config.diffusion.sample_steps
+  if image is None or isinstance(image, str) and not image:
+    if cc.start < 1:
+      raise checks.UserError(f"condition.start={cc.start} needs condition.init_image (the "
+                             "image whose latent sampling starts from)")
+    return None
+  if not 0 < cc.start <= 1:
+    raise checks.UserError(f"condition.start={cc.start} must be in (0, 1] (the share of the "
+                           "DDIM iterations run)")
+  if isinstance(image, (str, os.PathLike)):
+    image = _read_image(image, "init_image", "condition.init_image").convert("RGB")
+  else:
+    image = Image.fromarray(np.asarray(_load_image(image, "condition.init_image")[0] * 127.5
+                                       + 127.5).round().clip(0, 255).astype(np.uint8))
+  side = config.data.inp_res
+  rgb = np.asarray(image.resize((side, side), Image.Resampling.BICUBIC), np.float32)
+  return {"image": rgb / 127.5 - 1.0, "step": np.int32(math.ceil(cc.start * steps) - 1)}
 
 
 def from_config(config: ml_collections.ConfigDict, regions: Any = None,
-                name: str = "config.condition.regions") -> Task:
-  """The task of `regions` (default `config.condition.regions`); reads every file first."""
+                name: str = "config.condition.regions", init_image: Any = None) -> Task:
+  """The task of `regions` (default `config.condition.regions`) started from `init_image`
+  (a file or an array; default `config.condition.init_image`); reads every file first."""
   cc, sc = config.condition, config.sample
   regions = checks.parse_regions(cc.regions if regions is None else regions, name,
                                  clip_files=(cc.clip_checkpoint, cc.clip_vocab))
@@ -142,32 +174,32 @@ def from_config(config: ml_collections.ConfigDict, regions: Any = None,
                                  pad=sc.pad, quantize=sc.quantize)
   guide = sampler.guided_steps(config.diffusion.sample_steps, cc.guide_start, cc.guide_stop,
                                cc.guide_every)
-  return Task(objective, (clip_params, targets, guide))
-
-
-def guided_latents(config: ml_collections.ConfigDict, unet: Any, dm_params: PyTree,
-                   ae_params: PyTree, objective: cond_lib.Objective, inputs: tuple,
-                   key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Guided DDIM latents [*shape] (before quantization) and their losses [conditions, B].
-
-  The UNet works on latent_scale * z; the conditions see (and this returns) z itself.
-  """
-  return guided_latents_of(config, builders.eps_model(config, unet), dm_params,
-                           builders.diffusion_schedule(config), builders.latent_scale(config),
-                           ae_params, objective, inputs, key, shape)
+  if cc.fit_steps < 0 or cc.fit_lr <= 0 or not 0 <= cc.fit_zeta <= 1:
+    raise checks.UserError(f"condition.fit_steps={cc.fit_steps} must be >= 0, condition."
+                           f"fit_lr={cc.fit_lr} > 0 and condition.fit_zeta={cc.fit_zeta} in [0, 1]")
+  start = _start(config, cc.init_image if init_image is None else init_image)
+  return Task(objective, sampler.Refine(cc.fit_steps, cc.fit_lr, cc.fit_zeta),
+              (clip_params, targets, guide, start))
 
 
 def guided_latents_of(config: ml_collections.ConfigDict, eps_fn: Any, dm_params: PyTree,
                       sched: Any, scale: float, ae_params: PyTree,
-                      objective: cond_lib.Objective, inputs: tuple, key: jax.Array,
-                      shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """`guided_latents` for any denoiser: `eps_fn` (params, x_t, t) -> eps on `sched`,
-  working on scale * z (e.g. a text-to-image UNet with its prompt and guidance)."""
-  clip_params, targets, guide = inputs
+                      objective: cond_lib.Objective, refine: sampler.Refine, inputs: tuple,
+                      key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Guided DDIM latents [*shape] (before quantization) and their losses [conditions, B]
+  for any denoiser: `eps_fn` (params, x_t, t) -> eps on `sched`, working on scale * z
+  (the stage-2 UNet, or a text-to-image UNet with its prompt and guidance); the
+  conditions see (and this returns) z itself."""
+  clip_params, targets, guide, start = inputs
+  init, init_step = None, -1
+  if start is not None:
+    z0 = objective.ae.apply({"params": ae_params}, start["image"][None], method="encode")
+    init, init_step = jax.numpy.broadcast_to(scale * z0, shape), start["step"]
   x, _ = sampler.guided_ddim_sample(
       eps_fn, dm_params, key, shape, sched,
       lambda x0: objective.weighted(ae_params, clip_params, x0 / scale, targets),
       num_steps=config.diffusion.sample_steps, eta=config.diffusion.eta,
-      spacing=config.sample.spacing, guide=guide)
+      spacing=config.sample.spacing, guide=guide, init=init, init_step=init_step,
+      refine=refine)
   z = x / scale
   return z, objective.losses(ae_params, clip_params, z, targets)
