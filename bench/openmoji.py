@@ -21,7 +21,7 @@ B = `--base` (64, the size the quick preset encodes):
   same held-out sets (the floor); and the nearest training emoji of each sample
   at B px (MSE), next to the held-out emoji's own nearest training emoji;
 - inverse: guided sampling (`Model.condition`) of `--inverse_num` held-out emoji
-  at 4B px: `low_res` from the SVG at 4B / 4 and 4B / 8 (`--inverse_factors`;
+  (after the first `--inverse_offset`) at 4B px: `low_res` from the SVG at 4B / 4 and 4B / 8 (`--inverse_factors`;
   bicubic downsampling, the guidance's own observation model), started from the
   observation's own latent (`init_image`; the last `--inverse_start` of the DDIM
   iterations) with `--inverse_fit_steps` data-consistency steps per iteration,
@@ -70,7 +70,11 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--crop", type=int, default=128, help="LPIPS window side.")
   p.add_argument("--samples", type=int, default=1000)
   p.add_argument("--inverse_num", type=int, default=16)
+  p.add_argument("--inverse_offset", type=int, default=0, help="Skip this many held-out emoji "
+                 "(e.g. to check settings on emoji they were not chosen on).")
   p.add_argument("--inverse_factors", default="4,8", help="Super-resolution factors.")
+  p.add_argument("--inpainting", action=argparse.BooleanOptionalAction, default=True,
+                 help="Also the inpainting task of the inverse section.")
   p.add_argument("--inverse_scale", type=float, default=10.0, help="DPS guidance scale "
                  "(inpainting).")
   p.add_argument("--inverse_start", type=float, default=0.24, help="Super-resolution: the "
@@ -171,7 +175,8 @@ class Bench:
                             np.random.default_rng(seed))[self.base]
 
   def inverse(self) -> list[dict]:
-    names, size = self.held_out[:self.args.inverse_num], 4 * self.base
+    first = self.args.inverse_offset
+    names, size = self.held_out[first:first + self.args.inverse_num], 4 * self.base
     gt = self.truth(names, size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,6 +193,8 @@ class Bench:
           rows.append(dict(task=f"{factor}x super-resolution", method=method, **self._score(
               pred, gt, (0, 0, size, size))))
           print(json.dumps(rows[-1]), flush=True)
+      if not self.args.inpainting:
+        return rows
       box = (5 * size // 16, 5 * size // 16, 3 * size // 8, 3 * size // 8)
       known = [_png(tmp, f"known_{n}", _with_hole(g, box)) for n, g in zip(names, gt)]
       guided = self._guided([
