@@ -69,7 +69,7 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--factors", default=",".join(map(str, FACTORS)))
   p.add_argument("--crop", type=int, default=128, help="LPIPS window side.")
   p.add_argument("--samples", type=int, default=1000)
-  p.add_argument("--inverse_num", type=int, default=16)
+  p.add_argument("--inverse_num", type=int, default=8)
   p.add_argument("--inverse_offset", type=int, default=0, help="Skip this many held-out emoji "
                  "(e.g. to check settings on emoji they were not chosen on).")
   p.add_argument("--inverse_factors", default="4,8", help="Super-resolution factors.")
