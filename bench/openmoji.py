@@ -21,10 +21,11 @@ B = `--base` (64, the size the quick preset encodes):
   same held-out sets (the floor); and the nearest training emoji of each sample
   at B px (MSE), next to the held-out emoji's own nearest training emoji;
 - inverse: guided sampling (`Model.condition`) of `--inverse_num` held-out emoji
-  (after the first `--inverse_offset`) at 4B px: `low_res` from the SVG at 4B / 4 and 4B / 8 (`--inverse_factors`;
-  bicubic downsampling, the guidance's own observation model), started from the
-  observation's own latent (`init_image`; the last `--inverse_start` of the DDIM
-  iterations) with `--inverse_fit_steps` data-consistency steps per iteration,
+  (after the first `--inverse_offset`) at 4B px: `low_res` from the SVG at 4B / 4
+  and 4B / 8 (`--inverse_factors`; bicubic downsampling, the guidance's own
+  observation model), started from the observation's own latent (`init_image`;
+  the last `--inverse_start` of the DDIM iterations) with `--inverse_fit_steps`
+  data-consistency steps per iteration,
   against bicubic upsampling of that observation and against that starting latent
   rendered without diffusion (`encoder`: the observation upsampled to B px by
   bicubic, encoded, rendered); `known` with a centre box of 3/8 of the side masked,

@@ -15,8 +15,8 @@ The guided steps and the CLIP files come from the `condition` config section
 (`SETTINGS`), the tiling and the step spacing from `sample`, the DDIM steps and eta
 from `diffusion`. Also from `condition`: `init_image` and `start` (begin part-way,
 from the encoder's latent of an image, e.g. the low-resolution observation) and
-`fit_steps`, `fit_lr`, `fit_zeta` (data consistency instead of DPS); `guidance.sampler` documents
-both.
+`fit_steps`, `fit_lr`, `fit_zeta` (data consistency instead of DPS), both documented
+in `guidance.sampler`.
 """
 
 import dataclasses
