@@ -1,13 +1,14 @@
-"""The one error type of user mistakes, and the parsers of values users give.
+"""The one error type of user mistakes, and the parsers and checks of values users give.
 
 A `UserError` is reported in one line with exit code 2 (the command line) or raised
 to the caller (the Python API). `infd_jax.config_checks` validates a whole config
-with these parsers before any work.
+with these before any work; the Python API calls the same ones, so each fact about a
+setting is checked in one place.
 """
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -26,6 +27,12 @@ _REGION_KEYS = {"kind", "size", "box", "image", "mask", "prompt", "scale"}
 def is_int(v: Any) -> bool:
   """An integer that is not a bool."""
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+  """A finite int or float that is not a bool."""
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and \
+      bool(np.isfinite(v))
 
 
 def is_local(path: str) -> bool:
@@ -149,6 +156,41 @@ def parse_regions(regions: Any, name: str = "config.condition.regions",
       if is_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise UserError(f"config.condition.{key}={path!r}: not found")
   return regions
+
+
+def check_start_and_fit(settings: Mapping[str, Any], name: str = "config.condition", *,
+                        sampling: bool = True) -> None:
+  """The `condition` settings of a guided start (`init_image`, `start`) and of data
+  consistency (`fit_steps`, `fit_lr`, `fit_zeta`; `guidance.sampler.Refine`), checked for
+  the `condition` job and `Model.condition` alike; UserError naming `<name>.<setting>`.
+
+  Args:
+    settings: those five settings (a `condition` config section, or a mapping whose
+      init_image may be an array [h, w, 3] from the Python API).
+    name: the settings' prefix in messages (`config.condition`; `condition` in the API).
+    sampling: they are used now (a condition job or call), so a start below 1 needs an
+      init_image and a local init_image file must exist.
+  """
+  def fail(key: str, problem: str) -> None:
+    raise UserError(f"{name}.{key}={settings[key]!r}: {problem}")
+  start, image = settings["start"], settings["init_image"]
+  if not is_number(start) or not 0 < start <= 1:
+    fail("start", "must be a number in (0, 1] (the share of the DDIM iterations run)")
+  if not is_int(settings["fit_steps"]) or settings["fit_steps"] < 0:
+    fail("fit_steps", "must be an integer >= 0 (Adam steps on each guided x0; 0: DPS)")
+  if not is_number(settings["fit_lr"]) or settings["fit_lr"] <= 0:
+    fail("fit_lr", "must be a number > 0")
+  if not is_number(settings["fit_zeta"]) or not 0 <= settings["fit_zeta"] <= 1:
+    fail("fit_zeta", "must be a number in [0, 1]")
+  if not sampling:
+    return
+  is_path = isinstance(image, (str, os.PathLike))
+  if image is None or is_path and not os.fspath(image):
+    if start < 1:
+      fail("start", "below 1 needs condition.init_image (the image whose latent sampling "
+           "starts from)")
+  elif is_path and is_local(os.fspath(image)) and not os.path.isfile(os.path.expanduser(image)):
+    fail("init_image", "not found")
 
 
 def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:

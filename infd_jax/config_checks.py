@@ -13,10 +13,9 @@ import re
 from typing import Any, Callable
 
 import ml_collections
-import numpy as np
 
 from infd_jax import checks
-from infd_jax.checks import UserError, is_int, is_local, parse_size
+from infd_jax.checks import UserError, is_int, is_local, is_number, parse_size
 from infd_jax.diffusion import SAMPLERS, SPACINGS
 
 STAGES = ("ae", "dm", "sample", "eval", "condition", "all", "t2i_unet", "t2i")
@@ -39,8 +38,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Rule:
 def _num(lo: float, hi: float = float("inf"), lo_open: bool = False,
          hi_open: bool = False) -> Rule:
   def rule(v):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and (
-        v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    ok = is_number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     return "" if ok else (f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
                           f"{')' if hi_open or hi == float('inf') else ']'}")
   return rule
@@ -75,8 +73,7 @@ def _ints(lo: int, empty: bool = False) -> Rule:
 
 
 def _affine_rgb(v: Any) -> str:
-  ok = isinstance(v, (list, tuple)) and len(v) in (0, 12) and all(
-      isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+  ok = isinstance(v, (list, tuple)) and len(v) in (0, 12) and all(map(is_number, v))
   return "" if ok else "must be () or 12 numbers (a 3 x 3 matrix row-major, then 3 offsets)"
 
 
@@ -170,9 +167,7 @@ RULES: dict[str, Rule] = {
     "condition.seed": _int(), "condition.guide_start": _int(0), "condition.guide_stop": _int(-1),
     "condition.guide_every": _int(1), "condition.clip_checkpoint": _str,
     "condition.clip_vocab": _str, "condition.out_dir": _folder,
-    "condition.init_image": _str, "condition.start": _num(0, 1, lo_open=True),
-    "condition.fit_steps": _int(0), "condition.fit_lr": _num(0, lo_open=True),
-    "condition.fit_zeta": _num(0, 1),
+    # condition.init_image, start, fit_steps, fit_lr, fit_zeta: checks.check_start_and_fit
     "eval.real_dir": _folder, "eval.fake_dir": _folder, "eval.resolution": _int(1),
     "eval.inception_weights": _str, "eval.patch_sizes": _ints(1, empty=True),
     "eval.batch_size": _int(1), "eval.max_images": _int(0), "eval.recon_resolutions": _ints(1),
@@ -219,9 +214,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None, 
     problem = rule(value)
     if problem:
       _fail(key, value, problem)
+  stage = config.stage
+  checks.check_start_and_fit(config.condition, sampling=stage == "condition")
   _check_models(config)
   _check_data(config)
-  stage = config.stage
   # (A text-to-image model scales its latents by its SD checkpoint's scaling_factor instead.)
   if (adopted and stage in ("sample", "condition") and not config.diffusion.latent_scale
       and not config.t2i.sd_weights):
@@ -306,11 +302,6 @@ def _check_condition(config: ml_collections.ConfigDict) -> None:
   if cc.guide_start >= config.diffusion.sample_steps:
     _fail("condition.guide_start", cc.guide_start, "must be below diffusion.sample_steps="
           f"{config.diffusion.sample_steps} (0 = the noisiest step)")
-  if cc.start < 1 and not cc.init_image:
-    _fail("condition.start", cc.start, "below 1 needs condition.init_image (the image whose "
-          "latent sampling starts from)")
-  if cc.init_image:
-    _need_file("condition.init_image", cc.init_image)
 
 
 def _check_t2i(config: ml_collections.ConfigDict) -> None:

@@ -345,7 +345,8 @@ class Model:
     init_image = settings.pop("init_image", None)  # an array does not fit a config
     config = ml_collections.ConfigDict(self.config.to_dict())
     config.condition.update(settings)
-    task = task_lib.from_config(config, regions, name="regions", init_image=init_image)
+    task = task_lib.from_config(config, regions, name="regions", init_image=init_image,
+                                settings_name="condition")
     z, losses = self.condition_global(np.arange(n), seed, task, prompt, guidance_scale)
     return _gather(z)[:n], _gather(losses)[:n]
 

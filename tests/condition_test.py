@@ -107,12 +107,14 @@ _LOW_RES = [{"kind": "low_res", "size": 32, "image": np.zeros((8, 8, 3), np.uint
     ("[{", {}, "regions is not a JSON list"),
     ([{"kind": "low_res", "size": 32, "image": "x.png"}], {"guide_evry": 2},
      r"unknown settings \['guide_evry'\]"),
-    (_LOW_RES, {"start": 0.5}, r"condition.start=0.5 needs condition.init_image"),
+    (_LOW_RES, {"start": 0.5}, r"^condition.start=0.5: below 1 needs condition.init_image"),
     (_LOW_RES, {"start": 0.5, "init_image": "missing.png"},
-     r"condition.init_image: init_image missing.png not found"),
+     r"^condition.init_image='missing.png': not found"),
     (_LOW_RES, {"start": 1.5, "init_image": np.zeros((8, 8, 3), np.uint8)},
-     r"condition.start=1.5 must be in \(0, 1\]"),
-    (_LOW_RES, {"fit_steps": -1}, r"condition.fit_steps=-1 must be >= 0"),
+     r"^condition.start=1.5: must be a number in \(0, 1\]"),
+    (_LOW_RES, {"fit_steps": -1}, r"^condition.fit_steps=-1: must be an integer >= 0"),
+    (_LOW_RES, {"fit_steps": 2, "fit_lr": 0.0}, r"^condition.fit_lr=0.0: must be a number > 0"),
+    (_LOW_RES, {"fit_zeta": 2.0}, r"^condition.fit_zeta=2.0: must be a number in \[0, 1\]"),
 ])
 def test_bad_regions_and_settings_are_one_line_user_errors(model, regions, settings, message):
   with pytest.raises(checks.UserError, match=message) as e:

@@ -141,14 +141,8 @@ def _start(config: ml_collections.ConfigDict, image: Any) -> dict[str, np.ndarra
   """The sampler's start: None (from noise), or the image resized (bicubic) to the encoder's
   input size and the spaced step that leaves ceil(start * sample_steps) iterations."""
   cc, steps = config.condition, config.diffusion.sample_steps
-  if image is None or isinstance(image, str) and not image:
-    if cc.start < 1:
-      raise checks.UserError(f"condition.start={cc.start} needs condition.init_image (the "
-                             "image whose latent sampling starts from)")
+  if image is None or isinstance(image, (str, os.PathLike)) and not os.fspath(image):
     return None
-  if not 0 < cc.start <= 1:
-    raise checks.UserError(f"condition.start={cc.start} must be in (0, 1] (the share of the "
-                           "DDIM iterations run)")
   if isinstance(image, (str, os.PathLike)):
     image = _read_image(image, "init_image", "condition.init_image").convert("RGB")
   else:
@@ -160,10 +154,14 @@ def _start(config: ml_collections.ConfigDict, image: Any) -> dict[str, np.ndarra
 
 
 def from_config(config: ml_collections.ConfigDict, regions: Any = None,
-                name: str = "config.condition.regions", init_image: Any = None) -> Task:
+                name: str = "config.condition.regions", init_image: Any = None,
+                settings_name: str = "config.condition") -> Task:
   """The task of `regions` (default `config.condition.regions`) started from `init_image`
-  (a file or an array; default `config.condition.init_image`); reads every file first."""
+  (a file or an array; default `config.condition.init_image`); checks the settings and
+  reads every file first. Errors name the regions `name` and the settings `settings_name`."""
   cc, sc = config.condition, config.sample
+  init_image = cc.init_image if init_image is None else init_image
+  checks.check_start_and_fit({**cc, "init_image": init_image}, settings_name)
   regions = checks.parse_regions(cc.regions if regions is None else regions, name,
                                  clip_files=(cc.clip_checkpoint, cc.clip_vocab))
   clip = clip_params = embed = None
@@ -174,10 +172,7 @@ def from_config(config: ml_collections.ConfigDict, regions: Any = None,
                                  pad=sc.pad, quantize=sc.quantize)
   guide = sampler.guided_steps(config.diffusion.sample_steps, cc.guide_start, cc.guide_stop,
                                cc.guide_every)
-  if cc.fit_steps < 0 or cc.fit_lr <= 0 or not 0 <= cc.fit_zeta <= 1:
-    raise checks.UserError(f"condition.fit_steps={cc.fit_steps} must be >= 0, condition."
-                           f"fit_lr={cc.fit_lr} > 0 and condition.fit_zeta={cc.fit_zeta} in [0, 1]")
-  start = _start(config, cc.init_image if init_image is None else init_image)
+  start = _start(config, init_image)
   return Task(objective, sampler.Refine(cc.fit_steps, cc.fit_lr, cc.fit_zeta),
               (clip_params, targets, guide, start))
 
