@@ -42,3 +42,17 @@ def test_aot_sweep_records_become_rows_of_the_tables_slices(tmp_path):
   b = roofline.bounds(record)
   assert b["t_flops"] == pytest.approx(1.0) and b["t_bytes"] == pytest.approx(1.0)
   assert b["t_hbm"] is None and b["items_per_s"] == pytest.approx(12.0)
+
+
+def test_block_bytes_counts_the_gradient_of_two_convolutions_per_image():
+  """FLOPs of the block's gradient (forward, input and weight gradients of two 3x3 convs)
+  against the closed form, per image at two batches, on this host's CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bench import block_bytes  # pylint: disable=g-import-not-at-top
+  c, s = 32, 16
+  full = 3 * 2 * 2 * 9 * s * s * c * c / 1e9  # 3 passes x 2 convs x 2 FLOP per multiply-add
+  inside = full * (3 * s - 2) ** 2 / (9 * s * s)  # without the taps that fall on the zero border
+  one, two = (block_bytes.measure(c, s, b, "float32", jax.devices("cpu")[0]) for b in (1, 2))
+  assert inside <= one["gflop"] <= 1.1 * full  # GroupNorm and swish add a few percent
+  assert two["gflop"] == pytest.approx(one["gflop"], rel=1e-3)  # reported per image
+  assert 0 < one["hbm_gb"] <= one["xla_gb"] * (1 + 1e-6)
