@@ -27,8 +27,9 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 # The files that launch several processes or train longest. pytest-xdist (the README's
-# `-n 2 --dist loadfile`) hands whole files to its workers in collection order, so these go
-# first and alternate between the workers, and the run does not end on one of them alone.
+# `-n 2 --dist loadfile --no-loadscope-reorder`) hands whole files to its workers in
+# collection order, so these go first and alternate between the workers, and the run does not
+# end on one of them alone. (Without the last flag xdist orders files by their test count.)
 LONGEST_FILES = ("pod_test.py", "jobs_test.py", "condition_test.py", "inference_test.py",
                  "train_step_test.py", "t2i_test.py", "openmoji_bench_test.py", "demo_test.py",
                  "guidance_test.py", "compile_cache_test.py")
