@@ -2,13 +2,14 @@
 
   python -m bench.block_bytes --slice=v5e-8 --channels=128 --size=256 --batches=1,8
 
-Compiles the gradient (parameters and input) of a squared loss on one residual block (GroupNorm, swish,
-conv3x3, twice) of the autoencoder, at `--size` x `--size` with `--channels` channels,
-for one chip of a TPU slice (libtpu on this host, as `bench.roofline`), or for this host
-with `--slice=cpu`. Prints per image: GFLOP, XLA's "bytes accessed" (every memory
-space) and the HBM-only bytes of `bench.hlo_bytes` (memory space 0). This shows how the TPU compiler's plan for the same
-convolutions changes with the number of images per chip, which the AE step's roofline
-(one image per chip on an 8-chip slice) cannot show.
+Compiles the gradient (parameters and input) of a squared loss on one residual block
+(GroupNorm, swish, conv3x3, twice) of the autoencoder, at `--size` x `--size` with
+`--channels` channels, for one chip of a TPU slice (libtpu on this host, as
+`bench.roofline`), or for this host with `--slice=cpu`. Prints per image: GFLOP, XLA's
+"bytes accessed" (every memory space) and the HBM-only bytes of `bench.hlo_bytes` (memory
+space 0). This shows how the TPU compiler's plan for the same convolutions changes with the
+number of images per chip, which the AE step's roofline (one image per chip on an 8-chip
+slice) cannot show.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from bench import hlo_bytes, roofline
+from bench import roofline
 from infd_jax import aot
 from infd_jax.models.blocks import ResnetBlock
 
@@ -41,7 +42,7 @@ def measure(channels: int, size: int, batch: int, dtype: str, device: jax.Device
   """Per-image GFLOP, XLA bytes and HBM-only bytes of the block's gradient."""
   compiled = block_gradient(channels, size, batch, dtype, device)
   cost = aot.analysis(compiled)
-  hbm = sum(op.hbm_bytes for op in hlo_bytes.parse(compiled.as_text()))
+  hbm = roofline.hbm_bytes(compiled.as_text())
   return {"batch": batch, "dtype": dtype, "gflop": cost["flops"] / batch / 1e9,
           "xla_gb": cost["bytes_accessed"] / batch / 1e9, "hbm_gb": hbm / batch / 1e9}
 
