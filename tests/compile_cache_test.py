@@ -17,7 +17,7 @@ def _main(workdir, cache, data, *extra, env=()):
   return subprocess.run(
       [sys.executable, "-m", "infd_jax.main", "--config=tiny", f"--workdir={workdir}",
        f"--config.compile_cache={cache}", f"--config.data.data_dir={data}",
-       "--config.train.ae_steps=2", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+       "--config.train.ae_steps=1", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=900)
 
 

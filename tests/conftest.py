@@ -43,22 +43,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_trained(tmp_path_factory):
-  """A workdir with a 3-step autoencoder and diffusion model of non-default widths.
+def tiny_data(tmp_path_factory):
+  """The folder of the demo dataset that `tiny_trained` is prepared into and trained on."""
+  return tmp_path_factory.mktemp("tiny_data")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_data):
+  """Makes the config `tiny_trained` was trained with: `tiny_config(stage, **train)`.
 
   z_channels, codebook size, UNet channel multipliers and head width differ from
   `configs/tiny.py`, so later stages only work if they read the saved architecture.
+  Both stages evaluate once, at step 3, on one batch of the training split (the demo set
+  has one split; it stands in for validation).
   """
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
-  data, work = tmp_path_factory.mktemp("tiny_data"), tmp_path_factory.mktemp("tiny_trained")
-  for stage in ("ae", "dm"):
+
+  def make(stage: str, **train):
     c = tiny.get_config()
     c.stage = stage
-    c.data.data_dir = str(data)
+    c.data.update(data_dir=str(tiny_data), eval_split="train")
     c.ae.update(z_channels=4, num_codes=16)
     c.dm.update(channel_mult=(1, 1), num_head_channels=16)
-    jobs.run(c, work)
+    c.train.update(eval_every=3, eval_batches=1, **train)
+    return c
+  return make
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_config, tmp_path_factory):
+  """A workdir with a 3-step autoencoder and diffusion model trained by `tiny_config`
+  (checkpoints at steps 2 and 3). Tests that write into it work on a copy."""
+  from infd_jax import jobs  # pylint: disable=g-import-not-at-top
+  work = tmp_path_factory.mktemp("tiny_trained")
+  for stage in ("ae", "dm"):
+    jobs.run(tiny_config(stage), work)
   return work
 
 

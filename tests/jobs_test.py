@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -37,14 +38,13 @@ def _scalar_tags(workdir: pathlib.Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A workdir with a 3-step autoencoder and a 3-step diffusion model."""
-  data, work = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("work")
-  for stage in ("ae", "dm"):
-    c = _config(data, stage, eval_every=3, eval_batches=1)
-    c.data.eval_split = "train"  # the demo set has one split; it stands in for validation
-    jobs.run(c, work)
-  return data, work
+def trained(tiny_data, tiny_trained, tmp_path_factory):
+  """The data folder and a copy, which this file's jobs write into, of the session's workdir
+  with a 3-step autoencoder and a 3-step diffusion model, each evaluated at step 3
+  (`tiny_trained`)."""
+  work = tmp_path_factory.mktemp("jobs") / "work"
+  shutil.copytree(tiny_trained, work)
+  return tiny_data, work
 
 
 def test_stages_write_checkpoints_events_and_latent_cache(trained):
@@ -113,7 +113,7 @@ def test_eval_job_reports_reconstruction_and_scale_consistency(trained):
     np.testing.assert_allclose(results[f"recon_psnr_{res}"], want, rtol=1e-4)
 
 
-def test_ae_visualiser_shows_the_models_predictions_on_its_fixed_crops(trained):
+def test_ae_visualiser_shows_the_models_predictions_on_its_fixed_crops(trained, tiny_config):
   """Through Model with the state's parameters, the pairs are the autoencoder's own forward
   pass on each crop's coordinates (the training prediction) next to the crop."""
   import types  # pylint: disable=g-import-not-at-top
@@ -121,8 +121,8 @@ def test_ae_visualiser_shows_the_models_predictions_on_its_fixed_crops(trained):
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from infd_jax.evaluation import writers  # pylint: disable=g-import-not-at-top
   from infd_jax.training import on_device  # pylint: disable=g-import-not-at-top
-  data, work = trained
-  c = _config(data, "ae")
+  _, work = trained
+  c = tiny_config("ae")
   params = inference.load(work).ae_params
   logged = {}
   writer = types.SimpleNamespace(write_images=lambda step, images: logged.update(images))
@@ -143,19 +143,20 @@ def test_ae_visualiser_shows_the_models_predictions_on_its_fixed_crops(trained):
   assert np.mean(got == want) > 0.99
 
 
-def test_dm_resumed_run_equals_straight_run(trained, tmp_path):
-  data, work = trained
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  for wd, steps in ((straight, 4), (resumed, 2), (resumed, 4)):
-    c = _config(data, "dm", dm_steps=steps)
-    c.ckpt.ae_checkpoint = str(work)
-    jobs.run(c, wd)
-  c = _config(data, "dm")
+def test_dm_resumed_run_equals_straight_run(tiny_trained, tiny_config, tmp_path):
+  """Stage 2 resumed from the step-2 checkpoint of the session's straight 3-step run
+  (`tiny_trained`) ends in that run's step-3 state: parameters, optimizer, EMA and step, after
+  the batch and noise of step 3 (data position and RNG restored)."""
+  straight = tiny_trained
+  resumed = pathlib.Path(shutil.copytree(straight, tmp_path / "resumed"))
+  shutil.rmtree(resumed / "checkpoints_dm" / "3")
+  c = tiny_config("dm")
+  jobs.run(c, resumed)
   mesh = sharding.make_mesh(-1, 1)
   abstract, _, _ = loop.initial_state(dm_task.init_fn(c), mesh, (), 0)
   a = checkpointing.Checkpointer(straight / "checkpoints_dm", read_only=True).restore(abstract)[1]
   b = checkpointing.Checkpointer(resumed / "checkpoints_dm", read_only=True).restore(abstract)[1]
-  assert int(a.step) == int(b.step) == 4
+  assert int(a.step) == int(b.step) == 3
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -205,17 +206,17 @@ def test_batch_that_does_not_split_over_the_devices_stops_before_any_work(tmp_pa
   assert not workdir.exists() and not (tmp_path / "data").exists()  # nothing read or compiled
 
 
-def test_gs_workdir_is_never_made_local(trained, tmp_path, monkeypatch):
+def test_gs_workdir_is_never_made_local(trained, tiny_config, tmp_path, monkeypatch):
   """A `gs://` workdir (an in-memory gcs filesystem here) holds the run's latent cache,
   events and checkpoint folder; nothing lands on local disk."""
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
   from tests import fake_gcs  # pylint: disable=g-import-not-at-top
-  data, work = trained
+  _, work = trained
   # orbax asks the GCS bucket API (google-cloud-storage) whether the bucket has a
   # hierarchical namespace; the fake bucket is a flat one.
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
   monkeypatch.chdir(tmp_path)
-  c = _config(data, "dm", dm_steps=0)  # orbax's array writes need a real GCS endpoint
+  c = tiny_config("dm", dm_steps=0)  # orbax's array writes need a real GCS endpoint
   c.ckpt.ae_checkpoint = str(work)
   with fake_gcs.installed() as fs:
     jobs.run(c, "gs://bucket/run")
@@ -271,14 +272,13 @@ def test_sample_and_eval_read_and_write_a_gs_workdir(trained, tmp_path, monkeypa
   np.testing.assert_allclose(results["pfd_vgg16_16_32"], expected["pfd_vgg16_16_32"], rtol=1e-6)
 
 
-def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
+def test_latents_of_a_changed_autoencoder_are_not_reused(trained, tiny_config, tmp_path):
   from infd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data, work = trained
+  _, work = trained
   work = pathlib.Path(shutil.copytree(work, tmp_path / "work"))
-  jobs.run(_config(data, "ae", ae_steps=4), work)  # the autoencoder trains on
-  c = _config(data, "dm", dm_steps=4)
-  c.data.eval_split = "train"  # the data settings of the first stage-2 run: only the AE changed
+  jobs.run(tiny_config("ae", ae_steps=4), work)  # the autoencoder trains on
+  # The data settings of the first stage-2 run: only the AE changed.
+  c = tiny_config("dm", dm_steps=4)
   jobs.run(c, work)  # and stage 2 continues on it
   # The newest latents on disk must be the encodings of the step-4 autoencoder.
   newest = max((work / "latents").rglob("*.npy"), key=lambda f: f.stat().st_mtime_ns)
