@@ -52,6 +52,24 @@ def test_saved_on_8_devices_restores_on_other_meshes(tmp_path, devices, shape, s
   assert ckpt.restore_config()["note"] == "x"
 
 
+def test_a_replicated_state_on_8_cpu_devices_saves_without_compiling(tmp_path, caplog):
+  """Replica-parallel saving would slice each replicated array on every device, one compile
+  per (shape, device): 8 x 12 here. On CPU one replica writes each array."""
+  mesh = sharding.make_mesh(4, 2)
+  state = {f"b{n}": jax.device_put(jnp.arange(8.0 * n), NamedSharding(mesh, P()))
+           for n in range(1, 13)}
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+    ckpt.save(1, state, None, {})
+    ckpt.wait_until_finished()
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+              for k, v in state.items()}
+  _, restored = checkpointing.Checkpointer(tmp_path).restore(abstract)
+  for n in range(1, 13):
+    np.testing.assert_array_equal(np.asarray(restored[f"b{n}"]), np.arange(8.0 * n))
+
+
 def test_partial_save_is_ignored_and_previous_step_restores(tmp_path):
   mesh = sharding.make_mesh(4, 2)
   ckpt = checkpointing.Checkpointer(tmp_path)

@@ -9,6 +9,7 @@ table is widened to the vocabulary's 720 rows (the fixture's 100 rows kept, the
 others drawn at random) and saved again with `convert.sd.save`.
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -21,9 +22,10 @@ import pytest
 import skimage.data
 
 from configs import tiny
-from infd_jax import checkpointing, jobs, trained
+from infd_jax import builders, checkpointing, jobs, trained
 from infd_jax.clip.tokenizer import Tokenizer
 from infd_jax.convert import sd
+from infd_jax.diffusion import samplers, schedules
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VOCAB = FIXTURES / "clip" / "tiny_bpe.txt.gz"
@@ -146,6 +148,34 @@ def t2i_workdir(setup, trained_unet):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def model(t2i_workdir):
+  """`infd_jax.load` of the workdir, shared by the API tests so that they share its programs
+  (the t2i job only reads the checkpoints)."""
+  import infd_jax  # pylint: disable=g-import-not-at-top
+  return infd_jax.load(t2i_workdir)
+
+
+@pytest.fixture(scope="module")
+def conditional_sample(setup, model):
+  """The independent reference of unguided sampling: (sampler name, key, one prompt's context
+  [1, L, width]) -> latents [h, w, c] of that sampler on SD's UNet called with the context
+  alone (no guidance wrapper), SD's schedule, divided by SD's scaling factor. One jitted
+  program, the context an argument, shared by the tests."""
+  arch = sd.load(setup["weights"])[1]
+  sched = schedules.scaled_linear_schedule(**arch["schedule"])
+  c = model.config
+  shape = (1, *builders.latent_shape(c))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def sample(name, params, key, context):
+    apply = lambda p, x, t: model.t2i.unet.apply({"params": p}, x, t, context)
+    return samplers.sample(name, apply, params, key, shape, sched,
+                           num_steps=c.diffusion.sample_steps, eta=c.diffusion.eta,
+                           spacing=c.sample.spacing)[0] / arch["scaling_factor"]
+  return lambda name, key, context: np.asarray(sample(name, model.dm_params, key, context))
+
+
 PROMPTS = ("a cat", "a rocket on its launch pad")
 
 
@@ -158,38 +188,26 @@ def test_stage_a_starts_from_sds_encoder_and_keeps_it_bit_identical(setup, t2i_w
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_guidance_scale_1_is_the_conditional_sampler(setup, t2i_workdir):
-  import infd_jax  # pylint: disable=g-import-not-at-top
-  from infd_jax.diffusion import samplers, schedules  # pylint: disable=g-import-not-at-top
-  model = infd_jax.load(t2i_workdir)
+def test_guidance_scale_1_is_the_conditional_sampler(setup, model, conditional_sample):
   assert model.t2i is not None and model.config.ae.kl_encoder
   z = model.generate_latents(PROMPTS, n=2, seed=3, guidance_scale=1.0)
   guided = model.generate_latents(PROMPTS, n=2, seed=3, guidance_scale=4.0)
   # Independently: the UNet on each prompt's context alone, no guidance wrapper.
-  trees, arch = sd.load(setup["weights"])
-  unet, text, tok = model.t2i.unet, model.t2i.text, model.t2i.tokenizer
-  context = text.apply({"params": trees["text"]}, tok(list(PROMPTS)))
-  sched = schedules.scaled_linear_schedule(**arch["schedule"])
-  c = model.config
+  trees = sd.load(setup["weights"])[0]
+  context = model.t2i.text.apply({"params": trees["text"]}, model.t2i.tokenizer(list(PROMPTS)))
   for i in range(4):
-    apply = lambda p, x, t, ctx=context[i // 2][None]: unet.apply({"params": p}, x, t, ctx)
-    want = samplers.sample(c.sample.sampler, apply, model.dm_params,
-                           jax.random.fold_in(jax.random.PRNGKey(3), i), (1, *z.shape[1:]),
-                           sched, num_steps=c.diffusion.sample_steps, eta=c.diffusion.eta,
-                           spacing=c.sample.spacing)[0] / arch["scaling_factor"]
-    np.testing.assert_allclose(z[i], np.asarray(want), rtol=1e-4, atol=1e-5)
+    want = conditional_sample(model.config.sample.sampler,
+                              jax.random.fold_in(jax.random.PRNGKey(3), i), context[i // 2][None])
+    np.testing.assert_allclose(z[i], want, rtol=1e-4, atol=1e-5)
   assert np.max(np.abs(guided - z)) > 1e-3  # the scale acts
   assert not np.allclose(z[0], z[1])  # two copies of one prompt differ
 
 
-def test_conditions_on_regions_guide_the_prompts_sampler(setup, t2i_workdir, tmp_path):
+def test_conditions_on_regions_guide_the_prompts_sampler(setup, model, conditional_sample,
+                                                         tmp_path):
   """Model.condition of a text-to-image model: unguided, it is DDIM of the UNet on the
   prompt's context alone (guidance scale 1); guided, the known pixels move closer."""
-  import infd_jax  # pylint: disable=g-import-not-at-top
-  from infd_jax import builders  # pylint: disable=g-import-not-at-top
-  from infd_jax.diffusion import samplers, schedules  # pylint: disable=g-import-not-at-top
   from infd_jax.rendering import pixels  # pylint: disable=g-import-not-at-top
-  model = infd_jax.load(t2i_workdir)
   size, box = 16, (2, 2, 12, 12)
   target = np.random.default_rng(1).normal(size=(1, *builders.latent_shape(model.config)))
   known = pixels.to_uint8(model.render(target.astype(np.float32), size))[0, 2:14, 2:14]
@@ -199,16 +217,11 @@ def test_conditions_on_regions_guide_the_prompts_sampler(setup, t2i_workdir, tmp
   steps = model.config.diffusion.sample_steps
   z0, loss0 = model.condition([region], n=2, seed=3, prompt=PROMPTS[1], guidance_scale=1.0,
                               guide_start=steps)
-  trees, arch = sd.load(setup["weights"])
+  trees = sd.load(setup["weights"])[0]
   context = model.t2i.text.apply({"params": trees["text"]}, model.t2i.tokenizer([PROMPTS[1]]))
-  apply = lambda p, x, t: model.t2i.unet.apply({"params": p}, x, t, context)
-  sched = schedules.scaled_linear_schedule(**arch["schedule"])
-  c = model.config
   for i in range(2):
-    want = samplers.ddim_sample(apply, model.dm_params, jax.random.fold_in(jax.random.PRNGKey(3), i),
-                                (1, *z0.shape[1:]), sched, num_steps=steps, eta=c.diffusion.eta,
-                                spacing=c.sample.spacing)[0] / arch["scaling_factor"]
-    np.testing.assert_allclose(z0[i], np.asarray(want), rtol=1e-4, atol=1e-5)
+    want = conditional_sample("ddim", jax.random.fold_in(jax.random.PRNGKey(3), i), context)
+    np.testing.assert_allclose(z0[i], want, rtol=1e-4, atol=1e-5)
   z, loss = model.condition([region], n=2, seed=3, prompt=PROMPTS[1], guidance_scale=1.0)
   assert np.all(loss[:, 0] < loss0[:, 0]), (loss, loss0)
   from infd_jax import checks  # pylint: disable=g-import-not-at-top
@@ -216,8 +229,8 @@ def test_conditions_on_regions_guide_the_prompts_sampler(setup, t2i_workdir, tmp
     model.condition([region], n=1)
 
 
-def test_stage_t2i_writes_each_size_and_a_window_as_the_api_renders_them(setup, t2i_workdir):
-  import infd_jax  # pylint: disable=g-import-not-at-top
+def test_stage_t2i_writes_each_size_and_a_window_as_the_api_renders_them(setup, t2i_workdir,
+                                                                        model):
   from infd_jax.rendering import pixels  # pylint: disable=g-import-not-at-top
   c = t2i_config(setup, "t2i")
   c.t2i.update(prompts=PROMPTS, guidance_scale=2.5)
@@ -229,7 +242,6 @@ def test_stage_t2i_writes_each_size_and_a_window_as_the_api_renders_them(setup, 
   jobs.run(c, t2i_workdir)
   assert json.loads((out / "prompts.json").read_text()) == {
       "0": PROMPTS[0], "1": PROMPTS[0], "2": PROMPTS[1], "3": PROMPTS[1]}
-  model = infd_jax.load(t2i_workdir)
   for size in (16, 40):
     want = pixels.to_uint8(model.generate(PROMPTS, size, n=2, seed=5, guidance_scale=2.5))
     for i in range(4):

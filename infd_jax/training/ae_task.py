@@ -1,7 +1,7 @@
 """Stage 1 as a `loop.Task`: models, init, step, data and visualisation."""
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,9 @@ def sd_encoder_start(config: ml_collections.ConfigDict):
   from infd_jax.convert import sd  # pylint: disable=g-import-not-at-top
   encoder = sd.load(config.t2i.sd_weights)[0]["vae"]["encoder"]
 
-  def warm_start(state: AEState) -> AEState:
+  def warm_start(fresh: Callable[[], AEState], shardings: AEState) -> AEState:
+    del shardings  # the fresh state's
+    state = fresh()
     target = state.gen_params["encoder"]
     shapes = lambda tree: jax.tree.map(np.shape, tree)
     if shapes(target) != shapes(encoder):

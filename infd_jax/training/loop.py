@@ -47,8 +47,10 @@ class Task:
     evaluate: (state, step, writer) -> None, every `eval_every` steps.
     learned: values the stage computed before training that later stages need
       (e.g. the latent scale); saved with every checkpoint.
-    warm_start: fresh state -> the state a new run starts from (e.g. with imported
-      weights); not called when the run resumes.
+    warm_start: (fresh, shardings) -> the state a new run starts from (e.g. with imported
+      weights), where `fresh()` gives the randomly initialised state (compiled only if
+      called: a task that imports every weight skips it) and `shardings` the state's;
+      not called when the run resumes.
   """
   name: str
   total_steps: int
@@ -61,11 +63,16 @@ class Task:
   visualize: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   evaluate: Callable[[PyTree, int, writers.MetricWriter], None] | None = None
   learned: dict[str, Any] | None = None
-  warm_start: Callable[[PyTree], PyTree] | None = None
+  warm_start: Callable[[Callable[[], PyTree], PyTree], PyTree] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+def init_key(seed: int) -> jax.Array:
+  """The key `Task.init` gets in a new run of `seed`."""
+  return jax.random.PRNGKey(seed)
 
 
 def initial_state(init_fn: Callable[[jax.Array], PyTree], mesh: jax.sharding.Mesh, rules,
@@ -76,7 +83,7 @@ def initial_state(init_fn: Callable[[jax.Array], PyTree], mesh: jax.sharding.Mes
     (abstract unboxed state whose leaves carry shardings, the shardings,
      a thunk that initialises the state directly into those shardings).
   """
-  key = jax.random.PRNGKey(seed)
+  key = init_key(seed)
   boxed = jax.eval_shape(init_fn, key)
   shardings = sharding.tree_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -138,9 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, task: T
     start, state = ckpt.restore(abstract, data_iter, config=config_json)
     log.info("[%s] resumed from step %d in %s", task.name, start, ckpt.directory)
   else:
-    start, state = 0, init()
-    if task.warm_start is not None:
-      state = task.warm_start(state)
+    start = 0
+    state = init() if task.warm_start is None else task.warm_start(init, shardings)
     log.info("[%s] initialised a new state", task.name)
   if start >= task.total_steps:
     ckpt.close()

@@ -11,6 +11,7 @@ like the other stages; the stage-(a) INFD autoencoder is not needed here.
 import functools
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from infd_jax.training.state import DMState
 from infd_jax.training.t2i_step import t2i_train_step
 
 NAME = "t2i_unet"
+PyTree = Any
 
 
 def latent_hw(config: ml_collections.ConfigDict, sd: text_to_image.SDParts) -> tuple[int, int]:
@@ -59,19 +61,22 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   tx = optim.dm_optimizer(config.optim, tc.dm_steps)
   inputs = sd.unet_inputs(latent_hw(config, sd))
 
-  def init(key: jax.Array) -> DMState:
-    k_init, k_rng = jax.random.split(key)
-    params = sd.unet.init(k_init, *inputs)["params"]
+  def new_state(params: PyTree, key: jax.Array) -> DMState:
+    """Step 0 at `params` (also the EMA), a fresh optimizer state, init's rng."""
+    k_rng = jax.random.split(key)[1]
     return DMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                    opt=tx.init(params), rng=k_rng)
 
-  def warm_start(state: DMState) -> DMState:
-    """The imported UNet as parameters and EMA, a fresh optimizer state."""
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    start = jax.jit(lambda p, rng: DMState(step=jnp.zeros((), jnp.int32), params=p,
-                                           ema_params=p, opt=tx.init(p), rng=rng),
-                    out_shardings=shardings)
-    return start(jax.device_put(sd.params["unet"], shardings.params), state.rng)
+  def init(key: jax.Array) -> DMState:
+    return new_state(sd.unet.init(jax.random.split(key)[0], *inputs)["params"], key)
+
+  def warm_start(fresh: Callable[[], DMState], shardings: DMState) -> DMState:
+    """The state `init` gives with the imported UNet as its parameters; the random
+    initialisation `fresh` is never compiled (for SD's UNet it takes longer than a step)."""
+    del fresh
+    start = jax.jit(new_state, out_shardings=shardings)
+    return start(jax.device_put(sd.params["unet"], shardings.params),
+                 loop.init_key(config.seed))
 
   step = functools.partial(
       t2i_train_step, unet=sd.unet, vae=sd.vae, text=sd.text, tx=tx, sched=sd.schedule,
