@@ -1,7 +1,7 @@
 """Pod behaviour on CPU: the real `ae` and `dm` stages on 2 processes x 2 devices
-(jax.distributed on 127.0.0.1) with resumes 2 -> 1 and 1 -> 2 processes end equal to a
-straight 1 process x 4 devices run, on 9 records (shares of 5 and 4), with the latent
-cache and validation."""
+(jax.distributed on 127.0.0.1) with resumes 2 -> 1 and 1 -> 2 processes, and past a corrupt
+newest checkpoint, end equal to a straight 1 process x 4 devices run, on 9 records (shares
+of 5 and 4), with the latent cache and validation."""
 
 import os
 import shutil
@@ -18,6 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices: int) -> dict[str, str]:
+  """The worker's environment: `devices` CPU devices per process and this session's cache.
+
+  Only process 0 writes the cache, and on CPU a program's key differs between processes
+  (it hashes each process's topology), so process 1 of a 2 x 2 run compiles every program.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -26,9 +31,9 @@ def _env(devices: int) -> dict[str, str]:
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _run(workdir, data_dir, stages, ae_steps, dm_steps, count, every_log=False):
+def _run(workdir, data_dir, stages, ae_steps, dm_steps, count):
   """Runs the worker on 1 process x 4 devices or 2 processes x 2 devices; returns the stderr
-  of process 0 (of each process with `every_log`)."""
+  of each process."""
   args = [sys.executable, "-m", "tests.pod_worker", str(workdir), str(data_dir), stages,
           str(ae_steps), str(dm_steps)]
   if count == 1:
@@ -37,12 +42,12 @@ def _run(workdir, data_dir, stages, ae_steps, dm_steps, count, every_log=False):
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     launches = [(args + [address, "2", str(i)], _env(2)) for i in range(2)]
   outs = processes.finish_all([processes.Worker(a, env, ROOT) for a, env in launches], 900)
-  return [err for _, err in outs] if every_log else outs[0][1]
+  return [err for _, err in outs]
 
 
-def _params(workdir, stage):
-  """(parameter leaves in order, step, rng) saved by the worker."""
-  with np.load(workdir / f"params_{stage}.npz") as f:
+def _params(workdir, name):
+  """(parameter leaves in order, step, rng) that the worker saved as `name`."""
+  with np.load(workdir / name) as f:
     leaves = [f[k] for k in sorted((k for k in f.files if k.startswith("arr_")),
                                    key=lambda k: int(k.split("_")[1]))]
     return leaves, int(f["step"]), f["rng"]
@@ -59,22 +64,6 @@ def _val(workdir, tag):
   return values
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """A: 1 x 4 devices trains ae 2 + dm 2 steps straight. Pod: ae step 1 on 2 x 2 devices,
-  ae step 2 and dm step 1 on 1 x 4 (resume 2 -> 1), dm step 2 on 2 x 2 (resume 1 -> 2,
-  latent cache rebuilt by both processes). The global data order makes both end equal."""
-  data = tmp_path_factory.mktemp("data")
-  prepare.prepare("demo", str(data))  # 9 photos, shared by every run
-  straight, pod = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("pod")
-  logs = {"straight": _run(straight, data, "ae,dm", 2, 2, 1),
-          "ae 2x2": _run(pod, data, "ae", 1, 0, 2),
-          "resume 2->1": _run(pod, data, "ae,dm", 2, 1, 1)}
-  shutil.rmtree(pod / "latents")  # so that both processes of the next run encode their share
-  logs["resume 1->2"] = _run(pod, data, "dm", 2, 2, 2)
-  return straight, pod, logs, data
-
-
 def _corrupt_data(step_dir):
   """Flips one byte in the middle of every data file of a saved state (a failed checksum)."""
   for f in (step_dir / "state").rglob("*"):
@@ -84,26 +73,59 @@ def _corrupt_data(step_dir):
       f.write_bytes(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A: 1 x 4 devices trains ae 2 + dm 2 steps straight. Pod: ae step 1 on 2 x 2 devices,
+  ae step 2 and dm step 1 on 1 x 4 (resume 2 -> 1); then, with ae step 2 damaged, 2 x 2
+  sets it aside, retrains it from step 1 and trains dm step 2 (resume 1 -> 2, latent cache
+  rebuilt by both processes). The global data order makes both end equal.
+
+  The pod's ae parameters after the resume 2 -> 1 are kept as `params_ae_2to1.npz`; the
+  retrained ones are `params_ae.npz`.
+  """
+  data = tmp_path_factory.mktemp("data")
+  prepare.prepare("demo", str(data))  # 9 photos, shared by every run
+  straight, pod = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("pod")
+  logs = {"straight": _run(straight, data, "ae,dm", 2, 2, 1),
+          "ae 2x2": _run(pod, data, "ae", 1, 0, 2),
+          "resume 2->1": _run(pod, data, "ae,dm", 2, 1, 1)}
+  (pod / "params_ae.npz").rename(pod / "params_ae_2to1.npz")  # the next run writes its own
+  _corrupt_data(pod / "checkpoints_ae" / "2")
+  shutil.rmtree(pod / "latents")  # so that both processes of the next run encode their share
+  logs["corrupt, resume 1->2"] = _run(pod, data, "ae,dm", 2, 2, 2)
+  return straight, pod, logs
+
+
+def _assert_equal_but_float_noise(a, b, lr, what):
+  """Equal parameter leaves but for float noise that Adam (learning rate `lr`) amplified."""
+  assert [x.shape for x in a] == [y.shape for y in b], what
+  diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
+  # Adam moves a parameter whose gradient is float noise by up to lr at step 1 and
+  # 1.04 lr at step 2 (the largest |m_hat| / sqrt(v_hat) at step 2 for betas (0.5, 0.9)
+  # or (0.9, 0.999)) either way, so a few elements may differ by twice that; any other
+  # data, crops or state would move most elements.
+  assert diff.max() <= 2 * (1 + 1.04) * lr and np.mean(diff > 1e-5) < 0.1, what
+
+
 def test_pod_run_with_resumes_across_process_counts_equals_straight_run(runs):
-  straight, pod, logs, _ = runs
-  assert "[ae] resumed from step 1" in logs["resume 2->1"]
-  assert "step 1 was written by 2 processes, this run has 1" in logs["resume 2->1"]
-  assert "[dm] resumed from step 1" in logs["resume 1->2"]
-  assert "step 1 was written by 1 processes, this run has 2" in logs["resume 1->2"]
-  for stage, lr in (("ae", 2e-4), ("dm", 3e-4)):  # configs/tiny.py learning rates
-    (a, step_a, rng_a), (b, step_b, rng_b) = _params(straight, stage), _params(pod, stage)
+  straight, pod, logs = runs
+  log_2to1, = logs["resume 2->1"]
+  assert "[ae] resumed from step 1" in log_2to1
+  assert "step 1 was written by 2 processes, this run has 1" in log_2to1
+  for log in logs["corrupt, resume 1->2"]:
+    assert "[dm] resumed from step 1" in log, log[-3000:]
+    assert "step 1 was written by 1 processes, this run has 2" in log, log[-3000:]
+  # dm's latents came from the pod's ae step 2 (step 1 from the 2 -> 1 one, step 2 from the
+  # retrained one), each equal to the straight run's but for float noise (both checked here).
+  for stage, lr, saved in (("ae", 2e-4, "params_ae_2to1.npz"),  # configs/tiny.py learning rates
+                           ("dm", 3e-4, "params_dm.npz")):
+    (a, step_a, rng_a), (b, step_b, rng_b) = _params(straight, f"params_{stage}.npz"), _params(pod, saved)
     assert step_a == step_b == 2 and np.array_equal(rng_a, rng_b), stage
-    assert [x.shape for x in a] == [y.shape for y in b]
-    diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
-    # Adam moves a parameter whose gradient is float noise by up to lr at step 1 and
-    # 1.04 lr at step 2 (the largest |m_hat| / sqrt(v_hat) at step 2 for betas (0.5, 0.9)
-    # or (0.9, 0.999)) either way, so a few elements may differ by twice that; any other
-    # data, crops or state would move most elements.
-    assert diff.max() <= 2 * (1 + 1.04) * lr and np.mean(diff > 1e-5) < 0.1, stage
+    _assert_equal_but_float_noise(a, b, lr, stage)
 
 
 def test_validation_counts_every_record_once_on_two_processes(runs):
-  straight, pod, _, _ = runs
+  straight, pod, _ = runs
   # The same 9 examples and crops whatever the layout; shares of 5 and 4 records in
   # local batches of 4: a dropped or doubled example would move these means.
   for tag in ("val/l1_loss", "val/psnr", "val/perc_loss", "val/quant_loss"):
@@ -114,7 +136,7 @@ def test_validation_counts_every_record_once_on_two_processes(runs):
 
 
 def test_latent_cache_written_by_both_processes(runs):
-  _, pod, _, _ = runs
+  _, pod, _ = runs
   caches = [d for d in (pod / "latents").iterdir() if (d / "meta.json").exists()]
   assert len(caches) == 1
   files = sorted(f.name for f in caches[0].glob("p*.npy"))
@@ -122,19 +144,14 @@ def test_latent_cache_written_by_both_processes(runs):
   assert [len(np.load(caches[0] / f)) for f in files] == [5, 4]
 
 
-def test_a_corrupt_newest_checkpoint_on_two_processes_resumes_from_the_previous_one(
-    runs, tmp_path):
-  """The straight run's stage-1 steps 1 and 2 with step 2 damaged: both processes set it aside
-  (kept, not deleted), resume from step 1 without a hang and retrain step 2."""
-  straight, _, _, data = runs
-  shutil.copytree(straight / "checkpoints_ae", tmp_path / "checkpoints_ae")
-  _corrupt_data(tmp_path / "checkpoints_ae" / "2")
-  logs = _run(tmp_path, data, "ae", 2, 0, 2, every_log=True)
-  for log in logs:
+def test_a_corrupt_newest_checkpoint_on_two_processes_resumes_from_the_previous_one(runs):
+  """The pod's stage-1 step 2 (written by 1 process) damaged: both processes of the 2 x 2
+  run set it aside (kept, not deleted), resume from step 1 without a hang and retrain step 2."""
+  straight, pod, logs = runs
+  for log in logs["corrupt, resume 1->2"]:
     assert "is corrupt or incomplete" in log and "[ae] resumed from step 1" in log, log[-3000:]
-  assert sorted(p.name for p in (tmp_path / "checkpoints_ae").iterdir()
+  assert sorted(p.name for p in (pod / "checkpoints_ae").iterdir()
                 if p.name[0].isdigit()) == ["1", "2", "2.unreadable"]
-  (a, step_a, _), (b, step_b, _) = _params(straight, "ae"), _params(tmp_path, "ae")
+  (a, step_a, _), (b, step_b, _) = _params(straight, "params_ae.npz"), _params(pod, "params_ae.npz")
   assert step_a == step_b == 2
-  diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
-  assert diff.max() <= 2 * (1 + 1.04) * 2e-4 and np.mean(diff > 1e-5) < 0.1  # as above
+  _assert_equal_but_float_noise(a, b, 2e-4, "retrained ae")
