@@ -31,14 +31,6 @@ def model(tiny_trained):
   return infd_jax.load(tiny_trained, mesh=sharding.make_mesh(devices=jax.devices()[:4]))
 
 
-def _env(devices: int) -> dict[str, str]:
-  """A worker's environment: `devices` CPU devices, this session's compilation cache."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
 def _known_region(model, folder: pathlib.Path
                   ) -> tuple[dict, np.ndarray, np.ndarray, pathlib.Path]:
   """A `known` region whose pixels the decoder can reach: a box of the render of a random
@@ -84,7 +76,7 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
           "started": {"regions": json.dumps([region]), **started}}
   worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path),
             json.dumps(jobs), f"127.0.0.1:{portpicker.pick_unused_port()}", "2"]
-  workers = [processes.Worker(worker + [str(i)], _env(2), ROOT) for i in range(2)]
+  workers = [processes.Worker(worker + [str(i)], processes.cpu_env(2), ROOT) for i in range(2)]
   # Meanwhile the API on 1 process x 4 devices: the same samples (DPS, started), and unguided.
   z, losses = model.condition([region], n=N, seed=SEED)
   z0, losses0 = model.condition([region], n=N, seed=SEED,

@@ -2,7 +2,6 @@
 nothing compiled or read from the dataset before it (one driver process, a fork per case)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from infd_jax import defaults
+from tests import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARSE = "flag --config."  # flag parsing refuses a value of the wrong type (and names it)
@@ -219,10 +219,9 @@ def results(tmp_path_factory):
            for cases, devices in ((CASES, False), (DEVICE_CASES, True))
            for _, flags, _ in cases]
   (tmp / "cases.json").write_text(json.dumps(cases))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
   subprocess.run([sys.executable, "-m", "tests.config_errors_driver", str(tmp / "cases.json"),
-                  str(tmp / "results.json")], cwd=ROOT, env=env, check=True, timeout=600)
+                  str(tmp / "results.json")], cwd=ROOT, env=processes.cpu_env(8), check=True,
+                 timeout=600)
   out = json.loads((tmp / "results.json").read_text())
   assert not list(workdir.iterdir())  # nothing written either
   return dict(zip([key for key, _, _ in CASES + DEVICE_CASES], out))

@@ -143,19 +143,15 @@ def test_real_statistics_are_cached_reused_and_invalidated(tmp_path):
   assert not cached and changed[32].count == 8 and len(list(cache.glob("*.npz"))) == 2
 
 
-def _env(devices: int) -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
 def test_two_processes_write_samples_pfid_and_render_as_one(tiny_trained, tmp_path):
   real = tmp_path / "real"
   _write_images(real, 9, 1)  # 9 real, 10 generated: uneven shares over 2 processes
   worker = [sys.executable, "-m", "tests.inference_worker", str(tiny_trained)]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  workers = [processes.Worker(worker + [str(tmp_path / "one"), str(real)], _env(4), ROOT)]
+  workers = [processes.Worker(worker + [str(tmp_path / "one"), str(real)], processes.cpu_env(4),
+                              ROOT)]
   workers += [processes.Worker(worker + [str(tmp_path / "two"), str(real), address, "2", str(i)],
-                               _env(2), ROOT) for i in range(2)]
+                               processes.cpu_env(2), ROOT) for i in range(2)]
   one, two_a, two_b = (processes.result(out) for out, _ in processes.finish_all(workers, 400))
   names = [f"{i}.png" for i in range(10)]
   for run in ("one", "two"):
@@ -189,7 +185,8 @@ def test_two_processes_write_samples_pfid_and_render_as_one(tiny_trained, tmp_pa
 def test_import_infd_jax_is_light():
   out = subprocess.run([sys.executable, "-c", "import sys, infd_jax; print(sorted(m for m in "
                         "('jax', 'flax', 'orbax', 'tensorflow') if m in sys.modules))"],
-                       cwd=ROOT, env=_env(1), capture_output=True, text=True, check=True)
+                       cwd=ROOT, env=processes.cpu_env(1), capture_output=True, text=True,
+                       check=True)
   assert out.stdout.strip() == "[]"
 
 

@@ -17,30 +17,16 @@ from tests import processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env(devices: int) -> dict[str, str]:
-  """The worker's environment: `devices` CPU devices per process and this session's cache.
-
-  Only process 0 writes the cache, and on CPU a program's key differs between processes
-  (it hashes each process's topology), so process 1 of a 2 x 2 run compiles every program.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def _run(workdir, data_dir, stages, ae_steps, dm_steps, count):
   """Runs the worker on 1 process x 4 devices or 2 processes x 2 devices; returns the stderr
   of each process."""
   args = [sys.executable, "-m", "tests.pod_worker", str(workdir), str(data_dir), stages,
           str(ae_steps), str(dm_steps)]
   if count == 1:
-    launches = [(args, _env(4))]
+    launches = [(args, processes.cpu_env(4))]
   else:
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    launches = [(args + [address, "2", str(i)], _env(2)) for i in range(2)]
+    launches = [(args + [address, "2", str(i)], processes.cpu_env(2)) for i in range(2)]
   outs = processes.finish_all([processes.Worker(a, env, ROOT) for a, env in launches], 900)
   return [err for _, err in outs]
 

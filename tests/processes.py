@@ -6,8 +6,33 @@ checkpoint read are long) deadlocks both at their next collective. Files never b
 """
 
 import json
+import os
 import subprocess
 import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA's CPU backend at LLVM optimisation level 0 in every test process: compiles take about
+# half the CPU time, which is most of the suite's; results change by float rounding only.
+_XLA_OPT = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """The tests' XLA_FLAGS for `devices` simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {_XLA_OPT}"
+
+
+def cpu_env(devices: int) -> dict[str, str]:
+  """A worker's environment: `devices` CPU devices, the tests' XLA flags, this session's
+  compilation cache, the repository on the import path.
+
+  Of a multi-process run only process 0 writes the cache, and on CPU a program's key differs
+  between processes (it hashes each process's topology), so process 1 compiles everything.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices),
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 class Worker:

@@ -12,17 +12,13 @@ from tests import processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env(devices: int) -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
 def test_samplers_on_two_processes_match_one_process():
   worker = [sys.executable, "-m", "tests.sampler_multiprocess_worker"]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  workers = [processes.Worker(worker + [address, "2", str(i)], _env(2), ROOT) for i in range(2)]
-  single = subprocess.run(worker, env=_env(4), cwd=ROOT, capture_output=True, text=True,
-                          timeout=240, check=True)
+  workers = [processes.Worker(worker + [address, "2", str(i)], processes.cpu_env(2), ROOT)
+             for i in range(2)]
+  single = subprocess.run(worker, env=processes.cpu_env(4), cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, check=True)
   outs = processes.finish_all(workers, 240)
   one, two = processes.result(single.stdout), [processes.result(out) for out, _ in outs]
   assert one["devices"] == 4 and all(r["devices"] == 4 for r in two)
