@@ -11,14 +11,11 @@ import subprocess
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA's CPU backend at LLVM optimisation level 0 in every test process: compiles take about
-# half the CPU time, which is most of the suite's; results change by float rounding only.
-_XLA_OPT = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int) -> str:
   """The tests' XLA_FLAGS for `devices` simulated CPU devices."""
-  return f"--xla_force_host_platform_device_count={devices} {_XLA_OPT}"
+  return f"--xla_force_host_platform_device_count={devices}"
 
 
 def cpu_env(devices: int) -> dict[str, str]:
