@@ -148,10 +148,10 @@ def test_two_processes_write_samples_pfid_and_render_as_one(tiny_trained, tmp_pa
   _write_images(real, 9, 1)  # 9 real, 10 generated: uneven shares over 2 processes
   worker = [sys.executable, "-m", "tests.inference_worker", str(tiny_trained)]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  workers = [processes.Worker(worker + [str(tmp_path / "one"), str(real)], processes.cpu_env(4),
-                              ROOT)]
+  workers = [processes.Worker(worker + [str(tmp_path / "one"), str(real)],
+                              processes.cpu_env(4, optimize=False), ROOT)]
   workers += [processes.Worker(worker + [str(tmp_path / "two"), str(real), address, "2", str(i)],
-                               processes.cpu_env(2), ROOT) for i in range(2)]
+                               processes.cpu_env(2, optimize=False), ROOT) for i in range(2)]
   one, two_a, two_b = (processes.result(out) for out, _ in processes.finish_all(workers, 400))
   names = [f"{i}.png" for i in range(10)]
   for run in ("one", "two"):

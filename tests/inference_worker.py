@@ -23,6 +23,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 4:
     jax.distributed.initialize(coordinator_address=argv[4], num_processes=int(argv[5]),
                                process_id=int(argv[6]), cluster_detection_method="deactivate")
+    from tests import processes  # pylint: disable=g-import-not-at-top
+    processes.cache_compiles_of_every_process()
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "INFD_TEST_JAX_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "infd_jax_test_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

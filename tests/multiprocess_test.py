@@ -16,12 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_two_processes_match_one_process(tmp_path):
   steps = "4"
   single = subprocess.run([sys.executable, "-m", "tests.multiprocess_worker", str(tmp_path / "one"),
-                           steps], env=processes.cpu_env(4), cwd=ROOT, capture_output=True,
+                           steps], env=processes.cpu_env(4, optimize=False), cwd=ROOT, capture_output=True,
                           text=True, timeout=240, check=True)
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   workers = [processes.Worker([sys.executable, "-m", "tests.multiprocess_worker",
                                str(tmp_path / "two"), steps, address, "2", str(i)],
-                              processes.cpu_env(2), ROOT)
+                              processes.cpu_env(2, optimize=False), ROOT)
              for i in range(2)]
   one = processes.result(single.stdout)
   two = [processes.result(out) for out, _ in processes.finish_all(workers, 240)]

@@ -21,6 +21,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 3:
     jax.distributed.initialize(coordinator_address=argv[3], num_processes=int(argv[4]),
                                process_id=int(argv[5]), cluster_detection_method="deactivate")
+    from tests import processes  # pylint: disable=g-import-not-at-top
+    processes.cache_compiles_of_every_process()
   from configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)
   from infd_jax import sharding, trained  # pylint: disable=g-import-not-at-top
   from infd_jax.evaluation import writers  # pylint: disable=g-import-not-at-top

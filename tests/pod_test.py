@@ -23,10 +23,10 @@ def _run(workdir, data_dir, stages, ae_steps, dm_steps, count):
   args = [sys.executable, "-m", "tests.pod_worker", str(workdir), str(data_dir), stages,
           str(ae_steps), str(dm_steps)]
   if count == 1:
-    launches = [(args, processes.cpu_env(4))]
+    launches = [(args, processes.cpu_env(4, optimize=False))]
   else:
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    launches = [(args + [address, "2", str(i)], processes.cpu_env(2)) for i in range(2)]
+    launches = [(args + [address, "2", str(i)], processes.cpu_env(2, optimize=False)) for i in range(2)]
   outs = processes.finish_all([processes.Worker(a, env, ROOT) for a, env in launches], 900)
   return [err for _, err in outs]
 

@@ -22,6 +22,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 6:
     jax.distributed.initialize(coordinator_address=argv[6], num_processes=int(argv[7]),
                                process_id=int(argv[8]), cluster_detection_method="deactivate")
+    from tests import processes  # pylint: disable=g-import-not-at-top
+    processes.cache_compiles_of_every_process()
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top  (after distributed init)

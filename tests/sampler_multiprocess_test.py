@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_samplers_on_two_processes_match_one_process():
   worker = [sys.executable, "-m", "tests.sampler_multiprocess_worker"]
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  workers = [processes.Worker(worker + [address, "2", str(i)], processes.cpu_env(2), ROOT)
+  workers = [processes.Worker(worker + [address, "2", str(i)], processes.cpu_env(2, optimize=False), ROOT)
              for i in range(2)]
-  single = subprocess.run(worker, env=processes.cpu_env(4), cwd=ROOT, capture_output=True,
+  single = subprocess.run(worker, env=processes.cpu_env(4, optimize=False), cwd=ROOT, capture_output=True,
                           text=True, timeout=240, check=True)
   outs = processes.finish_all(workers, 240)
   one, two = processes.result(single.stdout), [processes.result(out) for out, _ in outs]

@@ -29,6 +29,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     jax.distributed.initialize(coordinator_address=argv[1], num_processes=int(argv[2]),
                                process_id=int(argv[3]), cluster_detection_method="deactivate")
+    from tests import processes  # pylint: disable=g-import-not-at-top
+    processes.cache_compiles_of_every_process()
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   sched = schedules.linear_schedule()
   out = {"devices": jax.device_count()}
