@@ -3,6 +3,7 @@
 The environment must be set before jax is imported anywhere.
 """
 
+import fcntl
 import os
 import pathlib
 import tempfile
@@ -45,9 +46,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
+def run_folder(tmp_path_factory, worker_id) -> pathlib.Path:
+  """A folder of this test run that its pytest-xdist workers share (without xdist, this
+  process's temporary folder)."""
+  base = tmp_path_factory.getbasetemp()
+  return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(run_folder):
   """The folder of the demo dataset that `tiny_trained` is prepared into and trained on."""
-  return tmp_path_factory.mktemp("tiny_data")
+  folder = run_folder / "tiny_data"
+  folder.mkdir(exist_ok=True)
+  return folder
 
 
 @pytest.fixture(scope="session")
@@ -72,15 +83,31 @@ def tiny_config(tiny_data):
   return make
 
 
+def _listing(folder: pathlib.Path) -> list[tuple[str, int, int]]:
+  """(relative path, size, modification time) of every file under `folder`."""
+  return sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                for f in folder.rglob("*") if f.is_file())
+
+
 @pytest.fixture(scope="session")
-def tiny_trained(tiny_config, tmp_path_factory):
+def tiny_trained(tiny_config, run_folder):
   """A workdir with a 3-step autoencoder and diffusion model trained by `tiny_config`
-  (checkpoints at steps 2 and 3). Tests that write into it work on a copy."""
+  (checkpoints at steps 2 and 3). Tests that write into it work on a copy.
+
+  Trained once per test run: the first pytest-xdist worker to need it trains it under a
+  lock, the others wait and read it. A test that changed it would fail at the end.
+  """
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top
-  work = tmp_path_factory.mktemp("tiny_trained")
-  for stage in ("ae", "dm"):
-    jobs.run(tiny_config(stage), work)
-  return work
+  work, done = run_folder / "tiny_trained", run_folder / "tiny_trained.done"
+  with open(run_folder / "tiny_trained.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      for stage in ("ae", "dm"):
+        jobs.run(tiny_config(stage), work)
+      done.touch()
+  before = _listing(work)
+  yield work
+  assert _listing(work) == before, f"a test wrote into {work}; tests must write into a copy"
 
 
 @pytest.fixture(scope="session")
