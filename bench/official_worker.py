@@ -109,6 +109,13 @@ def workload(model, args):
       with torch.no_grad():
         return _nhwc(model.z_dm(x, t))
     return unet
+  if args.what == "render_conv":
+    conv, x = model.renderer.net.model[1].conv1, torch.from_numpy(inputs["conv_x"])
+
+    def render_conv():
+      with torch.no_grad():
+        return _nhwc(conv(x))
+    return render_conv
   if args.what == "render":
     import gen_samples  # pylint: disable=import-outside-toplevel
     model.eval()
@@ -145,7 +152,7 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path)
   parser.add_argument("--model", type=pathlib.Path)
   parser.add_argument("--inputs", type=pathlib.Path)
-  parser.add_argument("--what", choices=("ae_step", "render", "unet"))
+  parser.add_argument("--what", choices=("ae_step", "render", "render_conv", "unet"))
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)

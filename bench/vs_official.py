@@ -22,6 +22,9 @@ backend, JAX_PLATFORMS=cpu):
            8 px context; decode included), one latent; also the peak resident
            memory of the calls above the process's memory with the model loaded
            (`bench.cpu_measure.measure`)
+  render_conv  one 3 x 3 convolution of the renderer's width on one tile with its
+           context (272 x 272): the first residual block's conv1 (the kernel that
+           most of the render's time is spent in), torch's against XLA's
   unet     one forward of the FFHQ UNet on `--unet_batch` latents
 
 After the first round, each side's first output on the same inputs (the UNet's
@@ -53,7 +56,8 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKLOADS = ("ae_step", "render", "unet")
+WORKLOADS = ("ae_step", "render", "render_conv", "unet")
+TILE_WITH_CONTEXT = 256 + 2 * 8  # the official render tile and its context on both sides
 AGREE = 1e-4  # relative agreement of the two sides' outputs on the same weights
 WITH_DROPOUT = ("perc_loss", "adaptive_g_w", "disc_loss", "disc_logits_fake", "loss")
 HOW_TO = """To get them (a throwaway environment; never a dependency of infd_jax):
@@ -85,10 +89,11 @@ def check_setup(official: str | None, torch_python: str | None) -> str | None:
   return None
 
 
-def make_inputs(path: pathlib.Path, latent: tuple[int, int, int], args) -> None:
+def make_inputs(path: pathlib.Path, latent: tuple[int, int, int], width: int, args) -> None:
   """Seeded inputs of every workload, in our layouts (NHWC, uint8 images) and the official's.
 
-  `latent`: the model's latent shape (c, h, w) (the official `z_shape`).
+  `latent`: the model's latent shape (c, h, w) (the official `z_shape`); `width`: the
+  renderer's hidden channels.
   """
   rng = np.random.default_rng(0)
   c, h, w = latent
@@ -100,10 +105,12 @@ def make_inputs(path: pathlib.Path, latent: tuple[int, int, int], args) -> None:
   crop = np.asarray([2 * p, p // 2, p // 2], np.int32)
   unet_x = rng.standard_normal((args.unet_batch, h, w, c)).astype(np.float32)
   render_z = rng.standard_normal((1, h, w, c)).astype(np.float32)
+  conv_x = rng.standard_normal((1, TILE_WITH_CONTEXT, TILE_WITH_CONTEXT, width)).astype(np.float32)
   np.savez(path, ae_inp_uint8=inp, ae_gt_uint8=gt, ae_inp=to_float(inp), ae_gt=to_float(gt),
            ae_crop=crop, unet_x=unet_x.transpose(0, 3, 1, 2).copy(), unet_x_nhwc=unet_x,
            unet_t=rng.integers(0, 1000, args.unet_batch).astype(np.int32),
-           render_z=render_z.transpose(0, 3, 1, 2).copy(), render_z_nhwc=render_z)
+           render_z=render_z.transpose(0, 3, 1, 2).copy(), render_z_nhwc=render_z,
+           conv_x=conv_x.transpose(0, 3, 1, 2).copy(), conv_x_nhwc=conv_x)
 
 
 def run_side(side: str, what: str, args, work: pathlib.Path) -> dict:
@@ -143,7 +150,10 @@ def prepare(args, work: pathlib.Path) -> None:
     subprocess.run([sys.executable, "-m", "infd_jax.convert", "--input", str(work / "model.pth"),
                     "--output", str(work / "converted")], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
-  make_inputs(work / "inputs.npz", json.loads((work / "model.json").read_text())["z_shape"], args)
+  from infd_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  conv1 = mapping.load_converted(work / "converted")["ae"]["renderer"]["model_1"]["conv1"]
+  make_inputs(work / "inputs.npz", json.loads((work / "model.json").read_text())["z_shape"],
+              conv1["kernel"].shape[2], args)
 
 
 def agreement(work: pathlib.Path, what: str) -> dict[str, float]:

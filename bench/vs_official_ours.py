@@ -1,6 +1,6 @@
 """Our side of `bench.vs_official`: one workload on the converted official weights.
 
-  python -m bench.vs_official_ours --workdir=W --what=unet|render|ae_step [...]
+  python -m bench.vs_official_ours --workdir=W --what=unet|render|render_conv|ae_step [...]
 
 W holds `converted/` (the official checkpoint through `infd_jax.convert`) and
 `inputs.npz`; compiled programs are cached in `W/jax_cache`, and the warm-up calls
@@ -22,6 +22,7 @@ from bench import cpu_measure
 from infd_jax import builders, compile_cache
 from infd_jax import defaults
 from infd_jax.convert import mapping
+from infd_jax.models import layers
 from infd_jax.models.lpips import load_lpips_params
 from infd_jax.training import ae_task, optim
 from infd_jax.training.state import AEState
@@ -59,6 +60,16 @@ def render(converted: pathlib.Path, inputs, args):
   return lambda: model.render(z, args.size)
 
 
+def render_conv(converted: pathlib.Path, inputs, args):
+  del args
+  params = mapping.load_converted(converted)["ae"]["renderer"]["model_1"]["conv1"]
+  x = inputs["conv_x_nhwc"]
+  conv = layers.conv(x.shape[-1], 3, in_features=x.shape[-1])  # the renderer's conv layer
+  apply = jax.jit(lambda p, x: conv.apply({"params": p}, x))
+  params = jax.device_put(params)
+  return lambda: jax.block_until_ready(apply(params, x))
+
+
 def unet(converted: pathlib.Path, inputs, args):
   del args
   meta, trees = mapping.load_meta(converted), mapping.load_converted(converted)
@@ -71,7 +82,7 @@ def unet(converted: pathlib.Path, inputs, args):
   return lambda: jax.block_until_ready(apply(params, x, t))
 
 
-WORKLOADS = {"ae_step": ae_step, "render": render, "unet": unet}
+WORKLOADS = {"ae_step": ae_step, "render": render, "render_conv": render_conv, "unet": unet}
 
 
 def main() -> None:
