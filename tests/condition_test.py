@@ -1,9 +1,8 @@
 """Guided sampling through the `condition` job and the Python API on the tiny trained model:
 the job on 2 processes x 2 devices writes each of 3 samples exactly once, and writes what
-`Model.condition` returns on 1 process x 4 devices (worker processes, all three), both with
-DPS from noise and started from an image's latent with data consistency; guidance moves the
-known pixels towards their values (numpy float64); bad regions and settings are one-line
-UserErrors."""
+`Model.condition` returns on 1 process x 4 devices, both with DPS from noise and started
+from an image's latent with data consistency; guidance moves the known pixels towards
+their values (numpy float64); bad regions and settings are one-line UserErrors."""
 
 import json
 import os
@@ -73,24 +72,18 @@ def test_job_on_two_processes_writes_each_sample_once_as_the_api_returns_it(
   # iterations from the latent of the whole image the known box was cut from, with two
   # Adam steps (learning rate 0.5) of data consistency per guided iteration instead of DPS.
   started = {"init_image": str(whole), "start": 0.5, "fit_steps": 2, "fit_lr": 0.5}
-  regions = json.dumps([region])
-  jobs = {"dps": {"regions": regions}, "started": {"regions": regions, **started}}
-  worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path)]
-  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  workers = [processes.Worker(worker + [json.dumps(jobs), address, "2", str(i)],
-                              processes.cpu_env(2, optimize=False), ROOT) for i in range(2)]
-  # Beside them the API on 1 process x 4 devices: the same samples (DPS, started), and
-  # unguided. Every worker compiles at the same optimisation level, so their pixels agree.
-  api = {**jobs, "unguided": {"regions": regions,
-                              "guide_start": model.config.diffusion.sample_steps}}
-  workers.append(processes.Worker(worker + [json.dumps(api)],
-                                  processes.cpu_env(4, optimize=False), ROOT))
+  jobs = {"dps": {"regions": json.dumps([region])},
+          "started": {"regions": json.dumps([region]), **started}}
+  worker = [sys.executable, "-m", "tests.condition_worker", str(tiny_trained), str(tmp_path),
+            json.dumps(jobs), f"127.0.0.1:{portpicker.pick_unused_port()}", "2"]
+  workers = [processes.Worker(worker + [str(i)], processes.cpu_env(2), ROOT) for i in range(2)]
+  # Meanwhile the API on 1 process x 4 devices: the same samples (DPS, started), and unguided.
+  z, losses = model.condition([region], n=N, seed=SEED)
+  z0, losses0 = model.condition([region], n=N, seed=SEED,
+                                guide_start=model.config.diffusion.sample_steps)
+  z1, losses1 = model.condition([region], n=N, seed=SEED, **started)
+  images, unguided, fitted = (model.render(x, SIZE) for x in (z, z0, z1))
   processes.finish_all(workers, 600)
-  with np.load(tmp_path / "api.npz") as f:
-    out = dict(f)
-  z, z1 = out["dps_latents"], out["started_latents"]
-  images, unguided, fitted = (out[f"{k}_images"] for k in ("dps", "unguided", "started"))
-  losses, losses0, losses1 = (out[f"{k}_losses"] for k in ("dps", "unguided", "started"))
 
   assert z.shape == z1.shape == (N, *builders.latent_shape(model.config))
   # The jobs wrote the API's samples.
