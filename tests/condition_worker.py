@@ -19,6 +19,8 @@ def main(argv: list[str]) -> None:
   trained, out, jobs_json, address, num_processes, process_id = argv[1:7]
   jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
                              process_id=int(process_id), cluster_detection_method="deactivate")
+  from tests import processes  # pylint: disable=g-import-not-at-top
+  processes.cache_compiles_of_every_process()
   from infd_jax import jobs  # pylint: disable=g-import-not-at-top  (after distributed init)
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
