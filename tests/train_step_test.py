@@ -104,6 +104,16 @@ def ae_sgd_steps(config, ae_batch, lpips_params, ae_adam_state):
   return jax.device_get(state), one, eight, sharded
 
 
+def test_initialisation_into_the_4x2_fsdp_shardings_equals_one_device(config, ae_adam_state):
+  """The training loop's initialiser gives the same state, bit for bit, straight into its
+  FSDP shardings as on one device (the sharding tests below start from that state)."""
+  _, _, init = loop.initial_state(ae_task.init_fn(config),
+                                  sharding.make_mesh(1, 1, jax.devices()[:1]), FSDP_RULES, 0)
+  one, eight = jax.device_get(init()), jax.device_get(ae_adam_state)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(eight)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
 def test_ae_step_on_4x2_fsdp_mesh_equals_single_device(ae_adam_state, ae_sgd_steps):
   _, one, eight, sharded_state = ae_sgd_steps
   # Parameters really are split over fsdp (most bytes), and so is Adam's state.
