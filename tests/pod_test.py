@@ -26,7 +26,8 @@ def _run(workdir, data_dir, stages, ae_steps, dm_steps, count):
     launches = [(args, processes.cpu_env(4, optimize=False))]
   else:
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    launches = [(args + [address, "2", str(i)], processes.cpu_env(2, optimize=False)) for i in range(2)]
+    launches = [(args + [address, "2", str(i)], processes.cpu_env(2, optimize=False))
+                for i in range(2)]
   outs = processes.finish_all([processes.Worker(a, env, ROOT) for a, env in launches], 900)
   return [err for _, err in outs]
 
@@ -105,7 +106,8 @@ def test_pod_run_with_resumes_across_process_counts_equals_straight_run(runs):
   # retrained one), each equal to the straight run's but for float noise (both checked here).
   for stage, lr, saved in (("ae", 2e-4, "params_ae_2to1.npz"),  # configs/tiny.py learning rates
                            ("dm", 3e-4, "params_dm.npz")):
-    (a, step_a, rng_a), (b, step_b, rng_b) = _params(straight, f"params_{stage}.npz"), _params(pod, saved)
+    (a, step_a, rng_a) = _params(straight, f"params_{stage}.npz")
+    (b, step_b, rng_b) = _params(pod, saved)
     assert step_a == step_b == 2 and np.array_equal(rng_a, rng_b), stage
     _assert_equal_but_float_noise(a, b, lr, stage)
 
@@ -138,6 +140,6 @@ def test_a_corrupt_newest_checkpoint_on_two_processes_resumes_from_the_previous_
     assert "is corrupt or incomplete" in log and "[ae] resumed from step 1" in log, log[-3000:]
   assert sorted(p.name for p in (pod / "checkpoints_ae").iterdir()
                 if p.name[0].isdigit()) == ["1", "2", "2.unreadable"]
-  (a, step_a, _), (b, step_b, _) = _params(straight, "params_ae.npz"), _params(pod, "params_ae.npz")
+  (a, step_a, _), (b, step_b, _) = (_params(w, "params_ae.npz") for w in (straight, pod))
   assert step_a == step_b == 2
   _assert_equal_but_float_noise(a, b, 2e-4, "retrained ae")
